@@ -1,0 +1,2 @@
+"""Model builders and loaders: offline tokenizer, tiny models from config, the digits model,
+Stable Diffusion pipelines."""

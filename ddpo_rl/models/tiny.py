@@ -1,0 +1,96 @@
+"""Tiny models of Stable Diffusion's component classes, built from config with no download.
+
+Tests, the CPU benchmarks and the embedded digits model use these: the same classes
+(UNet2DConditionModel, CLIPTextModel, AutoencoderKL, DDIMScheduler) as a real pipeline,
+a few hundred thousand parameters each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sd_ddim_scheduler(num_train_timesteps: int = 1000, **overrides):
+    """A DDIMScheduler with Stable Diffusion's settings (scaled-linear betas, no sample clipping,
+    ``set_alpha_to_one=False`` so the last step keeps a small non-zero std, steps_offset 1)."""
+    from diffusers import DDIMScheduler
+
+    cfg = dict(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    cfg.update(overrides)
+    return DDIMScheduler(**cfg)
+
+
+def tiny_unet(
+    sample_size: int = 8,
+    in_channels: int = 4,
+    out_channels: int | None = None,
+    cross_attention_dim: int = 32,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    layers_per_block: int = 1,
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 32,
+    seed: int = 0,
+):
+    """A UNet2DConditionModel with SD's structure (cross-attention blocks), ~0.8M parameters."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def tiny_text_encoder(hidden_size: int = 32, num_layers: int = 2, max_position_embeddings: int = 77, seed: int = 0):
+    """A CLIPTextModel sized for tests; vocabulary of the real CLIP tokenizer (49408)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_vae(latent_channels: int = 4, block_out_channels: tuple[int, ...] = (16, 32), seed: int = 0):
+    """An AutoencoderKL that downsamples by 2 per extra block (x2 for the default)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
