@@ -1,0 +1,68 @@
+"""Collect DDPO trajectories: B chains of T denoising steps, under no_grad and random sampling."""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from ddpo_rl.keys import KEYS
+
+#: What training needs from a trajectory; the rest of the rollout (loc, scale, the copies in
+#: "next") is dropped right after sampling to keep the batch small.
+TRAJECTORY_KEYS = (
+    KEYS.latents,
+    KEYS.timestep,
+    KEYS.prompt_embeds,
+    KEYS.prompt_id,
+    KEYS.action,
+    KEYS.log_prob,
+    ("next", KEYS.reward),
+    ("next", KEYS.done),
+)
+
+
+def _num_steps(env) -> int:
+    base = getattr(env, "base_env", env)
+    return int(base.num_inference_steps)
+
+
+@torch.no_grad()
+def collect_trajectories(env, policy, num_batches: int = 1, extra_keys=()) -> TensorDictBase:
+    """Sample ``num_batches`` batches of trajectories with ``policy`` in ``env``.
+
+    Args:
+        env: a :class:`envs.denoising.DenoisingEnv`, usually wrapped with a RewardTransform.
+        policy: a :class:`~ddpo_rl.policy.DiffusionPolicy` (any actor writing action and log-prob).
+        num_batches: how many env batches to sample (N = num_batches * env.batch_size).
+        extra_keys: more keys to keep (e.g. ``("next", "images")``).
+
+    Returns:
+        A TensorDict [N, T] holding :data:`TRAJECTORY_KEYS`; the terminal reward of trajectory
+        i is ``td["next", "reward"][i, -1]``.
+    """
+    if num_batches <= 0:
+        raise ValueError(f"num_batches={num_batches} must be positive")
+    T = _num_steps(env)
+    keys = list(TRAJECTORY_KEYS) + list(extra_keys)
+    batches = []
+    with set_exploration_type(ExplorationType.RANDOM):
+        for _ in range(num_batches):
+            td = env.rollout(T, policy, auto_reset=True, break_when_any_done=False)
+            batches.append(td.select(*keys, strict=False))
+    return torch.cat(batches, 0) if len(batches) > 1 else batches[0]
+
+
+def terminal_rewards(trajectories: TensorDictBase) -> torch.Tensor:
+    """The reward of each trajectory, [N] (read at its last step)."""
+    return trajectories.get(("next", KEYS.reward))[:, -1, 0]
+
+
+def with_advantages(trajectories: TensorDictBase, advantages: torch.Tensor) -> TensorDictBase:
+    """Broadcast per-trajectory advantages [N] over the T steps as ``advantage`` [N, T, 1]."""
+    N, T = trajectories.shape[:2]
+    trajectories.set(KEYS.advantage, advantages.reshape(N, 1, 1).expand(N, T, 1).to(trajectories.device))
+    return trajectories
+
+
+__all__ = ["TRAJECTORY_KEYS", "TensorDict", "collect_trajectories", "terminal_rewards", "with_advantages"]

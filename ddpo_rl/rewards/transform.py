@@ -1,0 +1,118 @@
+"""The reward transform: at the last denoising step, decode x_0 and score it.
+
+    next latents x_0 --decode (VAE, or pixels)--> images in [0, 1] --reward_fn(images, prompts)--> r
+
+It is a torchrl ``Transform`` appended to a :class:`envs.denoising.DenoisingEnv`; it does
+nothing on the T-1 intermediate steps (their reward stays 0), so the sampling loop pays for
+the decoder and the reward model once per trajectory. Which step is last is read from the
+env's host-side step counter: no device sync.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.envs.transforms import Transform
+
+from ddpo_rl.keys import KEYS
+from ddpo_rl.rewards.base import RewardFn
+
+ON_INVALID = ("raise", "drop")
+
+
+class RewardError(RuntimeError):
+    """A reward function returned something that cannot be trained on, or raised."""
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def validate_rewards(rewards, batch_size: int, reward_fn, on_invalid: str = "raise") -> torch.Tensor:
+    """Check a reward function's output: a tensor [B] of finite values.
+
+    With ``on_invalid="drop"``, non-finite entries are kept as NaN with a warning; the
+    advantage computation gives those samples zero weight (see ddpo_rl.advantages). A wrong
+    shape always raises.
+    """
+    name = _name(reward_fn)
+    rewards = torch.as_tensor(rewards)
+    if rewards.shape != (batch_size,):
+        raise RewardError(
+            f"reward function {name} returned shape {tuple(rewards.shape)} for {batch_size} images; "
+            f"it must return one scalar per image, shape ({batch_size},)"
+        )
+    rewards = rewards.float()
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        n = int(bad.sum())
+        if on_invalid == "raise":
+            raise RewardError(
+                f"reward function {name} returned {n} non-finite value(s) (NaN/inf) out of {batch_size}; "
+                "fix the reward, or set on_invalid='drop' to train without those samples"
+            )
+        warnings.warn(f"reward function {name}: dropping {n}/{batch_size} samples with non-finite reward")
+        rewards = torch.where(bad, torch.full_like(rewards, float("nan")), rewards)
+    return rewards
+
+
+class RewardTransform(Transform):
+    """Write ``("next", "reward")`` at the last denoising step from ``reward_fn(decode(x_0), prompts)``.
+
+    Args:
+        reward_fn: a :class:`~ddpo_rl.rewards.base.RewardFn` (images [B,3,H,W] in [0,1], prompts -> [B]).
+        decode: latents -> images in [0, 1] (a VAE decoder, or a pixel-space mapping).
+        keep_images: also write the decoded images to ``("next", "images")`` (for logging).
+        on_invalid: "raise" (default) on NaN/inf rewards, or "drop" those samples with a warning.
+    """
+
+    def __init__(
+        self,
+        reward_fn: RewardFn,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        keep_images: bool = False,
+        on_invalid: str = "raise",
+    ):
+        if on_invalid not in ON_INVALID:
+            raise ValueError(f"on_invalid={on_invalid!r}; expected one of {ON_INVALID}")
+        super().__init__(in_keys=[KEYS.latents], out_keys=[KEYS.reward])
+        self.reward_fn = reward_fn
+        self.decode = decode
+        self.keep_images = keep_images
+        self.on_invalid = on_invalid
+
+    def _base_env(self):
+        parent = self.parent
+        return getattr(parent, "base_env", parent)
+
+    def score(self, latents: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode and reward a batch of final latents: (rewards [B] float32, images)."""
+        with torch.no_grad():
+            images = self.decode(latents)
+            try:
+                rewards = self.reward_fn(images, prompts)
+            except Exception as err:  # a named error, never a silent failure
+                raise RewardError(f"reward function {_name(self.reward_fn)} raised: {err!r}") from err
+        return validate_rewards(rewards, latents.shape[0], self.reward_fn, self.on_invalid), images
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        env = self._base_env()
+        if not env.at_final_step:
+            return next_tensordict
+        latents = next_tensordict[KEYS.latents]
+        prompts = env.prompts_of(next_tensordict[KEYS.prompt_id])
+        rewards, images = self.score(latents, prompts)
+        next_tensordict.set(KEYS.reward, rewards.to(next_tensordict.device).unsqueeze(-1))
+        if self.keep_images:
+            next_tensordict.set(KEYS.images, images)
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return tensordict_reset
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Score the ``latents`` of a TensorDict of final states (outside an env)."""
+        raise NotImplementedError("RewardTransform runs inside an env; use .score(latents, prompts) directly")

@@ -1,0 +1,45 @@
+"""Prompt encoding: tokenizer + frozen text encoder -> prompt embeddings c."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class PromptEncoder(nn.Module):
+    """Encode prompts with a (frozen) CLIP-style text encoder, as Stable Diffusion does.
+
+    Returns the last hidden state [B, L, D] of ``text_encoder`` on the prompts padded to the
+    tokenizer's ``model_max_length``. The encoder is frozen (DDPO fine-tunes the UNet only).
+
+    Args:
+        tokenizer: a transformers tokenizer (e.g. CLIPTokenizer).
+        text_encoder: e.g. transformers CLIPTextModel.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        out = self.text_encoder(ids)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def negative_embeds(self, negative_prompt: str = "") -> torch.Tensor:
+        """The unconditional embedding for classifier-free guidance: [1, L, D]."""
+        return self([negative_prompt])

@@ -1,0 +1,162 @@
+"""The DDPO inner loop: from a batch of trajectories with advantages to optimizer steps.
+
+For each of K inner epochs (Black et al. 2024, Algorithm 1 and the reference implementation):
+
+1. shuffle the N trajectories, and independently the order of each one's T steps;
+2. keep the first ``ceil(timestep_fraction * T)`` steps of each (timestep subsampling);
+3. split the trajectories into minibatches of ``minibatch_size``;
+4. for each minibatch, for each kept step j: loss on the [minibatch_size] states at step j,
+   backward of ``loss / (steps_kept * gradient_accumulation_steps)``;
+5. after ``gradient_accumulation_steps`` minibatches: clip the gradient norm, step, zero grads.
+
+So one optimizer step sees ``minibatch_size * gradient_accumulation_steps`` trajectories at
+all their kept steps; N / (minibatch_size * gradient_accumulation_steps) steps per inner
+epoch (4 in the paper's presets).
+
+Metrics stay on the device during the loop and are reduced once at the end: the only host
+syncs are one per optimizer step, to skip a step whose gradient is not finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from tensordict import TensorDictBase
+
+from ddpo_rl.keys import KEYS
+
+
+@dataclass
+class TrainConfig:
+    """How one epoch's batch of trajectories is turned into gradient steps."""
+
+    num_inner_epochs: int = 1
+    """K: passes over the batch per epoch (1 in the paper)."""
+    minibatch_size: int = 8
+    """Trajectories per forward pass (the UNet sees this many states at one step)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step (the timesteps of a minibatch are always accumulated)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's T steps trained on (random subset, per trajectory)."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping before each optimizer step (None disables)."""
+    skip_nonfinite: bool = True
+    """Skip (and count) an optimizer step whose loss or gradient norm is NaN/inf."""
+
+    def validate(self, num_trajectories: int | None = None) -> None:
+        for name in ("num_inner_epochs", "minibatch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if num_trajectories is not None:
+            per_step = self.minibatch_size * self.gradient_accumulation_steps
+            if num_trajectories % per_step:
+                raise ValueError(
+                    f"{num_trajectories} trajectories per epoch is not divisible by minibatch_size x "
+                    f"gradient_accumulation_steps = {self.minibatch_size} x {self.gradient_accumulation_steps}"
+                )
+
+
+class DDPOTrainer:
+    """Runs the inner loop for any ddpo_rl / torchrl loss module.
+
+    Args:
+        loss_module: DDPO-IS (ClipPPOLoss), DDPOSFLoss or RWRLoss: any LossModule whose output
+            holds ``loss_*`` entries to sum.
+        optimizer: over the trainable parameters.
+        config: :class:`TrainConfig`.
+        params: the parameters whose gradient norm is clipped (default: the optimizer's).
+        autocast: a zero-argument callable returning a context manager for the forward pass
+            (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``); default none.
+        generator: RNG for the shuffles (default: the global one).
+    """
+
+    def __init__(
+        self,
+        loss_module,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig | None = None,
+        params: Iterable[torch.Tensor] | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.loss_module = loss_module
+        self.optimizer = optimizer
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.params = (
+            list(params)
+            if params is not None
+            else [p for g in optimizer.param_groups for p in g["params"]]
+        )
+        self.autocast = autocast or contextlib.nullcontext
+        self.generator = generator
+        self.skipped_steps = 0
+
+    def _shuffled(self, batch: TensorDictBase) -> TensorDictBase:
+        """Trajectories in random order, each one's steps in its own random order."""
+        N, T = batch.shape[:2]
+        rows = torch.randperm(N, generator=self.generator).to(batch.device)[:, None]
+        steps = torch.argsort(torch.rand(N, T, generator=self.generator), dim=1).to(batch.device)
+        return batch.apply(lambda x: x[rows, steps], batch_size=[N, T])
+
+    def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        if cfg.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        else:
+            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+        if cfg.skip_nonfinite and not bool(torch.isfinite(norm) & torch.isfinite(torch.stack(losses)).all()):
+            self.skipped_steps += 1  # one host sync per optimizer step, never per forward
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def train(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """Train on a batch [N, T] holding the trajectory keys and ``advantage`` [N, T, 1].
+
+        Returns the mean of every scalar the loss reported, plus ``grad_norm`` and
+        ``skipped_steps``, as 0-dim tensors (convert them once, outside).
+        """
+        cfg = self.config
+        N, T = batch.shape[:2]
+        cfg.validate(N)
+        if KEYS.advantage not in batch.keys():
+            raise KeyError("the batch has no 'advantage': compute it before training (ddpo_rl.advantages)")
+        prepare = getattr(self.loss_module, "prepare_batch", None)
+        if prepare is not None:
+            batch = prepare(batch)
+        steps_kept = max(1, math.ceil(cfg.timestep_fraction * T))
+        acc = cfg.gradient_accumulation_steps
+        scale = 1.0 / (steps_kept * acc)
+        records: list[TensorDictBase] = []
+        norms: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []
+        skipped_before = self.skipped_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(cfg.num_inner_epochs):
+            shuffled = self._shuffled(batch)
+            for mb_index, start in enumerate(range(0, N, cfg.minibatch_size)):
+                minibatch = shuffled[start : start + cfg.minibatch_size]
+                for j in range(steps_kept):
+                    with self.autocast():
+                        out = self.loss_module(minibatch[:, j])
+                    loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    (loss * scale).backward()
+                    pending.append(loss.detach())
+                    records.append(out.detach())
+                if (mb_index + 1) % acc == 0:
+                    norms.append(self._optimizer_step(pending))
+                    pending = []
+        metrics = torch.stack(records).apply(lambda x: x.float().mean(), batch_size=[])
+        result = {k: v for k, v in metrics.items() if v.dim() == 0}
+        result["loss"] = sum(v for k, v in result.items() if k.startswith("loss_"))
+        result["grad_norm"] = torch.stack(norms).float().mean()
+        result["skipped_steps"] = torch.tensor(float(self.skipped_steps - skipped_before))
+        return result
