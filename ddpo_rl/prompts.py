@@ -56,3 +56,30 @@ class PromptSource:
         if not prompts:
             raise ValueError(f"prompt file {path!r} holds no prompts: write one prompt per line")
         return cls(prompts, name=os.path.basename(path))
+
+
+DIGIT_PROMPT = "a handwritten digit {}"
+
+
+def resolve_prompts(spec: str) -> PromptSource:
+    """A prompt source from a spec string.
+
+    - ``"digits:A-B"``: "a handwritten digit N" for N in A..B (the embedded digits model);
+    - a prompt-set name shipped with ddpo_rl (``simple_animals``, ``imagenet_animals``,
+      ``nouns_activities``; see :mod:`ddpo_rl.prompt_sets`);
+    - a path to a text file, one prompt per line.
+    """
+    if spec.startswith("digits:"):
+        body = spec.split(":", 1)[1]
+        try:
+            lo, hi = (int(x) for x in body.split("-")) if "-" in body else (int(body), int(body))
+        except ValueError:
+            raise ValueError(f"prompts: cannot read {spec!r}; write digits:A-B with 0 <= A <= B <= 9") from None
+        if not 0 <= lo <= hi <= 9:
+            raise ValueError(f"prompts: {spec!r} is out of range; write digits:A-B with 0 <= A <= B <= 9")
+        return PromptSource([DIGIT_PROMPT.format(n) for n in range(lo, hi + 1)], name=spec)
+    if os.path.isfile(spec) or os.sep in spec or spec.endswith(".txt"):
+        return PromptSource.from_file(spec)
+    from ddpo_rl.prompt_sets import load_prompt_set
+
+    return PromptSource(load_prompt_set(spec), name=spec)

@@ -74,6 +74,7 @@ class DDPOTrainer:
         autocast: a zero-argument callable returning a context manager for the forward pass
             (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``); default none.
         generator: RNG for the shuffles (default: the global one).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 autocast (None otherwise).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class DDPOTrainer:
         params: Iterable[torch.Tensor] | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         generator: torch.Generator | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
         self.loss_module = loss_module
         self.optimizer = optimizer
@@ -96,6 +98,7 @@ class DDPOTrainer:
         )
         self.autocast = autocast or contextlib.nullcontext
         self.generator = generator
+        self.grad_scaler = grad_scaler
         self.skipped_steps = 0
 
     def _shuffled(self, batch: TensorDictBase) -> TensorDictBase:
@@ -107,14 +110,20 @@ class DDPOTrainer:
 
     def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
         cfg = self.config
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
         if cfg.skip_nonfinite and not bool(torch.isfinite(norm) & torch.isfinite(torch.stack(losses)).all()):
             self.skipped_steps += 1  # one host sync per optimizer step, never per forward
+        elif self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
         else:
             self.optimizer.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
@@ -148,7 +157,8 @@ class DDPOTrainer:
                     with self.autocast():
                         out = self.loss_module(minibatch[:, j])
                     loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-                    (loss * scale).backward()
+                    scaled = loss * scale
+                    (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
                     pending.append(loss.detach())
                     records.append(out.detach())
                 if (mb_index + 1) % acc == 0:

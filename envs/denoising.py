@@ -39,6 +39,8 @@ class DenoisingEnv(EnvBase):
         device: where the latents live.
         latent_dtype: dtype of the latents (float32, or half on GPU).
         init_noise_sigma: scale of x_T (the scheduler's ``init_noise_sigma``, 1.0 for DDIM).
+        prompt_order: "random" (uniform draws, for training) or "cycle" (chain i gets prompt
+            i mod N, for evaluation grids with fixed prompts).
     """
 
     def __init__(
@@ -52,7 +54,10 @@ class DenoisingEnv(EnvBase):
         device: torch.device | str = "cpu",
         latent_dtype: torch.dtype = torch.float32,
         init_noise_sigma: float | None = None,
+        prompt_order: str = "random",
     ):
+        if prompt_order not in ("random", "cycle"):
+            raise ValueError(f"prompt_order={prompt_order!r}; expected 'random' or 'cycle'")
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if num_inference_steps <= 0:
@@ -60,6 +65,7 @@ class DenoisingEnv(EnvBase):
         super().__init__(batch_size=torch.Size([batch_size]), device=device)
         self.prompt_source = prompts if isinstance(prompts, PromptSource) else PromptSource(prompts)
         self.num_inference_steps = int(num_inference_steps)
+        self.prompt_order = prompt_order
         self.latent_shape = torch.Size(latent_shape)
         self.latent_dtype = latent_dtype
         self.init_noise_sigma = float(
@@ -107,7 +113,10 @@ class DenoisingEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         B = self.batch_size
-        ids = self.prompt_source.sample(B[0], generator=self._rng, device=self.device)
+        if self.prompt_order == "cycle":
+            ids = torch.arange(B[0], device=self.device) % len(self.prompt_source)
+        else:
+            ids = self.prompt_source.sample(B[0], generator=self._rng, device=self.device)
         latents = torch.randn(
             B + self.latent_shape, generator=self._rng, device=self.device, dtype=self.latent_dtype
         ) * self.init_noise_sigma

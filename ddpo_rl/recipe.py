@@ -1,0 +1,427 @@
+"""The DDPO training recipe: setup, train, cleanup.
+
+The scripts in recipes/ are thin entry points over :class:`DDPORecipe`; all three
+algorithms (DDPO-IS, DDPO-SF, RWR) share this loop and differ only in the loss. Each epoch:
+
+1. sample ``samples_per_epoch`` trajectories with the current policy (env + reward transform);
+2. turn terminal rewards into per-prompt normalised, clipped advantages;
+3. train on the batch (inner epochs, minibatches, timestep accumulation);
+4. log one line to metrics.jsonl and the progress display;
+5. every ``eval_every`` epochs: sample fixed-seed batches on the training and held-out
+   prompts, log their rewards, save a sample grid;
+6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint.
+
+Outputs (``output_dir``): config.json, metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png,
+reward_curve.png, summary.json, checkpoints/checkpoint.pt, final/ (trained weights in
+diffusers format: the UNet, or the LoRA adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+from torchrl.envs import TransformedEnv
+
+from ddpo_rl.advantages import PerPromptStatTracker, compute_advantages
+from ddpo_rl.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_torch_save,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advantages
+from ddpo_rl.config import DDPOConfig
+from ddpo_rl.keys import KEYS
+from ddpo_rl.objectives import make_loss
+from ddpo_rl.plotting import save_curve_png, save_image_grid
+from ddpo_rl.policy import DiffusionPolicy
+from ddpo_rl.prompts import resolve_prompts
+from ddpo_rl.rewards.transform import RewardTransform
+from ddpo_rl.trainer import DDPOTrainer, TrainConfig
+from envs.denoising import DenoisingEnv
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+@dataclass
+class EvalResult:
+    epoch: int
+    train_mean: float
+    train_std: float
+    eval_mean: float
+    eval_std: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return dict(
+            epoch=self.epoch,
+            train_prompts_reward_mean=self.train_mean,
+            train_prompts_reward_std=self.train_std,
+            eval_reward_mean=self.eval_mean,
+            eval_reward_std=self.eval_std,
+            num_samples=self.n,
+        )
+
+
+class DDPORecipe:
+    """Setup, train and clean up one DDPO run from a :class:`~ddpo_rl.config.DDPOConfig`."""
+
+    def __init__(self, cfg: DDPOConfig):
+        self.cfg = cfg.validate()
+        self.start_epoch = 0
+        self._stop_requested = False
+        self._old_handlers = {}
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def setup(self) -> DDPORecipe:
+        cfg = self.cfg
+        from ddpo_rl.rewards.registry import make_reward  # validate the reward name before loading models
+
+        # 1. prompts and reward: cheap, checked before any model is loaded
+        self.train_prompts = resolve_prompts(cfg.prompts)
+        self.eval_prompts = resolve_prompts(cfg.eval_prompts)
+        self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
+        resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
+
+        # 2. device, seeds, precision, output directory
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        from ddpo_rl import precision
+
+        if self.device.type == "cuda":
+            precision.set_tf32(cfg.allow_tf32)
+        self.out = cfg.output_dir
+        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+        cfg.to_json(os.path.join(self.out, "config.json"))
+
+        # 3. model: noise network, scheduler, frozen text encoder and decoder
+        from ddpo_rl.models.loading import build_model
+
+        frozen_dtype = precision.low_precision_dtype(cfg.mixed_precision) if self.device.type == "cuda" else None
+        self.model = build_model(cfg.model, self.device, revision=cfg.revision, frozen_dtype=frozen_dtype)
+        unet = self.model.unet
+        if cfg.use_lora:
+            from ddpo_rl.lora import apply_lora
+
+            unet.requires_grad_(False)
+            apply_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        if cfg.gradient_checkpointing:
+            precision.enable_gradient_checkpointing(unet)
+        unet.to(self.device)
+
+        # 4. envs: training (random prompts) and evaluation (fixed prompts and seeds)
+        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", keep=False)
+        self.env.set_seed(cfg.seed)
+        self.eval_envs = {
+            "train": self._make_env(self.train_prompts, cfg.sample_batch_size, "cycle"),
+            "eval": self._make_env(self.eval_prompts, cfg.sample_batch_size, "cycle"),
+        }
+        grid_prompts = (self.train_prompts.prompts + self.eval_prompts.prompts)[:10]
+        self.grid_env = self._make_env(
+            type(self.train_prompts)(grid_prompts), len(grid_prompts) * cfg.grid_samples_per_prompt, "cycle"
+        )
+
+        # 5. policy, loss, optimizer, trainer, advantage statistics
+        self.policy = DiffusionPolicy(
+            unet,
+            self.model.scheduler,
+            cfg.num_inference_steps,
+            eta=cfg.eta,
+            guidance_scale=cfg.guidance_scale,
+            negative_prompt_embeds=self.model.negative_prompt_embeds() if cfg.guidance_scale != 1.0 else None,
+            log_prob_reduction=cfg.log_prob_reduction,
+        ).to(self.device)
+        loss_kwargs = {
+            "ddpo_is": dict(clip_epsilon=cfg.clip_range),
+            "ddpo_sf": {},
+            "rwr": dict(mode=cfg.rwr_mode, temperature=cfg.rwr_temperature, quantile=cfg.rwr_quantile),
+        }[cfg.algorithm]
+        self.loss = make_loss(cfg.algorithm, self.policy, **loss_kwargs)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise RuntimeError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+            foreach=True,
+        )
+        self.train_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.trainer = DDPOTrainer(
+            self.loss,
+            self.optimizer,
+            TrainConfig(
+                num_inner_epochs=cfg.num_inner_epochs,
+                minibatch_size=cfg.minibatch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                timestep_fraction=cfg.timestep_fraction,
+                max_grad_norm=cfg.max_grad_norm,
+            ),
+            params=self.params,
+            autocast=lambda: precision.autocast(cfg.mixed_precision, self.device),
+            generator=self.train_rng,
+            grad_scaler=precision.grad_scaler(cfg.mixed_precision, self.device)
+            if cfg.mixed_precision == "fp16"
+            else None,
+        )
+        self.tracker = (
+            PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count) if cfg.per_prompt_stat_tracking else None
+        )
+        self.eval_history: list[EvalResult] = []
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        return self
+
+    def _make_env(self, prompts, batch_size: int, order: str, keep: bool = False) -> TransformedEnv:
+        base = DenoisingEnv(
+            prompts,
+            self.model.encode_prompts,
+            self.model.scheduler,
+            self.cfg.num_inference_steps,
+            self.model.latent_shape,
+            batch_size,
+            device=self.device,
+            prompt_order=order,
+        )
+        return TransformedEnv(
+            base, RewardTransform(self.reward_fn, self.model.decode, on_invalid=self.cfg.on_invalid_reward)
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict:
+        trainable = {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        return {
+            "epoch": epoch,
+            "config": self.cfg.to_dict(),
+            "trainable": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+            "rng": rng_state(self.env.base_env._rng, self.train_rng),
+            "eval_history": [e.as_dict() for e in self.eval_history],
+            "skipped_steps": self.trainer.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        named = dict(self.policy.named_parameters())
+        missing = [n for n in state["trainable"] if n not in named]
+        if missing:
+            raise RuntimeError(
+                f"resume: the checkpoint has weights this model lacks ({missing[0]}, ...): "
+                "resume with the same model and LoRA settings"
+            )
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                named[n].copy_(v.to(named[n].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        set_rng_state(state["rng"], self.env.base_env._rng, self.train_rng)
+        self.eval_history = [
+            EvalResult(
+                e["epoch"], e["train_prompts_reward_mean"], e["train_prompts_reward_std"],
+                e["eval_reward_mean"], e["eval_reward_std"], e["num_samples"],
+            )
+            for e in state["eval_history"]
+        ]
+        self.trainer.skipped_steps = state.get("skipped_steps", 0)
+        self.start_epoch = int(state["epoch"])
+        self._truncate_logs(self.start_epoch)
+
+    def _truncate_logs(self, epoch: int) -> None:
+        """Drop log lines written after the checkpoint (a run killed between log and save)."""
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = os.path.join(self.out, name)
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= epoch]
+            with open(path, "w") as f:
+                f.writelines(lines)
+
+    def save_checkpoint(self, epoch: int) -> str:
+        return atomic_torch_save(self.state_dict(epoch), os.path.join(self.out, "checkpoints", CHECKPOINT_NAME))
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------
+    def _fixed_seed_rollout(self, env, num_batches: int, seed: int):
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            env.set_seed(seed)
+            return collect_trajectories(env, self.policy, num_batches=num_batches)
+
+    def evaluate(self, epoch: int) -> EvalResult:
+        """Rewards of fixed-seed samples on the training and held-out prompts, and a sample grid."""
+        cfg = self.cfg
+        stats = {}
+        for name, env in self.eval_envs.items():
+            n_batches = math.ceil(cfg.eval_num_samples / cfg.sample_batch_size)
+            r = terminal_rewards(self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET))
+            r = r[torch.isfinite(r)]
+            stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
+        traj = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
+        self._save_grid(traj, epoch)
+        result = EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2])
+        self.eval_history.append(result)
+        with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(result.as_dict()) + "\n")
+        return result
+
+    def _save_grid(self, traj, epoch: int) -> str:
+        ncol = self.cfg.grid_samples_per_prompt
+        prompts = self.grid_env.base_env.prompt_source.prompts
+        ids = traj[KEYS.prompt_id][:, 0]
+        order = torch.argsort(ids * len(ids) + torch.arange(len(ids), device=ids.device))  # rows = prompts
+        images = self.model.decode(traj[KEYS.action][:, -1][order])  # x_0 is the last action
+        rewards = terminal_rewards(traj)[order].tolist()
+        return save_image_grid(
+            images,
+            os.path.join(self.out, "samples", f"epoch_{epoch:04d}.png"),
+            ncol=ncol,
+            row_labels=prompts,
+            cell_labels=[f"{r:.3g}" for r in rewards],
+            title=f"{self.cfg.algorithm} | {self.cfg.reward} | after {epoch} epochs",
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # train
+    # ------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self._stop_requested:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        from ddpo_rl.progress import RunProgress
+
+        self._install_signal_handlers()
+        metrics_path = os.path.join(self.out, "metrics.jsonl")
+        epoch = self.start_epoch
+        with RunProgress(cfg.epochs, start=self.start_epoch, enabled=cfg.progress, title=f"{cfg.algorithm} {cfg.reward}") as progress:
+            if epoch == 0 and not self.eval_history:
+                base = self.evaluate(0)
+                progress.log_eval(base)
+            while epoch < cfg.epochs and not self._stop_requested:
+                t0 = time.perf_counter()
+                # 1. sample trajectories with the current policy
+                self.policy.eval()
+                with self.trainer.autocast():
+                    traj = collect_trajectories(self.env, self.policy, num_batches=cfg.num_batches_per_epoch)
+                t1 = time.perf_counter()
+                # 2. per-prompt advantages from terminal rewards (drop samples whose reward was dropped)
+                rewards = terminal_rewards(traj)
+                finite = torch.isfinite(rewards)
+                prompts = self.env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0])
+                adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max)
+                with_advantages(traj, adv)
+                if not bool(finite.all()):
+                    traj, rewards = traj[finite], rewards[finite]
+                # 3. policy-gradient update
+                self.policy.train()
+                train_metrics = self.trainer.train(traj)
+                t2 = time.perf_counter()
+                epoch += 1
+                # 4. log
+                record = {
+                    "epoch": epoch,
+                    "reward_mean": rewards.mean().item(),
+                    "reward_std": rewards.std(unbiased=False).item(),
+                    "num_samples": int(rewards.numel()),
+                    "eval_reward_mean": None,
+                    "eval_reward_std": None,
+                    "train_prompts_reward_mean": None,
+                    "clip_fraction": None,
+                    "kl_approx": None,
+                }
+                record.update({k: v.item() for k, v in train_metrics.items()})
+                record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1)
+                # 5. evaluate
+                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                    ev = self.evaluate(epoch)
+                    record.update(
+                        eval_reward_mean=ev.eval_mean, eval_reward_std=ev.eval_std,
+                        train_prompts_reward_mean=ev.train_mean,
+                    )
+                    progress.log_eval(ev)
+                record["seconds"] = time.perf_counter() - t0
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.update(epoch, record)
+                # 6. checkpoint
+                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or self._stop_requested:
+                    self.save_checkpoint(epoch)
+        self.last_epoch = epoch
+        if self._stop_requested:
+            print(f"stopped at epoch {epoch}; checkpoint saved. Resume with --resume {self.out}")
+        return self.finish()
+
+    # ------------------------------------------------------------------------------------------
+    # cleanup
+    # ------------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Curves, summary.json and the final weights in diffusers format."""
+        from ddpo_rl.reporting import write_reward_curve, write_summary
+
+        write_reward_curve(self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})")
+        summary = write_summary(self.out, self.eval_history, self.cfg)
+        if not self._stop_requested:
+            self.save_final_weights()
+        return summary
+
+    def save_final_weights(self) -> str:
+        path = os.path.join(self.out, "final")
+        unet = self.policy.noise_model
+        if self.cfg.use_lora:
+            from ddpo_rl.lora import save_lora_weights
+
+            save_lora_weights(unet, path)
+        elif hasattr(unet, "save_pretrained"):
+            unet.save_pretrained(os.path.join(path, "unet"))
+        return path
+
+    def cleanup(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+
+
+def run(cfg: DDPOConfig) -> dict:
+    """Setup, train, cleanup: what every recipe script calls."""
+    recipe = DDPORecipe(cfg)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

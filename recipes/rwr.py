@@ -1,0 +1,21 @@
+"""RWR: fine-tune a diffusion model with reward-weighted regression (the DDPO paper's baseline).
+
+    python recipes/rwr.py                       # digits preset, CPU, a few minutes
+    python recipes/rwr.py --preset sd15-aesthetic --output-dir runs/aesthetic
+    python recipes/rwr.py --help                # every config field
+
+The loop (sample -> advantages -> train -> log -> evaluate -> checkpoint) is
+ddpo_rl.recipe.DDPORecipe; this script only picks the algorithm.
+"""
+
+import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
+from ddpo_rl.config import parse_cli
+from ddpo_rl.recipe import run
+
+
+def main(argv=None):
+    return run(parse_cli(argv, algorithm="rwr"))
+
+
+if __name__ == "__main__":
+    main()

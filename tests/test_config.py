@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from ddpo_rl.config import PRESETS, ConfigError, DDPOConfig, cli_help, parse_cli, preset_config
+
+
+def test_defaults_are_the_digits_preset_and_valid():
+    cfg = parse_cli([])
+    assert cfg.preset == "digits" and cfg.model == "digits"
+    assert cfg.samples_per_epoch == cfg.sample_batch_size * cfg.num_batches_per_epoch
+
+
+def test_every_preset_validates():
+    for name in PRESETS:
+        preset_config(name).validate()
+
+
+def test_cli_sets_any_field_with_types():
+    cfg = parse_cli(
+        ["--preset", "tiny", "--epochs", "7", "--seed=3", "--output-dir", "x", "--learning-rate", "1e-3",
+         "--use-lora", "true", "--reward-kwargs", '{"resize": 32}', "--revision", "none"]
+    )
+    assert (cfg.preset, cfg.epochs, cfg.seed, cfg.output_dir) == ("tiny", 7, 3, "x")
+    assert cfg.learning_rate == 1e-3 and cfg.use_lora is True
+    assert cfg.reward_kwargs == {"resize": 32} and cfg.revision is None
+
+
+def test_recipe_default_algorithm_is_overridable():
+    assert parse_cli([], algorithm="rwr").algorithm == "rwr"
+    assert parse_cli(["--algorithm", "ddpo_sf"], algorithm="rwr").algorithm == "ddpo_sf"
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--preset", "digitz"], "preset"),
+        (["--learning-rat", "1"], "learning_rat"),
+        (["--epochs", "0"], "epochs"),
+        (["--epochs", "ten"], "epochs"),
+        (["--sample-batch-size", "-1"], "sample_batch_size"),
+        (["--eta", "0"], "eta"),
+        (["--minibatch-size", "5"], "minibatch_size"),
+        (["--algorithm", "ppo"], "algorithm"),
+        (["--use-lora", "maybe"], "use_lora"),
+        (["--epochs"], "epochs"),
+    ],
+)
+def test_bad_input_names_the_field(argv, field):
+    with pytest.raises(ConfigError) as err:
+        parse_cli(argv)
+    assert str(err.value).startswith(field)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_field_suggests_close_names():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_cli(["--learning-rat", "1"])
+
+
+def test_json_round_trip(tmp_path):
+    cfg = preset_config("sd15-aesthetic")
+    cfg.to_json(tmp_path / "c.json")
+    assert DDPOConfig.from_dict(json.loads((tmp_path / "c.json").read_text())) == cfg
+
+
+def test_sd15_presets_follow_the_paper():
+    cfg = preset_config("sd15-compressibility")
+    assert cfg.samples_per_epoch == 256
+    assert cfg.samples_per_epoch // (cfg.minibatch_size * cfg.gradient_accumulation_steps) == 4
+    assert (cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.clip_range, cfg.adv_clip_max) == (50, 1.0, 5.0, 1e-4, 5.0)
+    assert cfg.use_lora and cfg.learning_rate == 3e-4 and (cfg.stat_buffer_size, cfg.stat_min_count) == (16, 16)
+
+
+def test_help_lists_every_field_with_its_docstring():
+    text = cli_help()
+    assert "--learning-rate" in text and "AdamW learning rate" in text
+    assert text.count("\n  --") == len(DDPOConfig.__dataclass_fields__)
