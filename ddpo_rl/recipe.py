@@ -39,6 +39,7 @@ from ddpo_rl.checkpoint import (
 )
 from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advantages
 from ddpo_rl.config import DDPOConfig
+from ddpo_rl import distributed
 from ddpo_rl.keys import KEYS
 from ddpo_rl.objectives import make_loss
 from ddpo_rl.plotting import save_curve_png, save_image_grid
@@ -102,16 +103,21 @@ class DDPORecipe:
         self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
         resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
 
-        # 2. device, seeds, precision, output directory
+        # 2. device, processes, seeds, precision, output directory
         self.device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
+        self.dist = distributed.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights (LoRA init included)
         from ddpo_rl import precision
 
         if self.device.type == "cuda":
             precision.set_tf32(cfg.allow_tf32)
         self.out = cfg.output_dir
-        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-        cfg.to_json(os.path.join(self.out, "config.json"))
+        self.is_main = self.dist.is_main
+        if self.is_main:
+            os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+            cfg.to_json(os.path.join(self.out, "config.json"))
 
         # 3. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
@@ -130,7 +136,8 @@ class DDPORecipe:
 
         # 4. envs: training (random prompts) and evaluation (fixed prompts and seeds)
         self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", keep=False)
-        self.env.set_seed(cfg.seed)
+        self.rank_seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own prompts and noise
+        self.env.set_seed(self.rank_seed)
         self.eval_envs = {
             "train": self._make_env(self.train_prompts, cfg.sample_batch_size, "cycle"),
             "eval": self._make_env(self.eval_prompts, cfg.sample_batch_size, "cycle"),
@@ -159,6 +166,8 @@ class DDPORecipe:
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise RuntimeError("the policy has no trainable parameters")
+        distributed.broadcast_parameters(self.params)
+        torch.manual_seed(self.rank_seed)  # sampling noise: per rank
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.learning_rate,
@@ -219,7 +228,7 @@ class DDPORecipe:
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
             "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-            "rng": rng_state(self.env.base_env._rng, self.train_rng),
+            "rng": distributed.all_gather_objects(rng_state(self.env.base_env._rng, self.train_rng)),
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
         }
@@ -238,7 +247,12 @@ class DDPORecipe:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
-        set_rng_state(state["rng"], self.env.base_env._rng, self.train_rng)
+        if len(state["rng"]) != self.dist.world_size:
+            raise RuntimeError(
+                f"resume: the checkpoint was written by {len(state['rng'])} process(es), this run has "
+                f"{self.dist.world_size}; resume with the same --nproc-per-node"
+            )
+        set_rng_state(state["rng"][self.dist.rank], self.env.base_env._rng, self.train_rng)
         self.eval_history = [
             EvalResult(
                 e["epoch"], e["train_prompts_reward_mean"], e["train_prompts_reward_std"],
@@ -248,7 +262,8 @@ class DDPORecipe:
         ]
         self.trainer.skipped_steps = state.get("skipped_steps", 0)
         self.start_epoch = int(state["epoch"])
-        self._truncate_logs(self.start_epoch)
+        if self.is_main:
+            self._truncate_logs(self.start_epoch)
 
     def _truncate_logs(self, epoch: int) -> None:
         """Drop log lines written after the checkpoint (a run killed between log and save)."""
@@ -261,8 +276,11 @@ class DDPORecipe:
             with open(path, "w") as f:
                 f.writelines(lines)
 
-    def save_checkpoint(self, epoch: int) -> str:
-        return atomic_torch_save(self.state_dict(epoch), os.path.join(self.out, "checkpoints", CHECKPOINT_NAME))
+    def save_checkpoint(self, epoch: int) -> str | None:
+        state = self.state_dict(epoch)  # collective (gathers every rank's RNG state)
+        if not self.is_main:
+            return None
+        return atomic_torch_save(state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME))
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -329,25 +347,30 @@ class DDPORecipe:
         self._install_signal_handlers()
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         epoch = self.start_epoch
-        with RunProgress(cfg.epochs, start=self.start_epoch, enabled=cfg.progress, title=f"{cfg.algorithm} {cfg.reward}") as progress:
-            if epoch == 0 and not self.eval_history:
+        show = cfg.progress and self.is_main
+        with RunProgress(cfg.epochs, start=self.start_epoch, enabled=show, title=f"{cfg.algorithm} {cfg.reward}") as progress:
+            if epoch == 0 and not self.eval_history and self.is_main:
                 base = self.evaluate(0)
                 progress.log_eval(base)
-            while epoch < cfg.epochs and not self._stop_requested:
+            while epoch < cfg.epochs and not self._stop_requested:  # synced across ranks below
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
                 with self.trainer.autocast():
                     traj = collect_trajectories(self.env, self.policy, num_batches=cfg.num_batches_per_epoch)
                 t1 = time.perf_counter()
-                # 2. per-prompt advantages from terminal rewards (drop samples whose reward was dropped)
-                rewards = terminal_rewards(traj)
-                finite = torch.isfinite(rewards)
-                prompts = self.env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0])
+                # 2. per-prompt advantages from terminal rewards, over every rank's samples
+                #    (samples whose reward was dropped as NaN get no weight and are removed)
+                local = terminal_rewards(traj)
+                rewards = distributed.all_gather_cat(local)
+                prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
                 adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max)
-                with_advantages(traj, adv)
+                n = local.numel()
+                with_advantages(traj, adv[self.dist.rank * n : (self.dist.rank + 1) * n])
+                finite = torch.isfinite(local)
                 if not bool(finite.all()):
-                    traj, rewards = traj[finite], rewards[finite]
+                    traj = traj[finite]
+                rewards = rewards[torch.isfinite(rewards)]
                 # 3. policy-gradient update
                 self.policy.train()
                 train_metrics = self.trainer.train(traj)
@@ -368,7 +391,7 @@ class DDPORecipe:
                 record.update({k: v.item() for k, v in train_metrics.items()})
                 record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1)
                 # 5. evaluate
-                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
                     ev = self.evaluate(epoch)
                     record.update(
                         eval_reward_mean=ev.eval_mean, eval_reward_std=ev.eval_std,
@@ -376,16 +399,19 @@ class DDPORecipe:
                     )
                     progress.log_eval(ev)
                 record["seconds"] = time.perf_counter() - t0
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                progress.update(epoch, record)
+                if self.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    progress.update(epoch, record)
                 # 6. checkpoint
-                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or self._stop_requested:
+                stop = distributed.any_true(self._stop_requested)
+                self._stop_requested = stop
+                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop:
                     self.save_checkpoint(epoch)
         self.last_epoch = epoch
-        if self._stop_requested:
+        if self._stop_requested and self.is_main:
             print(f"stopped at epoch {epoch}; checkpoint saved. Resume with --resume {self.out}")
-        return self.finish()
+        return self.finish() if self.is_main else {}
 
     # ------------------------------------------------------------------------------------------
     # cleanup
@@ -415,6 +441,7 @@ class DDPORecipe:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
+        distributed.destroy()
 
 
 def run(cfg: DDPOConfig) -> dict:

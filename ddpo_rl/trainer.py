@@ -11,7 +11,8 @@ For each of K inner epochs (Black et al. 2024, Algorithm 1 and the reference imp
 
 So one optimizer step sees ``minibatch_size * gradient_accumulation_steps`` trajectories at
 all their kept steps; N / (minibatch_size * gradient_accumulation_steps) steps per inner
-epoch (4 in the paper's presets).
+epoch (4 in the paper's presets). The config checks that N divides evenly; a batch made
+ragged by dropped samples ends with one smaller step.
 
 Metrics stay on the device during the loop and are reduced once at the end: the only host
 syncs are one per optimizer step, to skip a step whose gradient is not finite.
@@ -27,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 from tensordict import TensorDictBase
 
+from ddpo_rl.distributed import average_gradients
 from ddpo_rl.keys import KEYS
 
 
@@ -53,13 +55,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
-        if num_trajectories is not None:
-            per_step = self.minibatch_size * self.gradient_accumulation_steps
-            if num_trajectories % per_step:
-                raise ValueError(
-                    f"{num_trajectories} trajectories per epoch is not divisible by minibatch_size x "
-                    f"gradient_accumulation_steps = {self.minibatch_size} x {self.gradient_accumulation_steps}"
-                )
+        if num_trajectories is not None and num_trajectories <= 0:
+            raise ValueError("no trajectories to train on")
 
 
 class DDPOTrainer:
@@ -110,13 +107,16 @@ class DDPOTrainer:
 
     def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
         cfg = self.config
+        # average gradients over ranks (torchrun) in one all-reduce; no-op in a single process.
+        # The count of non-finite losses rides along, so every rank takes the same decision.
+        bad_losses = average_gradients(self.params, extra=(~torch.isfinite(torch.stack(losses))).sum().float())
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
-        if cfg.skip_nonfinite and not bool(torch.isfinite(norm) & torch.isfinite(torch.stack(losses)).all()):
+        if cfg.skip_nonfinite and not bool(torch.isfinite(norm) & (bad_losses == 0)):
             self.skipped_steps += 1  # one host sync per optimizer step, never per forward
         elif self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
@@ -164,6 +164,9 @@ class DDPOTrainer:
                 if (mb_index + 1) % acc == 0:
                     norms.append(self._optimizer_step(pending))
                     pending = []
+            if pending:  # a ragged tail (samples dropped for a NaN reward): step on what is there
+                norms.append(self._optimizer_step(pending))
+                pending = []
         metrics = torch.stack(records).apply(lambda x: x.float().mean(), batch_size=[])
         result = {k: v for k, v in metrics.items() if v.dim() == 0}
         result["loss"] = sum(v for k, v in result.items() if k.startswith("loss_"))

@@ -36,14 +36,15 @@ def test_collect_advantages_and_train(loss_name):
         assert metrics["kl_approx"] > 0
 
 
-def test_batch_not_divisible_by_accumulation_is_refused():
+def test_ragged_batch_ends_with_a_smaller_step():
     enc = prompt_encoder()
     env, policy = make_env(batch_size=3, encoder=enc), make_policy(encoder=enc)
-    traj = collect_trajectories(env, policy)
-    with_advantages(traj, torch.zeros(3))
-    trainer = DDPOTrainer(make_loss("ddpo_sf", policy), torch.optim.SGD(policy.parameters(), 0.1), TrainConfig(minibatch_size=2))
-    with pytest.raises(ValueError, match="divisible"):
-        trainer.train(traj)
+    traj = with_advantages(collect_trajectories(env, policy), torch.tensor([1.0, -1.0, 0.5]))
+    steps = []
+    opt = torch.optim.SGD(policy.parameters(), 0.1)
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    DDPOTrainer(make_loss("ddpo_sf", policy), opt, TrainConfig(minibatch_size=2)).train(traj)
+    assert len(steps) == 2
 
 
 def test_timestep_fraction_trains_on_fewer_steps():

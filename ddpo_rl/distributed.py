@@ -1,0 +1,128 @@
+"""Multi-process training with ``torchrun``: process group, gathers, gradient averaging.
+
+    torchrun --nproc-per-node 2 recipes/ddpo_is.py ...
+
+Each rank samples its own trajectories (its own seed, so its own prompts and noise); the
+terminal rewards and prompts of every rank are gathered so that the per-prompt statistics
+see the whole global batch and stay identical on every rank; gradients are averaged once per
+optimizer step (one flat all-reduce, after the accumulation), not per backward. Averaging
+explicitly rather than through ``DistributedDataParallel`` keeps LoRA simple: only the
+parameters that require grad are reduced, every rank reduces the same ones in the same
+order, and nothing depends on DDP's unused-parameter detection (the reference DDPO code
+had a LoRA gradient-sync bug there).
+
+Single-process runs never touch ``torch.distributed``: every helper is a no-op then.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str = "cpu") -> DistInfo:
+    """Join the process group that ``torchrun`` describes (env vars); a no-op without it.
+
+    Uses gloo on CPU and nccl on CUDA.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks, in rank order."""
+    if not _active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_true(flag: bool, device="cpu") -> bool:
+    """True if ``flag`` is set on any rank (e.g. a stop signal received by one process)."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s weights."""
+    if not _active():
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src)
+
+
+def average_gradients(params: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Average the gradients of ``params`` over ranks in one flat all-reduce.
+
+    ``extra`` (a small float tensor, e.g. a count of non-finite losses) is summed over ranks in
+    the same all-reduce and returned, so decisions based on it agree on every rank.
+    """
+    if not _active():
+        return extra
+    world = dist.get_world_size()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    pieces = [g.reshape(-1).float() for g in grads]
+    if extra is not None:
+        pieces.append(extra.reshape(-1).float().to(pieces[0].device))
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        new = (flat[offset : offset + n] / world).view_as(g).to(g.dtype)
+        if p.grad is None:
+            p.grad = new
+        else:
+            p.grad.copy_(new)
+        offset += n
+    return flat[offset:].reshape(extra.shape) if extra is not None else None
