@@ -111,7 +111,7 @@ class SDComponents:
         return self.text_encoder(ids)[0]
 
 
-def _is_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     """Whether ``name`` is meant as a filesystem path rather than a hub id."""
     if os.path.exists(name):
         return True
@@ -199,7 +199,7 @@ def load_sd_components(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pretrained = str(pretrained)
-    local = _is_local_path(pretrained)
+    local = looks_like_local_path(pretrained)
     if local:
         pretrained = os.path.expanduser(pretrained)
         check_pipeline_dir(pretrained)
