@@ -32,8 +32,11 @@ def preprocess_images(
     x = images.float()
     h, w = x.shape[-2:]
     if center_crop:
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        # the long side is truncated, as transformers' get_resize_output_image_size does
+        if h <= w:
+            new_h, new_w = size, int(size * w / h)
+        else:
+            new_h, new_w = int(size * h / w), size
     else:
         new_h = new_w = size
     if (new_h, new_w) != (h, w):
