@@ -12,7 +12,8 @@ returned trainable, in ``unet_dtype`` (fp32 by default), ready for full fine-tun
 :func:`ddpo_rl.lora.apply_lora`.
 
 When the weights cannot be found, :class:`PretrainedWeightsNotFoundError` says which path was
-tried and how to fix it, in one line.
+tried and how to fix it, in one line (``hf download`` is huggingface_hub's CLI; older releases
+call it ``huggingface-cli download``).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def looks_like_local_path(name: str) -> bool:
 
 def _fix_hint(pretrained: str) -> str:
     return (
-        f"download it with `huggingface-cli download {pretrained} --local-dir <dir>` and pass that "
+        f"download it with `hf download {pretrained} --local-dir <dir>` and pass that "
         "directory, or, offline, pass a local diffusers pipeline directory "
         "(set HF_HUB_OFFLINE=1 to use the local cache only)"
     )
@@ -141,7 +142,7 @@ def check_pipeline_dir(path: str, subfolders: Sequence[str] = _PIPELINE_SUBFOLDE
     if not os.path.isfile(index):
         raise PretrainedWeightsNotFoundError(
             f"'{path}' is not a diffusers pipeline directory (no model_index.json); point at the "
-            f"directory that `huggingface-cli download {DEFAULT_SD_MODEL} --local-dir <dir>` or "
+            f"directory that `hf download {DEFAULT_SD_MODEL} --local-dir <dir>` or "
             "StableDiffusionPipeline.save_pretrained(<dir>) wrote."
         )
     missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]

@@ -110,7 +110,7 @@ def load_clip_model(name_or_path: str = DEFAULT_CLIP_MODEL, **kwargs):
     except (OSError, ValueError) as err:
         raise PretrainedWeightsNotFoundError(
             f"could not load CLIP from '{name_or_path}' ({str(err).splitlines()[0][:150] if str(err) else err!r}); "
-            f"run `huggingface-cli download {DEFAULT_CLIP_MODEL} --local-dir <dir>` and pass that directory "
+            f"run `hf download {DEFAULT_CLIP_MODEL} --local-dir <dir>` and pass that directory "
             "(HF_HUB_OFFLINE=1 uses the local cache only)"
         ) from err
     return model.requires_grad_(False).eval()

@@ -73,7 +73,7 @@ def _from_pretrained(loader: Callable, name_or_path: str, what: str, **kwargs):
     except (OSError, ValueError) as err:
         msg = str(err).strip().splitlines()[0][:150] if str(err).strip() else type(err).__name__
         raise PretrainedWeightsNotFoundError(
-            f"could not load {what} from '{name_or_path}' ({msg}); run `huggingface-cli download "
+            f"could not load {what} from '{name_or_path}' ({msg}); run `hf download "
             f"{name_or_path} --local-dir <dir>` and pass that directory (HF_HUB_OFFLINE=1 uses the local cache only)"
         ) from err
 

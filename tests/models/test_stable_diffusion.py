@@ -60,6 +60,19 @@ def test_loaded_weights_equal_saved(pipeline_dir):
         torch.testing.assert_close(a, b)
 
 
+def test_scheduler_always_keeps_last_step_stochastic(tmp_path):
+    path = build_tiny_sd_pipeline_dir(tmp_path / "pipe", scheduler="ddim")
+    cfg_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["set_alpha_to_one"] = True  # a pipeline whose last DDIM step would be deterministic
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    scheduler = load_sd_components(path).scheduler
+    assert scheduler.config.set_alpha_to_one is False
+    assert scheduler.final_alpha_cumprod < 1.0
+
+
 def test_dtype_of_frozen_modules(pipeline_dir):
     c = load_sd_components(pipeline_dir, dtype=torch.bfloat16)
     assert next(c.vae.parameters()).dtype == torch.bfloat16
@@ -79,7 +92,7 @@ def test_non_pipeline_directory_raises_clear_error(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(PretrainedWeightsNotFoundError, match="model_index.json") as info:
         load_sd_components(str(tmp_path))
-    assert "huggingface-cli download" in str(info.value)
+    assert "hf download" in str(info.value)
 
 
 def test_unreachable_hub_id_raises_clear_error():
@@ -87,5 +100,5 @@ def test_unreachable_hub_id_raises_clear_error():
     with pytest.raises(PretrainedWeightsNotFoundError) as info:
         load_sd_components(name, local_files_only=True)
     msg = str(info.value)
-    assert name in msg and "huggingface-cli download" in msg and "HF_HUB_OFFLINE" in msg
+    assert name in msg and "hf download" in msg and "HF_HUB_OFFLINE" in msg
     assert "\n" not in msg
