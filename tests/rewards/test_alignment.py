@@ -127,15 +127,26 @@ def test_reward_is_similarity_of_caption_and_prompt(reward):
 def test_async_equals_sync(reward):
     images = torch.rand(4, 3, 32, 32)
     sync = reward(images, PROMPTS)
-    release = threading.Event()
     with AsyncReward(reward) as async_reward:
+        futures = [async_reward.submit(images, PROMPTS) for _ in range(2)]
+        for future in futures:
+            torch.testing.assert_close(future.result(timeout=60), sync)
+        torch.testing.assert_close(async_reward(images, PROMPTS), sync)  # synchronous call
+
+
+def test_async_copies_submitted_images():
+    def mean_reward(images, prompts):
+        return images.flatten(1).mean(1)
+
+    images = torch.rand(4, 3, 8, 8)
+    expected = mean_reward(images, None)
+    release = threading.Event()
+    with AsyncReward(mean_reward) as async_reward:
         async_reward._pool.submit(release.wait, 10)  # hold the single worker: the next job stays queued
-        future = async_reward.submit(images, PROMPTS)
+        future = async_reward.submit(images, ["p"] * 4)
         images.zero_()  # the caller reuses its buffer before the job runs: the submitted copy is unaffected
         release.set()
-        torch.testing.assert_close(future.result(timeout=60), sync)
-        # the synchronous call computes the same thing on the caller's thread
-        torch.testing.assert_close(async_reward(images, PROMPTS), reward(images, PROMPTS))
+        torch.testing.assert_close(future.result(timeout=10), expected)
 
 
 def test_async_runs_off_the_calling_thread():
