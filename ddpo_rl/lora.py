@@ -206,6 +206,14 @@ def load_lora_weights(
     else:
         from peft.utils import get_peft_model_state_dict
 
+        config = unet.peft_config[adapter_name]
+        for key in ("r", "lora_alpha"):
+            saved = (metadata or {}).get(f"unet.{key}", (metadata or {}).get(key))
+            if saved is not None and saved != getattr(config, key):
+                raise ValueError(
+                    f"LoRA weights in '{directory}' were saved with {key}={saved}, adapter '{adapter_name}' "
+                    f"has {key}={getattr(config, key)}; call apply_lora with the saved config"
+                )
         peft_state = convert_unet_state_dict_to_peft(unet_state)
         expected = set(get_peft_model_state_dict(unet, adapter_name=adapter_name))
         if set(peft_state) != expected:
@@ -225,6 +233,8 @@ def load_lora_weights(
     for name, param in unet.named_parameters():
         if _is_lora_param(name, adapter_name):
             param.requires_grad_(trainable)
+            if trainable and param.dtype != torch.float32:  # trainable weights stay fp32
+                param.data = param.data.float()
     return unet
 
 

@@ -114,8 +114,11 @@ def test_mismatched_rank_and_missing_weights_raise(pipeline_dir, tmp_path):
     unet = apply_lora(load_sd_components(pipeline_dir).unet, rank=4)
     save_lora_weights(unet, tmp_path / "r4")
     other = apply_lora(load_sd_components(pipeline_dir).unet, rank=2)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="r=4"):
         load_lora_weights(other, tmp_path / "r4")
+    other_alpha = apply_lora(load_sd_components(pipeline_dir).unet, rank=4, alpha=16)
+    with pytest.raises(ValueError, match="lora_alpha=4"):
+        load_lora_weights(other_alpha, tmp_path / "r4")
     with pytest.raises(FileNotFoundError):
         load_lora_weights(other, tmp_path / "nothing-here")
     with pytest.raises(ValueError, match="apply_lora"):

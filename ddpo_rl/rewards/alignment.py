@@ -167,7 +167,11 @@ class BlipCaptioner:
                 ids = self.tokenizer([self.prompt] * len(chunk), return_tensors="pt").input_ids
                 kwargs["input_ids"] = ids.to(self.device)
             out = self.model.generate(
-                pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False, **kwargs
+                pixel_values=pixels,
+                max_new_tokens=self.max_new_tokens,
+                num_beams=self.num_beams,
+                do_sample=False,
+                **kwargs,
             )
             captions += [c.strip() for c in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return captions
@@ -355,7 +359,12 @@ class AsyncReward:
             queued; the reward function moves them back).
     """
 
-    def __init__(self, reward_fn: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], max_workers: int = 1, inputs_to_cpu: bool = False):
+    def __init__(
+        self,
+        reward_fn: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+        max_workers: int = 1,
+        inputs_to_cpu: bool = False,
+    ):
         self.reward_fn = reward_fn
         self.inputs_to_cpu = inputs_to_cpu
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ddpo-reward")
