@@ -94,3 +94,52 @@ def tiny_vae(latent_channels: int = 4, block_out_channels: tuple[int, ...] = (16
         norm_num_groups=8,
         sample_size=32,
     ).eval()
+
+
+def build_tiny_sd_pipeline(
+    sample_size: int = 8,
+    cross_attention_dim: int = 32,
+    scheduler: str = "pndm",
+    seed: int = 0,
+):
+    """A complete ``StableDiffusionPipeline`` of tiny components (no safety checker).
+
+    The UNet works on ``sample_size`` x ``sample_size`` latents, the VAE decodes them to images
+    twice that size. ``scheduler="pndm"`` stores a PNDM config, as the real SD v1 pipelines do,
+    so loaders must convert it to DDIM; ``"ddim"`` stores :func:`sd_ddim_scheduler`.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+    ddim = sd_ddim_scheduler()
+    if scheduler == "pndm":
+        sched = PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
+    elif scheduler == "ddim":
+        sched = ddim
+    else:
+        raise ValueError(f"scheduler must be 'pndm' or 'ddim', got {scheduler!r}")
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_text_encoder(hidden_size=cross_attention_dim, seed=seed),
+        tokenizer=build_clip_tokenizer(),
+        unet=tiny_unet(sample_size=sample_size, cross_attention_dim=cross_attention_dim, seed=seed),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd_pipeline_dir(path, **kwargs) -> str:
+    """Save :func:`build_tiny_sd_pipeline` (``kwargs`` go to it) as a real diffusers pipeline
+    directory at ``path`` (``model_index.json`` + one folder per component) and return the path.
+
+    Tests load it back through :func:`ddpo_rl.models.stable_diffusion.load_sd_components`, the same
+    code that loads ``runwayml/stable-diffusion-v1-5``.
+    """
+    import os
+
+    path = os.fspath(path)
+    build_tiny_sd_pipeline(**kwargs).save_pretrained(path)
+    return path

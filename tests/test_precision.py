@@ -1,0 +1,73 @@
+import ddpo_rl  # noqa: F401
+import pytest
+import torch
+from torch import nn
+
+from ddpo_rl.precision import (
+    autocast,
+    cast_frozen_params,
+    cast_trainable_params,
+    enable_gradient_checkpointing,
+    grad_scaler,
+    low_precision_dtype,
+    set_tf32,
+    tf32_enabled,
+    weight_dtype,
+)
+
+
+def test_modes():
+    assert low_precision_dtype("no") is None and low_precision_dtype(None) is None
+    assert low_precision_dtype("fp16") == torch.float16
+    assert low_precision_dtype("bf16") == torch.bfloat16
+    assert weight_dtype("no") == torch.float32 and weight_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="mixed_precision"):
+        low_precision_dtype("fp8")
+
+
+def test_autocast_context():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast("bf16", "cpu"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("no", "cpu"):
+        assert (a @ b).dtype == torch.float32
+    assert grad_scaler("fp16", "cpu").is_enabled() and not grad_scaler("bf16", "cpu").is_enabled()
+
+
+def test_cast_frozen_keeps_trainable_fp32():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    model[1].requires_grad_(False)
+    trainable = model[2].weight
+    cast_frozen_params(model, torch.float16)
+    assert model[0].weight.dtype == torch.float16 and model[1].running_mean.dtype == torch.float16
+    assert model[2].weight.dtype == torch.float32 and model[2].weight is trainable
+    cast_frozen_params(model, None)  # no-op
+    assert model[0].weight.dtype == torch.float16
+
+
+def test_cast_trainable_after_whole_model_cast():
+    model = nn.Linear(3, 3).to(torch.bfloat16)
+    model.bias.requires_grad_(False)
+    cast_trainable_params(model)
+    assert model.weight.dtype == torch.float32 and model.bias.dtype == torch.bfloat16
+
+
+def test_tf32_switch():
+    before = tf32_enabled()
+    try:
+        set_tf32(True)
+        assert tf32_enabled()
+        set_tf32(False)
+        assert not tf32_enabled()
+    finally:
+        set_tf32(before)
+
+
+def test_gradient_checkpointing():
+    from ddpo_rl.models.tiny import tiny_unet
+
+    unet = enable_gradient_checkpointing(tiny_unet())
+    assert unet.is_gradient_checkpointing
+    with pytest.raises(TypeError):
+        enable_gradient_checkpointing(nn.Linear(2, 2))
