@@ -80,7 +80,7 @@ class DDPOConfig:
     # --- prompts and reward -----------------------------------------------------------------
     prompts: str = "digits:0-4"
     """Training prompts: "digits:A-B" (digits A..B), a prompt-set name (simple_animals, imagenet_animals,
-    nouns_activities) or a text file with one prompt per line."""
+    animal_activities) or a text file with one prompt per line."""
     eval_prompts: str = "digits:5-9"
     """Held-out prompts for evaluation (generalisation), same forms as `prompts`."""
     reward: str = "jpeg_compressibility"
@@ -236,8 +236,8 @@ PRESETS.update(
                                      output_dir="outputs/sd15-compressibility"),
         "sd15-incompressibility": dict(_SD15, reward="jpeg_incompressibility", reward_kwargs={"resize": 512},
                                        output_dir="outputs/sd15-incompressibility"),
-        "sd15-alignment": dict(_SD15, reward="vlm_alignment", prompts="nouns_activities",
-                               eval_prompts="nouns_activities", output_dir="outputs/sd15-alignment"),
+        "sd15-alignment": dict(_SD15, reward="vlm_alignment", prompts="animal_activities",
+                               eval_prompts="animal_activities", output_dir="outputs/sd15-alignment"),
     }
 )
 

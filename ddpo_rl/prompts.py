@@ -66,7 +66,7 @@ def resolve_prompts(spec: str) -> PromptSource:
 
     - ``"digits:A-B"``: "a handwritten digit N" for N in A..B (the embedded digits model);
     - a prompt-set name shipped with ddpo_rl (``simple_animals``, ``imagenet_animals``,
-      ``nouns_activities``; see :mod:`ddpo_rl.prompt_sets`);
+      ``animal_activities``; see :mod:`ddpo_rl.prompt_sets`);
     - a path to a text file, one prompt per line.
     """
     if spec.startswith("digits:"):
