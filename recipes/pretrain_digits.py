@@ -4,7 +4,7 @@ A few CPU minutes on 2 cores. The result is what ``load_or_train_digits_model()`
 
     python recipes/pretrain_digits.py                        # -> ~/.cache/ddpo_rl/digits-v1
     DDPO_RL_CACHE=/data/cache python recipes/pretrain_digits.py
-    python recipes/pretrain_digits.py --out ddpo_rl/assets/digits-v1 --grid samples.png
+    python recipes/pretrain_digits.py --out ddpo_rl/assets/digits-v1 --half --grid samples.png
 
 It also writes a PNG grid of samples (one row per digit; DDIM, classifier-free guidance) so the
 result can be checked by eye.
@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-tokenizer", action="store_true", help="also save the 3.6 MB tokenizer files")
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     p.add_argument("--grid", type=Path, default=None, help="sample grid PNG (default: <out>/samples.png)")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--per-digit", type=int, default=10, help="samples per digit in the grid")
@@ -91,10 +92,12 @@ def main(argv=None) -> None:
         callback=None if sys.stderr.isatty() else _log_line,
         log_every=50,
     )
-    save_digits_model(model, out, save_tokenizer=args.save_tokenizer)
+    save_digits_model(
+        model, out, save_tokenizer=args.save_tokenizer, dtype=torch.float16 if args.half else None
+    )
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print(
-        f"trained {args.steps} steps in {result.seconds:.1f} s; loss first 50 "
+        f"trained {args.steps} steps in {result.seconds:.1f} s ({result.cpu_seconds:.1f} CPU s); loss first 50 "
         f"{result.losses[:50].mean():.4f}, last 50 {result.losses[-50:].mean():.4f}; "
         f"saved to {out} ({size / 1e6:.2f} MB)"
     )

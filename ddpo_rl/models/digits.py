@@ -234,6 +234,9 @@ class TrainResult:
     losses: torch.Tensor
     """Per-step training loss (of the raw, non-EMA UNet), float [steps]."""
     seconds: float
+    """Wall-clock time of the loop."""
+    cpu_seconds: float = float("nan")
+    """CPU time of the process during the loop (all threads; a fairer figure on a shared machine)."""
 
 
 def train_digits_model(
@@ -304,7 +307,7 @@ def train_digits_model(
 
     losses = torch.zeros(steps, device=device)
     bar = _progress_bar(progress)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with bar:
         task = bar.add_task("pretraining digits model", total=steps, loss=float("nan"))
         for step in range(steps):
@@ -339,7 +342,9 @@ def train_digits_model(
                 p.copy_(e)
     unet.eval()
     model.source = "trained"
-    return model, TrainResult(losses=losses.cpu(), seconds=time.perf_counter() - start)
+    return model, TrainResult(
+        losses=losses.cpu(), seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start
+    )
 
 
 class _NullProgress:
@@ -441,14 +446,26 @@ def is_digits_model_dir(path: str | os.PathLike) -> bool:
     return all((p / f).exists() for f in (MODEL_INDEX, "unet", "text_encoder", "scheduler"))
 
 
-def save_digits_model(model: DigitsModel, path: str | os.PathLike, *, save_tokenizer: bool = False) -> Path:
+def save_digits_model(
+    model: DigitsModel,
+    path: str | os.PathLike,
+    *,
+    save_tokenizer: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Save ``model`` in the diffusers directory layout (see the module docstring).
 
     Each component goes through its own ``save_pretrained`` (safetensors). The tokenizer is
-    left out unless ``save_tokenizer`` (it is rebuilt offline at load time). Files are written
-    to a temporary sibling directory and moved into place, so an interrupted save never leaves
-    a half-written model that would later be loaded.
+    left out unless ``save_tokenizer`` (it is rebuilt offline at load time). ``dtype`` (e.g.
+    ``torch.float16``) stores the weights in that precision, halving the files; the in-memory
+    model is not changed, and :func:`load_digits_model` casts back to float32. Files are
+    written to a temporary sibling directory and moved into place, so an interrupted save
+    never leaves a half-written model that would later be loaded.
     """
+    unet, text_encoder = model.unet, model.text_encoder
+    if dtype is not None:
+        unet = copy.deepcopy(unet).to(dtype)
+        text_encoder = copy.deepcopy(text_encoder).to(dtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -456,8 +473,8 @@ def save_digits_model(model: DigitsModel, path: str | os.PathLike, *, save_token
         import shutil
 
         shutil.rmtree(tmp)
-    model.unet.save_pretrained(tmp / "unet")
-    model.text_encoder.save_pretrained(tmp / "text_encoder")
+    unet.save_pretrained(tmp / "unet")
+    text_encoder.save_pretrained(tmp / "text_encoder")
     model.scheduler.save_pretrained(tmp / "scheduler")
     components = {
         "unet": ["diffusers", type(model.unet).__name__],
