@@ -1,0 +1,617 @@
+"""The embedded digits model: a tiny text-conditioned pixel-space diffusion model.
+
+It is built from Stable Diffusion's component classes (``UNet2DConditionModel``,
+``CLIPTextModel``, the CLIP tokenizer, ``DDIMScheduler``), is pretrained by the project on
+scikit-learn's bundled 8x8 handwritten digits (``sklearn.datasets.load_digits``), and is
+saved and loaded in the diffusers directory layout, so the main DDPO job has a real
+text-to-image model to fine-tune on a CPU with no model hub.
+
+Design choices:
+
+* **Pixel space**, one channel, 8x8, values in [-1, 1] (the digits' native size; there is no
+  VAE: :meth:`DigitsModel.decode` only rescales to [0, 1] and repeats the channel to RGB).
+* **Prompts** ``"a handwritten digit N"`` (N = 0..9). The empty prompt ``""`` is the
+  unconditional embedding for classifier-free guidance; pretraining drops the prompt to ``""``
+  for ~10% of the samples.
+* **Text encoder**: a small ``CLIPTextModel`` (hidden size 16, 2 layers) with the real CLIP
+  vocabulary, *randomly initialised and frozen*, like SD's frozen CLIP encoder. Its causal
+  attention makes every token after the digit depend on the digit, so the ten prompts get
+  clearly distinct embeddings; the UNet learns to read them through cross-attention. Keeping it
+  frozen lets pretraining encode the 11 prompts once, and the hidden size 16 keeps the
+  checkpoint small (the 49408-row token embedding dominates its size).
+* **Scheduler**: ``DDIMScheduler`` with DDPM's linear betas (1e-4 .. 0.02, the usual choice for
+  pixel-space models, reaching alpha_bar_T ~ 4e-5 so sampling can start from pure noise), and
+  otherwise SD's settings: ``set_alpha_to_one=False`` (the last DDIM step keeps a small non-zero
+  std, so its log-probability is finite), ``steps_offset=1``, epsilon prediction and
+  ``clip_sample=False``. Clipping x0 would make ``scheduler.step`` differ from the plain DDIM
+  Gaussian that DDPO's log-probabilities are computed from; samples are clamped to [-1, 1] only
+  when decoded to images.
+* **Tokenizer**: not saved by default (it adds 3.6 MB); it is rebuilt offline with
+  :func:`ddpo_rl.models.tokenizer.build_clip_tokenizer`. A ``tokenizer/`` subfolder, when
+  present, is loaded with ``CLIPTokenizer.from_pretrained``.
+
+Directory layout (written by :func:`save_digits_model`)::
+
+    digits-v1/
+      model_index.json       components and their classes, plus the metadata of DigitsModel
+      unet/                  UNet2DConditionModel.save_pretrained
+      text_encoder/          CLIPTextModel.save_pretrained
+      scheduler/             DDIMScheduler.save_pretrained
+      tokenizer/             optional, CLIPTokenizer.save_pretrained
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+MODEL_NAME = "digits-v1"
+"""Name of the cache subdirectory; bump it when the architecture or the data change."""
+PROMPT_TEMPLATE = "a handwritten digit {}"
+UNCONDITIONAL_PROMPT = ""
+CACHE_ENV_VAR = "DDPO_RL_CACHE"
+"""Root cache directory of ddpo_rl (default ``~/.cache/ddpo_rl``)."""
+MODEL_INDEX = "model_index.json"
+
+_PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / MODEL_NAME
+
+
+@dataclass
+class DigitsConfig:
+    """Architecture of the digits model (sizes, not training hyper-parameters)."""
+
+    sample_size: int = 8
+    channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    text_hidden_size: int = 16
+    text_layers: int = 2
+    text_heads: int = 2
+    max_length: int = 77
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class DigitsModel:
+    """The components of the digits model and what a pipeline needs to know about it.
+
+    Attributes:
+        unet: ``UNet2DConditionModel`` predicting epsilon for [B, channels, 8, 8] samples.
+        text_encoder: frozen ``CLIPTextModel``; ``last_hidden_state`` is the UNet's context.
+        tokenizer: the 49408-token ``CLIPTokenizer`` (padded to ``max_length`` 77).
+        scheduler: ``DDIMScheduler`` (see the module docstring for its settings).
+        sample_size: image side in pixels (8).
+        channels: image channels (1, grayscale; :meth:`decode` makes RGB).
+        prompt_template: ``"a handwritten digit {}"``, formatted with the digit.
+        unconditional_prompt: ``""``, the CFG negative/unconditional prompt.
+        source: where the model came from ("trained", or the directory it was loaded from).
+    """
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    sample_size: int = 8
+    channels: int = 1
+    prompt_template: str = PROMPT_TEMPLATE
+    unconditional_prompt: str = UNCONDITIONAL_PROMPT
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The ten training prompts, digit 0 to 9."""
+        return [self.prompt_template.format(d) for d in range(10)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "DigitsModel":
+        self.unet.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder embeddings of ``prompts``: [B, 77, hidden] on the model's device."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids).last_hidden_state
+
+    @staticmethod
+    def decode(samples: torch.Tensor) -> torch.Tensor:
+        """Samples in [-1, 1], [B, 1, H, W] -> RGB images in [0, 1], [B, 3, H, W] (the reward input)."""
+        images = (samples.float() / 2 + 0.5).clamp(0, 1)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return images
+
+    def metadata(self) -> dict:
+        return {
+            "sample_size": self.sample_size,
+            "channels": self.channels,
+            "prompt_template": self.prompt_template,
+            "unconditional_prompt": self.unconditional_prompt,
+            "value_range": [-1.0, 1.0],
+            "space": "pixel",
+            **self.extra,
+        }
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_digits_model(config: DigitsConfig | None = None, seed: int = 0) -> DigitsModel:
+    """A randomly initialised digits model (untrained UNet, frozen random text encoder)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+    cfg = config or DigitsConfig()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=cfg.text_hidden_size,
+            intermediate_size=2 * cfg.text_hidden_size,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_length,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
+    text_encoder.requires_grad_(False)
+    n = len(cfg.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cfg.text_hidden_size,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(32, cfg.block_out_channels[0]),
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return DigitsModel(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(model_max_length=cfg.max_length),
+        scheduler=scheduler,
+        sample_size=cfg.sample_size,
+        channels=cfg.channels,
+    )
+
+
+def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 digits as ``(images [N, 1, 8, 8] in [-1, 1], labels int64 [N])``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    return images, torch.as_tensor(data.target, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_digits_model` returns besides the model."""
+
+    losses: torch.Tensor
+    """Per-step training loss (of the raw, non-EMA UNet), float [steps]."""
+    seconds: float
+    """Wall-clock time of the loop."""
+    cpu_seconds: float = float("nan")
+    """CPU time of the process during the loop (all threads; a fairer figure on a shared machine)."""
+
+
+def train_digits_model(
+    model: DigitsModel | None = None,
+    *,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 50,
+    prompt_dropout: float = 0.1,
+    ema_decay: float | None = 0.995,
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 25,
+    callback: Callable[[int, float], None] | None = None,
+) -> tuple[DigitsModel, TrainResult]:
+    """Pretrain the digits model's UNet on sklearn's digits (epsilon prediction, MSE).
+
+    The text encoder stays frozen: the 11 prompt embeddings (10 digits and ``""``) are computed
+    once. Each step draws ``batch_size`` images with replacement, replaces the prompt by ``""``
+    with probability ``prompt_dropout`` (for classifier-free guidance), and regresses the noise
+    at a uniform random timestep. AdamW with linear warm-up and cosine decay; with
+    ``ema_decay`` the returned UNet holds an exponential moving average of the weights.
+
+    Args:
+        model: the model to train; a fresh :func:`build_digits_model` (seeded) when None.
+        steps: optimisation steps (1500 at batch 128: about 3 minutes on 2 CPU cores).
+        progress: show a rich progress bar with the running loss.
+        log_every: steps between loss read-outs (the only host syncs of the loop).
+        callback: called as ``callback(step, mean_loss)`` at each read-out.
+
+    Returns:
+        ``(model, TrainResult)``; the model's UNet is left in eval mode.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if model is None:
+        model = build_digits_model(seed=seed)
+    device = model.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    images, labels = load_digits_dataset()
+    images, labels = images.to(device), labels.to(device)
+    prompts = model.prompts + [model.unconditional_prompt]
+    table = model.encode_prompts(prompts)  # [11, L, D]; index 10 is the unconditional prompt
+    uncond_index = len(prompts) - 1
+
+    sched = model.scheduler
+    alphas_cumprod = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    num_t = sched.config.num_train_timesteps
+
+    unet = model.unet
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    ema = None
+    if ema_decay is not None:
+        ema = [p.detach().clone() for p in params]
+
+    losses = torch.zeros(steps, device=device)
+    bar = _progress_bar(progress)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with bar:
+        task = bar.add_task("pretraining digits model", total=steps, loss=float("nan"))
+        for step in range(steps):
+            idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
+            x0, y = images[idx], labels[idx]
+            drop = torch.rand(batch_size, generator=gen).to(device) < prompt_dropout
+            cond = table[torch.where(drop, torch.full_like(y, uncond_index), y)]
+            t = torch.randint(num_t, (batch_size,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            pred = unet(xt, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            lr_sched.step()
+            if ema is not None:
+                # warm-up of the EMA (as in common EMA implementations) so short runs are not stale
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+            losses[step] = loss.detach()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                mean_loss = losses[max(0, step + 1 - log_every) : step + 1].mean().item()
+                bar.update(task, completed=step + 1, loss=mean_loss)
+                if callback is not None:
+                    callback(step + 1, mean_loss)
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    unet.eval()
+    model.source = "trained"
+    return model, TrainResult(
+        losses=losses.cpu(), seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start
+    )
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return _NullProgress()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_digits(
+    model: DigitsModel,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Plain DDIM sampling with classifier-free guidance (a reference sampler for checks).
+
+    Returns samples in [-1, 1] (unclamped), [B, channels, sample_size, sample_size]; pass them
+    to :meth:`DigitsModel.decode` for RGB images in [0, 1]. The DDPO policy has its own sampler.
+    """
+    device = model.device
+    sched = copy.deepcopy(model.scheduler)
+    sched.set_timesteps(num_inference_steps, device=device)
+    b = len(prompts)
+    cond = model.encode_prompts(prompts)
+    use_cfg = guidance_scale != 1.0
+    if use_cfg:
+        uncond = model.encode_prompts([model.unconditional_prompt]).expand(b, -1, -1)
+        context = torch.cat([uncond, cond])
+    else:
+        context = cond
+    shape = (b, model.channels, model.sample_size, model.sample_size)
+    x = torch.randn(shape, generator=generator, device="cpu").to(device)
+    for t in sched.timesteps:
+        inp = torch.cat([x, x]) if use_cfg else x
+        eps = model.unet(inp, t, encoder_hidden_states=context).sample
+        if use_cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        noise = torch.randn(shape, generator=generator, device="cpu").to(device) if eta > 0 else None
+        x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    return x
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def default_cache_dir() -> Path:
+    """``$DDPO_RL_CACHE/digits-v1``, or ``~/.cache/ddpo_rl/digits-v1`` when the variable is unset."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    base = Path(root).expanduser() if root else Path("~/.cache/ddpo_rl").expanduser()
+    return base / MODEL_NAME
+
+
+def packaged_model_dir() -> Path | None:
+    """The checkpoint committed inside the package (``ddpo_rl/assets/digits-v1``), if any."""
+    return _PACKAGED_DIR if is_digits_model_dir(_PACKAGED_DIR) else None
+
+
+def is_digits_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete saved digits model."""
+    p = Path(path)
+    return all((p / f).exists() for f in (MODEL_INDEX, "unet", "text_encoder", "scheduler"))
+
+
+def save_digits_model(
+    model: DigitsModel,
+    path: str | os.PathLike,
+    *,
+    save_tokenizer: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save ``model`` in the diffusers directory layout (see the module docstring).
+
+    Each component goes through its own ``save_pretrained`` (safetensors). The tokenizer is
+    left out unless ``save_tokenizer`` (it is rebuilt offline at load time). ``dtype`` (e.g.
+    ``torch.float16``) stores the weights in that precision, halving the files; the in-memory
+    model is not changed, and :func:`load_digits_model` casts back to float32. Files are
+    written to a temporary sibling directory and moved into place, so an interrupted save
+    never leaves a half-written model that would later be loaded.
+    """
+    unet, text_encoder = model.unet, model.text_encoder
+    if dtype is not None:
+        unet = copy.deepcopy(unet).to(dtype)
+        text_encoder = copy.deepcopy(text_encoder).to(dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    unet.save_pretrained(tmp / "unet")
+    text_encoder.save_pretrained(tmp / "text_encoder")
+    model.scheduler.save_pretrained(tmp / "scheduler")
+    components = {
+        "unet": ["diffusers", type(model.unet).__name__],
+        "text_encoder": ["transformers", type(model.text_encoder).__name__],
+        "scheduler": ["diffusers", type(model.scheduler).__name__],
+    }
+    if save_tokenizer:
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
+    else:
+        components["tokenizer"] = ["ddpo_rl", "build_clip_tokenizer"]
+    from ddpo_rl import __version__
+
+    index = {
+        "_class_name": "DDPODigitsModel",
+        "_ddpo_rl_version": __version__,
+        "name": MODEL_NAME,
+        **components,
+        "metadata": model.metadata(),
+    }
+    (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_digits_model(
+    path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> DigitsModel:
+    """Load a saved digits model with each component's ``from_pretrained``.
+
+    Args:
+        path: directory written by :func:`save_digits_model`.
+        device, dtype: where to put the UNet and the text encoder (default CPU, float32).
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    if not is_digits_model_dir(path):
+        raise FileNotFoundError(
+            f"{path} is not a saved digits model (expected {MODEL_INDEX}, unet/, text_encoder/, scheduler/)"
+        )
+    index = json.loads((path / MODEL_INDEX).read_text())
+    meta = dict(index.get("metadata", {}))
+    dtype = dtype or torch.float32
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    if (path / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    else:
+        from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
+    unet.eval()
+    text_encoder.eval().requires_grad_(False)
+    model = DigitsModel(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        sample_size=int(meta.pop("sample_size", unet.config.sample_size)),
+        channels=int(meta.pop("channels", unet.config.in_channels)),
+        prompt_template=meta.pop("prompt_template", PROMPT_TEMPLATE),
+        unconditional_prompt=meta.pop("unconditional_prompt", UNCONDITIONAL_PROMPT),
+        source=str(path),
+        extra={k: v for k, v in meta.items() if k not in ("value_range", "space")},
+    )
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_or_train_digits_model(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    device: torch.device | str | None = None,
+    use_packaged: bool = True,
+    train_if_missing: bool = True,
+    progress: bool = True,
+    save_tokenizer: bool = False,
+    **train_kwargs,
+) -> DigitsModel:
+    """The pretrained digits model: loaded if saved, else trained (a few CPU minutes) and saved.
+
+    Lookup order:
+
+    1. ``cache_dir`` (default :func:`default_cache_dir`: ``$DDPO_RL_CACHE/digits-v1`` or
+       ``~/.cache/ddpo_rl/digits-v1``);
+    2. the checkpoint committed in the package (``ddpo_rl/assets/digits-v1``), if
+       ``use_packaged`` and it exists;
+    3. otherwise train with :func:`train_digits_model` (``train_kwargs`` passed on), save the
+       result to ``cache_dir`` and return it. A message says so before training starts.
+
+    Raises:
+        FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if is_digits_model_dir(cache):
+        return load_digits_model(cache, device=device)
+    packaged = packaged_model_dir() if use_packaged else None
+    if packaged is not None:
+        return load_digits_model(packaged, device=device)
+    if not train_if_missing:
+        raise FileNotFoundError(
+            f"no digits model in {cache}" + (" nor in the package" if use_packaged else "")
+            + "; run recipes/pretrain_digits.py or pass train_if_missing=True"
+        )
+    _say(
+        f"ddpo_rl: no pretrained digits model found in {cache}; training one now "
+        f"(a few CPU minutes, once). It will be saved there.",
+        progress,
+    )
+    model = build_digits_model(seed=train_kwargs.get("seed", 0))
+    if device is not None:
+        model.to(device)
+    model, result = train_digits_model(model, progress=progress, **train_kwargs)
+    save_digits_model(model, cache, save_tokenizer=save_tokenizer)
+    _say(
+        f"ddpo_rl: digits model trained in {result.seconds:.0f} s "
+        f"(final loss {result.losses[-50:].mean():.4f}), saved to {cache}",
+        progress,
+    )
+    model.source = "trained"
+    return model
+
+
+def _say(message: str, rich_console: bool) -> None:
+    if rich_console:
+        from rich.console import Console
+
+        Console(stderr=True).print(message)
+    else:
+        import sys
+
+        print(message, file=sys.stderr)
