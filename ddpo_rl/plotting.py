@@ -47,11 +47,14 @@ def save_image_grid(
     n = images.shape[0]
     nrow = math.ceil(n / ncol)
     font = _font(11)
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = 0 if not row_labels else 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in row_labels)
     under = 14 if cell_labels else 0
     top = 18 if title else 0
     pad = 2
     W = label_w + ncol * (cell + pad) + pad
+    if title:
+        W = max(W, int(draw_probe.textlength(title, font=_font(12))) + 8)
     H = top + nrow * (cell + under + pad) + pad
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
@@ -94,11 +97,11 @@ def save_curve_png(
     xlabel: str = "epoch",
     ylabel: str = "reward",
     bands: Mapping[str, Sequence[float]] | None = None,
-    size: tuple[int, int] = (720, 420),
+    size: tuple[int, int] = (900, 420),
 ) -> str:
     """Line plot of named (xs, ys) series, with optional +-std bands (same xs), to a PNG."""
     W, H = size
-    left, right, top, bottom = 70, 20, 34, 50
+    left, right, top, bottom = 70, 200, 34, 50  # the legend sits right of the axes
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font(12)
@@ -146,8 +149,9 @@ def save_curve_png(
             draw.line(line, fill=color, width=2)
         for p in line if len(line) < 40 else []:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-        draw.line([(left + 10, top + 8 + 16 * k + 6), (left + 30, top + 8 + 16 * k + 6)], fill=color, width=3)
-        draw.text((left + 35, top + 8 + 16 * k), name, fill="black", font=font)
+        lx = W - right + 12
+        draw.line([(lx, top + 8 + 16 * k + 6), (lx + 20, top + 8 + 16 * k + 6)], fill=color, width=3)
+        draw.text((lx + 25, top + 8 + 16 * k), name, fill="black", font=font)
     draw.text((left, 8), title, fill="black", font=_font(14))
     draw.text(((W - left) // 2 + left - 20, H - 22), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)

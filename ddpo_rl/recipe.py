@@ -452,3 +452,33 @@ def run(cfg: DDPOConfig) -> dict:
         return recipe.train()
     finally:
         recipe.cleanup()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: reported on one line, without a traceback."""
+    from ddpo_rl.config import ConfigError
+    from ddpo_rl.rewards.transform import RewardError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, RewardError]
+    try:
+        from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
+
+        errors.append(PretrainedWeightsNotFoundError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv=None, algorithm: str = "ddpo_is") -> dict:
+    """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line."""
+    import sys
+
+    from ddpo_rl.config import parse_cli
+
+    try:
+        return run(parse_cli(argv, algorithm=algorithm))
+    except (*user_errors(), ValueError) as err:  # ValueError: a bad value met while building components
+        if os.environ.get("DDPO_RL_DEBUG"):
+            raise
+        print(f"error: {err}  (set DDPO_RL_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

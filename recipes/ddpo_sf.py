@@ -9,12 +9,11 @@ ddpo_rl.recipe.DDPORecipe; this script only picks the algorithm.
 """
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
-from ddpo_rl.config import parse_cli
-from ddpo_rl.recipe import run
+from ddpo_rl.recipe import main as recipe_main
 
 
 def main(argv=None):
-    return run(parse_cli(argv, algorithm="ddpo_sf"))
+    return recipe_main(argv, algorithm="ddpo_sf")
 
 
 if __name__ == "__main__":
