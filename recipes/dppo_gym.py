@@ -9,13 +9,16 @@ Stages (see docs/dppo_gym.md for measured figures):
 2. behaviour cloning: the denoising loss (ddpo_rl/policies/bc.py) on the normalised actions;
 3. RL fine-tuning, ``epochs`` times: collect ``num_envs x rollout_steps`` env steps with the
    :class:`DenoisingChainActor` (K denoising steps per env step, chain and log-probs recorded),
-   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/policies/ppo.py); after the last epoch one
-   more rollout measures the fine-tuned policy.
+   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/policies/ppo.py). The policy is evaluated
+   on a separate env reseeded each time (same initial states): before fine-tuning, every
+   ``eval_every`` epochs, and after the last epoch.
 
 Outputs in ``output_dir``: config.json, metrics.jsonl (one object per epoch: epoch,
 episode_return_mean (of the rollout collected at the start of that epoch, i.e. before its
-update), loss, clip_fraction, kl_approx, seconds, ...; then a final ``"epoch": epochs`` record
-with the evaluation of the fine-tuned policy), summary.json (return before/after), returns.png,
+update), loss, clip_fraction, kl_approx, seconds, ...; every ``eval_every`` epochs also
+eval_return_mean, the return on a reseeded eval env (same initial states each time); then a final
+``"epoch": epochs`` record with the evaluation of the fine-tuned policy), summary.json (evaluation
+return before/after fine-tuning), returns.png,
 bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer).
 """
 
@@ -106,7 +109,7 @@ class DPPOGymConfig:
     """"step": DPPO's per-denoising-step ratios; "chain": one ratio per env step (whole chain)."""
     chain_reduction: str = "sum"
     """Reduction of the K step log-probs into the chain log-prob ("sum" = joint density, or "mean")."""
-    clip_epsilon: float = 0.01
+    clip_epsilon: float = 0.2
     """PPO clip range: of per-step ratios ("step"), or of chain ratios ("chain": use ~K times less)."""
     gamma: float = 0.99
     """Discount of the env MDP."""
@@ -128,6 +131,13 @@ class DPPOGymConfig:
     """First epochs that train only the critic (the fresh critic's advantages would hurt the BC policy)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping."""
+    eval_episodes: int = 16
+    """Episodes of each evaluation (one per env copy of a separate eval env)."""
+    eval_seed: int = 12345
+    """The eval env is reseeded with this before every evaluation: same initial states each time,
+    so before/after returns differ by the policy, not by the draw of initial states."""
+    eval_every: int = 5
+    """Evaluate every this many epochs (and always before the first and after the last)."""
     progress: bool = True
     """Show a rich progress bar."""
 
@@ -164,6 +174,15 @@ def build_policy(cfg: DPPOGymConfig, env):
 def rollout(env, actor, steps: int):
     with set_exploration_type(ExplorationType.RANDOM):
         return env.rollout(steps, actor, break_when_any_done=False)
+
+
+def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
+    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env."""
+    env.set_seed(seed)
+    returns = completed_episode_returns(rollout(env, actor, steps))
+    if returns.numel() == 0:
+        return float("nan"), 0.0
+    return returns.mean().item(), (returns.std().item() if returns.numel() > 1 else 0.0)
 
 
 def run(cfg: DPPOGymConfig) -> dict:
@@ -206,19 +225,21 @@ def run(cfg: DPPOGymConfig) -> dict:
         TimeElapsedColumn(),
         disable=not cfg.progress,
     )
+    eval_env = make_control_env(cfg.env, cfg.eval_episodes, seed=cfg.eval_seed)
     with progress:
         task = progress.add_task("dppo", total=cfg.epochs, env=cfg.env, ret="-")
         for epoch in range(cfg.epochs + 1):
             t_epoch = time.perf_counter()
-            data = rollout(env, actor, cfg.rollout_steps)
-            returns = completed_episode_returns(data)
-            record = {
-                "epoch": epoch,
-                "episode_return_mean": returns.mean().item() if returns.numel() else float("nan"),
-                "episode_return_std": returns.std().item() if returns.numel() > 1 else 0.0,
-                "episodes": returns.numel(),
-            }
-            if epoch < cfg.epochs:  # the last rollout only evaluates the fine-tuned policy
+            record: dict = {"epoch": epoch}
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                record["eval_return_mean"], record["eval_return_std"] = evaluate(
+                    eval_env, actor, cfg.rollout_steps, cfg.eval_seed
+                )
+            if epoch < cfg.epochs:  # the last record only evaluates the fine-tuned policy
+                data = rollout(env, actor, cfg.rollout_steps)
+                returns = completed_episode_returns(data)
+                record["episode_return_mean"] = returns.mean().item() if returns.numel() else float("nan")
+                record["episodes"] = returns.numel()
                 with torch.no_grad():
                     data.get(("next", "reward")).mul_(cfg.reward_scale)
                     gae(data)
@@ -235,6 +256,8 @@ def run(cfg: DPPOGymConfig) -> dict:
                         generator=gen,
                     )
                 )
+            else:
+                record["episode_return_mean"] = record["eval_return_mean"]
             record["seconds"] = time.perf_counter() - t_epoch
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
@@ -242,11 +265,14 @@ def run(cfg: DPPOGymConfig) -> dict:
             progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
     metrics_file.close()
 
-    epochs_x = [r["epoch"] for r in history]
+    evals = [r for r in history if "eval_return_mean" in r]
     save_line_plot(
         out / "returns.png",
-        {"DPPO (mean episode return)": (epochs_x, [r["episode_return_mean"] for r in history]),
-         "scripted expert": ([0, cfg.epochs], [float(expert_return)] * 2)},
+        {
+            "training rollouts": ([r["epoch"] for r in history[:-1]], [r["episode_return_mean"] for r in history[:-1]]),
+            "evaluation (fixed initial states)": ([r["epoch"] for r in evals], [r["eval_return_mean"] for r in evals]),
+            "scripted expert (demonstrations)": ([0, cfg.epochs], [float(expert_return)] * 2),
+        },
         title=f"DPPO fine-tuning on {cfg.env}",
         xlabel="epoch",
         ylabel="return",
@@ -260,8 +286,9 @@ def run(cfg: DPPOGymConfig) -> dict:
         "expert_return_mean": float(expert_return),
         "bc_final_loss": float(bc_losses[-100:].mean()) if bc_losses.numel() else None,
         "bc_seconds": bc_seconds,
-        "return_before": history[0]["episode_return_mean"],
-        "return_after": history[-1]["episode_return_mean"],
+        "return_before": evals[0]["eval_return_mean"],
+        "return_after": evals[-1]["eval_return_mean"],
+        "eval_curve": [(r["epoch"], r["eval_return_mean"]) for r in evals],
         "rl_seconds": sum(r["seconds"] for r in history),
         "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
     }
