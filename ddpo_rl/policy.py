@@ -61,6 +61,10 @@ class DDIMGaussianHead(nn.Module):
         negative_prompt_embeds: the unconditional embedding (the empty prompt's), [1, L, D] or
             [B, L, D]; needed when guidance_scale != 1. Held as a buffer: it is the same for
             every sample, so trajectories do not store it.
+        min_std: floor on sigma_t (0 = none, the DDPO default). DPPO (Ren et al. 2024) floors the
+            std of every denoising step (0.1 in normalised action units) so that late steps,
+            whose DDIM std is tiny, still explore and keep a well-conditioned log-prob. The
+            mean is unchanged; sampling and the log-prob use the floored std alike.
     """
 
     def __init__(
@@ -71,9 +75,13 @@ class DDIMGaussianHead(nn.Module):
         eta: float = 1.0,
         guidance_scale: float = 1.0,
         negative_prompt_embeds: torch.Tensor | None = None,
+        min_std: float = 0.0,
     ):
         super().__init__()
+        if min_std < 0:
+            raise ValueError(f"min_std={min_std} must be >= 0")
         self.noise_model = noise_model
+        self.min_std = float(min_std)
         self.eta = float(eta)
         self.guidance_scale = float(guidance_scale)
         self.num_inference_steps = int(num_inference_steps)
@@ -127,7 +135,10 @@ class DDIMGaussianHead(nn.Module):
         self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model_output = self.predict(latents, timestep, prompt_embeds)
-        return ddim_step_gaussian(self.coeffs, model_output, timestep, latents, self.eta)
+        mean, std = ddim_step_gaussian(self.coeffs, model_output, timestep, latents, self.eta)
+        if self.min_std > 0:
+            std = std.clamp(min=self.min_std)
+        return mean, std
 
 
 class DiffusionPolicy(ProbabilisticActor):
@@ -148,6 +159,7 @@ class DiffusionPolicy(ProbabilisticActor):
         log_prob_reduction: "mean" over latent dims (the paper's, default) or "sum".
         event_dim: trailing dims of one latent (3 for [C, H, W]; 1 for an action vector).
         in_keys: override the (latents, timestep, condition) keys, e.g. for an observation key.
+        min_std: floor on sigma_t (see :class:`DDIMGaussianHead`; 0 = none).
     """
 
     def __init__(
@@ -162,6 +174,7 @@ class DiffusionPolicy(ProbabilisticActor):
         log_prob_reduction: str = "mean",
         event_dim: int = 3,
         in_keys: Sequence = (KEYS.latents, KEYS.timestep, KEYS.prompt_embeds),
+        min_std: float = 0.0,
     ):
         head = DDIMGaussianHead(
             noise_model,
@@ -170,6 +183,7 @@ class DiffusionPolicy(ProbabilisticActor):
             eta=eta,
             guidance_scale=guidance_scale,
             negative_prompt_embeds=negative_prompt_embeds,
+            min_std=min_std,
         )
         module = TensorDictModule(head, in_keys=list(in_keys), out_keys=[KEYS.loc, KEYS.scale])
         super().__init__(

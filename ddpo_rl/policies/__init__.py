@@ -1,0 +1,44 @@
+"""Generative policies beyond images: diffusion policies over action vectors (DPPO, Ren et al. 2024).
+
+The same machinery as the image case (ddpo_rl.ddim, DDIMGaussian, DiffusionPolicy, torchrl's
+ClipPPOLoss), applied to a control task's two-level MDP: env steps x denoising steps.
+
+- :mod:`~ddpo_rl.policies.mlp`: the noise-prediction MLP eps_theta(x_t, t, s) and a value MLP;
+- :mod:`~ddpo_rl.policies.chain`: the K-step denoising chain as a torchrl actor, its log-prob;
+- :mod:`~ddpo_rl.policies.bc`: behaviour cloning with the denoising loss;
+- :mod:`~ddpo_rl.policies.ppo`: ClipPPOLoss + GAE updates, per-step or per-chain ratios.
+"""
+
+from ddpo_rl.policies.bc import BCConfig, denoising_loss, fit_behaviour_cloning
+from ddpo_rl.policies.chain import (
+    CHAIN_KEYS,
+    ChainKeys,
+    DenoisingChainActor,
+    DenoisingChainDistribution,
+    flatten_chain,
+    make_action_scheduler,
+    make_step_policy,
+)
+from ddpo_rl.policies.mlp import NoisePredictionMLP, ObservationScaler, make_value_mlp, timestep_embedding
+from ddpo_rl.policies.ppo import RATIO_FORMS, make_dppo_loss, ppo_update, training_batch
+
+__all__ = [
+    "BCConfig",
+    "CHAIN_KEYS",
+    "ChainKeys",
+    "DenoisingChainActor",
+    "DenoisingChainDistribution",
+    "NoisePredictionMLP",
+    "ObservationScaler",
+    "RATIO_FORMS",
+    "denoising_loss",
+    "fit_behaviour_cloning",
+    "flatten_chain",
+    "make_action_scheduler",
+    "make_dppo_loss",
+    "make_step_policy",
+    "make_value_mlp",
+    "ppo_update",
+    "timestep_embedding",
+    "training_batch",
+]

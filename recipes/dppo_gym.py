@@ -1,0 +1,314 @@
+"""DPPO on gymnasium control: behaviour-clone a diffusion policy from a scripted expert, then
+fine-tune it with PPO (ClipPPOLoss + value critic + GAE) through the denoising chain.
+
+    python recipes/dppo_gym.py --env Pendulum-v1 --epochs 30 --seed 0 --output-dir outputs/dppo_pendulum
+
+Stages (see docs/dppo_gym.md for measured figures):
+
+1. demonstrations: the scripted expert of envs/gym_control.py, with action noise;
+2. behaviour cloning: the denoising loss (ddpo_rl/policies/bc.py) on the normalised actions;
+3. RL fine-tuning, ``epochs`` times: collect ``num_envs x rollout_steps`` env steps with the
+   :class:`DenoisingChainActor` (K denoising steps per env step, chain and log-probs recorded),
+   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/policies/ppo.py). The policy is evaluated
+   on a separate env reseeded each time (same initial states): before fine-tuning, every
+   ``eval_every`` epochs, and after the last epoch.
+
+Outputs in ``output_dir``: config.json, metrics.jsonl (one object per epoch: epoch,
+episode_return_mean (of the rollout collected at the start of that epoch, i.e. before its
+update), loss, clip_fraction, kl_approx, seconds, ...; every ``eval_every`` epochs also
+eval_return_mean, the return on a reseeded eval env (same initial states each time); then a final
+``"epoch": epochs`` record with the evaluation of the fine-tuned policy), summary.json (evaluation
+return before/after fine-tuning), returns.png,
+bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer).
+"""
+
+from __future__ import annotations
+
+import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import ValueOperator
+from torchrl.objectives.value import GAE
+
+from ddpo_rl.policies import (
+    BCConfig,
+    DenoisingChainActor,
+    NoisePredictionMLP,
+    ObservationScaler,
+    fit_behaviour_cloning,
+    make_action_scheduler,
+    make_dppo_loss,
+    make_step_policy,
+    make_value_mlp,
+    ppo_update,
+    training_batch,
+)
+from ddpo_rl.policies._plot import save_line_plot
+from envs.gym_control import (
+    action_bounds,
+    collect_demonstrations,
+    completed_episode_returns,
+    make_control_env,
+    scripted_expert,
+)
+
+
+@dataclass
+class DPPOGymConfig:
+    """Every setting of a run; written to config.json."""
+
+    env: str = "Pendulum-v1"
+    """Gymnasium id of a continuous-action task (Pendulum-v1 or MountainCarContinuous-v0 have demonstrators)."""
+    seed: int = 0
+    """Seeds torch, the envs and the shuffles."""
+    epochs: int = 30
+    """RL epochs (collect + update)."""
+    output_dir: str = "outputs/dppo_gym"
+    """Where config.json, metrics.jsonl, summary.json, returns.png and checkpoints go."""
+    num_envs: int = 8
+    """Parallel env copies (a gymnasium vector env in lockstep)."""
+    rollout_steps: int = 200
+    """Env steps per copy and epoch (Pendulum's episode is 200; MountainCarContinuous's up to 999)."""
+    # -- the diffusion policy
+    num_train_timesteps: int = 100
+    """Training timesteps of the action DDIMScheduler (cosine betas, clip_sample to [-1, 1])."""
+    denoising_steps: int = 5
+    """K: DDIM steps per env step (the inner MDP's length)."""
+    eta: float = 1.0
+    """DDIM eta (> 0: each step is a Gaussian with a log-prob)."""
+    min_std: float = 0.1
+    """Floor on each denoising step's std, in normalised action units (DPPO uses 0.1)."""
+    hidden_dim: int = 128
+    """Width of the noise MLP."""
+    num_layers: int = 3
+    """Hidden layers of the noise MLP."""
+    # -- demonstrations and behaviour cloning
+    demo_rollouts: int = 4
+    """Expert rollouts of num_envs x rollout_steps steps each."""
+    demo_noise: float = 0.1
+    """Gaussian noise on the expert's action, in half action ranges."""
+    demo_gain: float = 1.0
+    """Gain of the expert (< 1: a weaker expert, for a deliberately imperfect start)."""
+    bc_steps: int = 3000
+    """Behaviour-cloning optimizer steps (0: fine-tune a randomly initialised model)."""
+    bc_batch_size: int = 256
+    """Behaviour-cloning batch size."""
+    bc_lr: float = 1e-3
+    """Behaviour-cloning learning rate."""
+    # -- PPO
+    ratio: str = "step"
+    """"step": DPPO's per-denoising-step ratios; "chain": one ratio per env step (whole chain)."""
+    chain_reduction: str = "sum"
+    """Reduction of the K step log-probs into the chain log-prob ("sum" = joint density, or "mean")."""
+    clip_epsilon: float = 0.2
+    """PPO clip range: of per-step ratios ("step"), or of chain ratios ("chain": use ~K times less)."""
+    gamma: float = 0.99
+    """Discount of the env MDP."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    reward_scale: float = 0.1
+    """Rewards are multiplied by this before GAE (Pendulum's are in [-16.3, 0])."""
+    ppo_passes: int = 8
+    """Shuffled passes over each epoch's batch."""
+    minibatch_size: int = 1000
+    """Samples per gradient step (one-step transitions for "step", env steps for "chain")."""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the noise model during fine-tuning."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the value critic."""
+    critic_coeff: float = 0.5
+    """Weight of the value loss."""
+    critic_warmup_epochs: int = 2
+    """First epochs that train only the critic (the fresh critic's advantages would hurt the BC policy)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping."""
+    eval_episodes: int = 16
+    """Episodes of each evaluation (one per env copy of a separate eval env)."""
+    eval_seed: int = 12345
+    """The eval env is reseeded with this before every evaluation: same initial states each time,
+    so before/after returns differ by the policy, not by the draw of initial states."""
+    eval_every: int = 5
+    """Evaluate every this many epochs (and always before the first and after the last)."""
+    progress: bool = True
+    """Show a rich progress bar."""
+
+    def validate(self) -> None:
+        if self.ratio not in ("step", "chain"):
+            raise ValueError(f"ratio={self.ratio!r}; expected 'step' or 'chain'")
+        for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+def build_policy(cfg: DPPOGymConfig, env):
+    """(chain actor, critic, scheduler) for ``env``'s observation and action sizes."""
+    obs_spec = env.observation_spec["observation"]
+    obs_dim = obs_spec.shape[-1]
+    low, high = action_bounds(env)
+    obs_space = obs_spec.space
+    obs_low, obs_high = obs_space.low, obs_space.high
+    while obs_low.dim() > 1:
+        obs_low, obs_high = obs_low[0], obs_high[0]
+    scaler = ObservationScaler.from_bounds(obs_low, obs_high)
+    noise_model = NoisePredictionMLP(low.numel(), obs_dim, cfg.hidden_dim, cfg.num_layers, observation_scaler=scaler)
+    scheduler = make_action_scheduler(cfg.num_train_timesteps)
+    step_policy = make_step_policy(noise_model, scheduler, cfg.denoising_steps, eta=cfg.eta, min_std=cfg.min_std)
+    actor = DenoisingChainActor(step_policy, scheduler, low, high, chain_reduction=cfg.chain_reduction)
+    critic = ValueOperator(
+        make_value_mlp(obs_dim, observation_scaler=ObservationScaler.from_bounds(obs_low, obs_high)),
+        in_keys=["observation"],
+    )
+    return actor, critic, scheduler
+
+
+@torch.no_grad()
+def rollout(env, actor, steps: int):
+    with set_exploration_type(ExplorationType.RANDOM):
+        return env.rollout(steps, actor, break_when_any_done=False)
+
+
+def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
+    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env."""
+    env.set_seed(seed)
+    returns = completed_episode_returns(rollout(env, actor, steps))
+    if returns.numel() == 0:
+        return float("nan"), 0.0
+    return returns.mean().item(), (returns.std().item() if returns.numel() > 1 else 0.0)
+
+
+def run(cfg: DPPOGymConfig) -> dict:
+    """Run BC then DPPO; returns the summary (also written to summary.json)."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    env = make_control_env(cfg.env, cfg.num_envs, seed=cfg.seed)
+    actor, critic, scheduler = build_policy(cfg, env)
+    noise_model = actor.step_policy.noise_model
+
+    # 1-2. demonstrations and behaviour cloning
+    t0 = time.perf_counter()
+    expert = scripted_expert(cfg.env, gain=cfg.demo_gain, noise_std=cfg.demo_noise)
+    demos = collect_demonstrations(env, expert, cfg.demo_rollouts, cfg.rollout_steps)
+    expert_return = completed_episode_returns(demos).mean()
+    bc_cfg = BCConfig(steps=cfg.bc_steps, batch_size=cfg.bc_batch_size, lr=cfg.bc_lr)
+    bc_losses = fit_behaviour_cloning(
+        noise_model, scheduler, demos["observation"], actor.to_normalized_action(demos["action"]), bc_cfg, gen
+    )
+    torch.save(noise_model.state_dict(), out / "bc.pt")
+    bc_seconds = time.perf_counter() - t0
+
+    # 3. RL fine-tuning
+    loss_module = make_dppo_loss(actor, critic, cfg.ratio, cfg.clip_epsilon, cfg.critic_coeff)
+    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False)
+    optimizer = torch.optim.Adam(
+        [{"params": noise_model.parameters(), "lr": cfg.actor_lr}, {"params": critic.parameters(), "lr": cfg.critic_lr}]
+    )
+    history: list[dict] = []
+    metrics_file = (out / "metrics.jsonl").open("w")
+    progress = Progress(
+        TextColumn("[bold]DPPO {task.fields[env]}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TextColumn("return {task.fields[ret]}"),
+        TimeElapsedColumn(),
+        disable=not cfg.progress,
+    )
+    eval_env = make_control_env(cfg.env, cfg.eval_episodes, seed=cfg.eval_seed)
+    with progress:
+        task = progress.add_task("dppo", total=cfg.epochs, env=cfg.env, ret="-")
+        for epoch in range(cfg.epochs + 1):
+            t_epoch = time.perf_counter()
+            record: dict = {"epoch": epoch}
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                record["eval_return_mean"], record["eval_return_std"] = evaluate(
+                    eval_env, actor, cfg.rollout_steps, cfg.eval_seed
+                )
+            if epoch < cfg.epochs:  # the last record only evaluates the fine-tuned policy
+                data = rollout(env, actor, cfg.rollout_steps)
+                returns = completed_episode_returns(data)
+                record["episode_return_mean"] = returns.mean().item() if returns.numel() else float("nan")
+                record["episodes"] = returns.numel()
+                with torch.no_grad():
+                    data.get(("next", "reward")).mul_(cfg.reward_scale)
+                    gae(data)
+                batch = training_batch(data, actor, cfg.ratio)
+                record.update(
+                    ppo_update(
+                        loss_module,
+                        optimizer,
+                        batch,
+                        cfg.ppo_passes,
+                        cfg.minibatch_size,
+                        cfg.max_grad_norm,
+                        train_actor=epoch >= cfg.critic_warmup_epochs,
+                        generator=gen,
+                    )
+                )
+            else:
+                record["episode_return_mean"] = record["eval_return_mean"]
+            record["seconds"] = time.perf_counter() - t_epoch
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
+    metrics_file.close()
+
+    evals = [r for r in history if "eval_return_mean" in r]
+    save_line_plot(
+        out / "returns.png",
+        {
+            "training rollouts": ([r["epoch"] for r in history[:-1]], [r["episode_return_mean"] for r in history[:-1]]),
+            "evaluation (fixed initial states)": ([r["epoch"] for r in evals], [r["eval_return_mean"] for r in evals]),
+            "scripted expert (demonstrations)": ([0, cfg.epochs], [float(expert_return)] * 2),
+        },
+        title=f"DPPO fine-tuning on {cfg.env}",
+        xlabel="epoch",
+        ylabel="return",
+    )
+    torch.save(
+        {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict()},
+        out / "checkpoint.pt",
+    )
+    summary = {
+        "env": cfg.env,
+        "expert_return_mean": float(expert_return),
+        "bc_final_loss": float(bc_losses[-100:].mean()) if bc_losses.numel() else None,
+        "bc_seconds": bc_seconds,
+        "return_before": evals[0]["eval_return_mean"],
+        "return_after": evals[-1]["eval_return_mean"],
+        "eval_curve": [(r["epoch"], r["eval_return_mean"]) for r in evals],
+        "rl_seconds": sum(r["seconds"] for r in history),
+        "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def parse_args(argv=None) -> DPPOGymConfig:
+    """CLI flags for every config field (``--env``, ``--epochs``, ``--seed``, ``--output-dir``, ...)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(DPPOGymConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default)
+    return DPPOGymConfig(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(json.dumps(run(parse_args()), indent=2))
