@@ -52,7 +52,7 @@ from ddpo_rl.policies import (
     ppo_update,
     training_batch,
 )
-from ddpo_rl.policies._plot import save_line_plot
+from ddpo_rl.plotting import save_curve_png
 from envs.gym_control import (
     action_bounds,
     collect_demonstrations,
@@ -266,8 +266,8 @@ def run(cfg: DPPOGymConfig) -> dict:
     metrics_file.close()
 
     evals = [r for r in history if "eval_return_mean" in r]
-    save_line_plot(
-        out / "returns.png",
+    save_curve_png(
+        str(out / "returns.png"),
         {
             "training rollouts": ([r["epoch"] for r in history[:-1]], [r["episode_return_mean"] for r in history[:-1]]),
             "evaluation (fixed initial states)": ([r["epoch"] for r in evals], [r["eval_return_mean"] for r in evals]),
