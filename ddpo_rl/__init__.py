@@ -11,9 +11,36 @@ The data flow, one module per stage::
 
 from ddpo_rl._compat import patch_torchvision
 
-patch_torchvision()
+patch_torchvision()  # before anything imports torchvision (transformers, diffusers, open_clip)
 
+from ddpo_rl.advantages import PerPromptStatTracker, compute_advantages  # noqa: E402
+from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advantages  # noqa: E402
 from ddpo_rl.keys import KEYS, DDPOKeys  # noqa: E402
+from ddpo_rl.objectives import DDPOSFLoss, RWRLoss, make_ddpo_is_loss, make_loss  # noqa: E402
+from ddpo_rl.policy import DiffusionPolicy  # noqa: E402
+from ddpo_rl.prompts import PromptSource  # noqa: E402
+from ddpo_rl.rewards.transform import RewardTransform  # noqa: E402
+from ddpo_rl.text import PromptEncoder  # noqa: E402
+from ddpo_rl.trainer import DDPOTrainer, TrainConfig  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["KEYS", "DDPOKeys", "__version__"]
+__all__ = [
+    "KEYS",
+    "DDPOKeys",
+    "DDPOSFLoss",
+    "DDPOTrainer",
+    "DiffusionPolicy",
+    "PerPromptStatTracker",
+    "PromptEncoder",
+    "PromptSource",
+    "RWRLoss",
+    "RewardTransform",
+    "TrainConfig",
+    "__version__",
+    "collect_trajectories",
+    "compute_advantages",
+    "make_ddpo_is_loss",
+    "make_loss",
+    "terminal_rewards",
+    "with_advantages",
+]
