@@ -294,7 +294,8 @@ class DDPORecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             env.set_seed(seed)
-            return collect_trajectories(env, self.policy, num_batches=num_batches)
+            with self.trainer.autocast():  # the training samples' precision
+                return collect_trajectories(env, self.policy, num_batches=num_batches)
 
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards of fixed-seed samples on the training and held-out prompts, and a sample grid."""
