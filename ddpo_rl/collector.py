@@ -1,4 +1,9 @@
-"""Collect DDPO trajectories: B chains of T denoising steps, under no_grad and random sampling."""
+"""Collect DDPO trajectories: B chains of T denoising steps, under no_grad and random sampling.
+
+With an asynchronous reward (a RewardTransform whose reward function has ``submit``), each
+rollout only submits its final images; the rewards are awaited once, after the last batch, and
+written at each trajectory's last step, so the reward model runs while later batches sample.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,17 @@ TRAJECTORY_KEYS = (
 )
 
 
+def _async_reward_transforms(env) -> list:
+    """The transforms of ``env`` that queue reward futures (RewardTransform with an async reward)."""
+    from torchrl.envs.transforms import Compose
+
+    transform = getattr(env, "transform", None)
+    if transform is None:
+        return []
+    transforms = list(transform) if isinstance(transform, Compose) else [transform]
+    return [t for t in transforms if getattr(t, "asynchronous", False)]
+
+
 def _num_steps(env) -> int:
     base = getattr(env, "base_env", env)
     return int(base.num_inference_steps)
@@ -39,17 +55,31 @@ def collect_trajectories(env, policy, num_batches: int = 1, extra_keys=()) -> Te
 
     Returns:
         A TensorDict [N, T] holding :data:`TRAJECTORY_KEYS`; the terminal reward of trajectory
-        i is ``td["next", "reward"][i, -1]``.
+        i is ``td["next", "reward"][i, -1]`` (for an asynchronous reward, filled in after the
+        last batch; see the module docstring).
     """
     if num_batches <= 0:
         raise ValueError(f"num_batches={num_batches} must be positive")
     T = _num_steps(env)
     keys = list(TRAJECTORY_KEYS) + list(extra_keys)
     batches = []
-    with set_exploration_type(ExplorationType.RANDOM):
-        for _ in range(num_batches):
-            td = env.rollout(T, policy, auto_reset=True, break_when_any_done=False)
-            batches.append(td.select(*keys, strict=False))
+    async_transforms = _async_reward_transforms(env)
+    for transform in async_transforms:  # futures left by a rollout run outside this function
+        transform.clear_pending()
+    try:
+        with set_exploration_type(ExplorationType.RANDOM):
+            for _ in range(num_batches):
+                td = env.rollout(T, policy, auto_reset=True, break_when_any_done=False)
+                batches.append(td.select(*keys, strict=False))
+        for transform in async_transforms:  # all batches sampled: now wait for their rewards
+            rewards = transform.pop_pending()
+            if len(rewards) != len(batches):
+                raise RuntimeError(f"{len(rewards)} reward batches submitted for {len(batches)} rollouts")
+            for td, r in zip(batches, rewards):
+                td.get(("next", KEYS.reward))[:, -1] = r.to(td.device).unsqueeze(-1)
+    finally:
+        for transform in async_transforms:
+            transform.clear_pending()
     return torch.cat(batches, 0) if len(batches) > 1 else batches[0]
 
 

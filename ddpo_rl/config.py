@@ -87,6 +87,11 @@ class DDPOConfig:
     """Reward function name (see ddpo_rl.rewards.registry)."""
     reward_kwargs: dict = field(default_factory=dict)
     """Keyword arguments of the reward function (e.g. {"resize": 32})."""
+    reward_async: bool = False
+    """Compute rewards in a background thread (ddpo_rl.rewards.alignment.AsyncReward): each batch's
+    images are submitted at its last step and scored while the next batch samples; the collector
+    waits for all rewards after the epoch's last batch. For slow reward models (VLMs). A reward that
+    is already asynchronous (e.g. vlm_alignment with {"asynchronous": true}) is used as is."""
     on_invalid_reward: str = "raise"
     """NaN/inf rewards: "raise" a named error, or "drop" those samples with a warning."""
 
@@ -236,7 +241,7 @@ PRESETS.update(
                                      output_dir="outputs/sd15-compressibility"),
         "sd15-incompressibility": dict(_SD15, reward="jpeg_incompressibility", reward_kwargs={"resize": 512},
                                        output_dir="outputs/sd15-incompressibility"),
-        "sd15-alignment": dict(_SD15, reward="vlm_alignment", prompts="animal_activities",
+        "sd15-alignment": dict(_SD15, reward="vlm_alignment", reward_async=True, prompts="animal_activities",
                                eval_prompts="animal_activities", output_dir="outputs/sd15-alignment"),
     }
 )

@@ -101,6 +101,10 @@ class DDPORecipe:
         self.train_prompts = resolve_prompts(cfg.prompts)
         self.eval_prompts = resolve_prompts(cfg.eval_prompts)
         self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
+        if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
+            from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
+
+            self.reward_fn = AsyncReward(self.reward_fn)
         resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
 
         # 2. device, processes, seeds, precision, output directory
@@ -290,7 +294,8 @@ class DDPORecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             env.set_seed(seed)
-            return collect_trajectories(env, self.policy, num_batches=num_batches)
+            with self.trainer.autocast():  # the training samples' precision
+                return collect_trajectories(env, self.policy, num_batches=num_batches)
 
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards of fixed-seed samples on the training and held-out prompts, and a sample grid."""
@@ -441,6 +446,8 @@ class DDPORecipe:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
+        if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool
+            self.reward_fn.shutdown()
         distributed.destroy()
 
 

@@ -21,6 +21,8 @@ from torch import nn
 
 from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, looks_like_local_path
 from ddpo_rl.rewards._clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_images
+from ddpo_rl.rewards.base import resolve_dtype
+from ddpo_rl.rewards.registry import register_reward
 
 AESTHETIC_MLP_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -182,11 +184,12 @@ class AestheticScorer(nn.Module):
         return torch.cat(scores).to(images.device)
 
 
+@register_reward("aesthetic", "laion_aesthetic")
 def make_aesthetic_reward(
     weights: str | os.PathLike | Mapping[str, torch.Tensor] = AESTHETIC_MLP_URL,
     clip_model: str | nn.Module = DEFAULT_CLIP_MODEL,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     batch_size: int = 32,
     clip_kwargs: dict[str, Any] | None = None,
 ) -> AestheticScorer:
@@ -197,10 +200,16 @@ def make_aesthetic_reward(
             a state dict. Loaded with ``strict=True``.
         clip_model: CLIP hub id / local directory, or a ready CLIP module.
         device: defaults to CUDA when available.
-        dtype: CLIP's dtype (defaults to float16 on CUDA, float32 otherwise).
+        dtype: CLIP's dtype, a torch dtype or its name (``"float16"``, ``"bfloat16"``, ``"float32"``);
+            defaults to float16 on CUDA, float32 otherwise.
         batch_size: images per CLIP forward.
         clip_kwargs: extra ``from_pretrained`` arguments (``revision``, ``local_files_only``...).
+
+    Registered as ``"aesthetic"`` (alias ``"laion_aesthetic"``): from the command line,
+    ``--reward aesthetic --reward-kwargs '{"weights": "/path/sac+logos+ava1-l14-linearMSE.pth",
+    "clip_model": "/path/clip-vit-large-patch14"}'``.
     """
+    dtype = resolve_dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:

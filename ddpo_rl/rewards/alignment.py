@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, looks_like_local_path
 from ddpo_rl.rewards._clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_images
+from ddpo_rl.rewards.base import resolve_dtype
+from ddpo_rl.rewards.registry import register_reward
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
 DEFAULT_BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"
@@ -392,12 +394,13 @@ class AsyncReward:
         self.shutdown()
 
 
+@register_reward("vlm_alignment", "blip_alignment")
 def make_vlm_alignment_reward(
     captioner: str | Captioner = DEFAULT_BLIP_MODEL,
     similarity: str | TextSimilarity = "bertscore",
     similarity_model: str | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     asynchronous: bool = False,
     max_workers: int = 1,
     captioner_kwargs: dict[str, Any] | None = None,
@@ -411,11 +414,14 @@ def make_vlm_alignment_reward(
             embedding cosine), or any :class:`TextSimilarity`.
         similarity_model: hub id / directory of the text encoder (defaults:
             ``microsoft/deberta-xlarge-mnli`` for bertscore, ``all-MiniLM-L6-v2`` for sentence).
-        device, dtype: for the models loaded here.
+        device, dtype: for the models loaded here (dtype: a torch dtype or its name, e.g. ``"float16"``).
         asynchronous: wrap the reward in :class:`AsyncReward` (``.submit()`` returns futures).
         max_workers: threads of the async pool.
         captioner_kwargs, similarity_kwargs: extra arguments of the ``from_pretrained`` loaders.
+
+    Registered as ``"vlm_alignment"`` (alias ``"blip_alignment"``).
     """
+    dtype = resolve_dtype(dtype)
     if isinstance(captioner, (str, os.PathLike)):
         captioner = BlipCaptioner.from_pretrained(
             os.fspath(captioner), device=device, dtype=dtype, **(captioner_kwargs or {})

@@ -32,6 +32,10 @@ _LAZY_MODULES: dict[str, str] = {
     "incompressibility": "ddpo_rl.rewards.jpeg",
     "digit_alignment": "ddpo_rl.rewards.digits",
     "alignment": "ddpo_rl.rewards.digits",
+    "aesthetic": "ddpo_rl.rewards.aesthetic",
+    "laion_aesthetic": "ddpo_rl.rewards.aesthetic",
+    "vlm_alignment": "ddpo_rl.rewards.alignment",
+    "blip_alignment": "ddpo_rl.rewards.alignment",
 }
 
 
@@ -119,9 +123,30 @@ def make_reward(name: str, **kwargs):
 
     Built-in names: ``jpeg_compressibility`` (alias ``compressibility``),
     ``jpeg_incompressibility`` (``incompressibility``), ``digit_alignment`` (``alignment``),
-    plus whatever other modules register. Example: ``make_reward("compressibility", resize=32)``.
+    ``aesthetic`` (``laion_aesthetic``), ``vlm_alignment`` (``blip_alignment``), plus whatever
+    other modules register. Example: ``make_reward("compressibility", resize=32)``.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        ValueError: unknown name (the message lists the valid ones), or ``kwargs`` the factory
+            does not take (the message lists the ones it does).
     """
-    return get_reward_factory(name)(**kwargs)
+    factory = get_reward_factory(name)
+    _check_kwargs(name, factory, kwargs)
+    return factory(**kwargs)
+
+
+def _check_kwargs(name: str, factory: Callable, kwargs: dict) -> None:
+    """Raise ValueError, naming the accepted arguments, if ``factory(**kwargs)`` cannot bind."""
+    import inspect
+
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins, some C extensions: let the call itself decide
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as err:
+        accepted = [p for p, v in sig.parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        raise ValueError(
+            f"reward {name!r}: bad reward_kwargs {sorted(kwargs)} ({err}); it accepts {', '.join(accepted) or 'none'}"
+        ) from None

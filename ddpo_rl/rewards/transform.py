@@ -6,11 +6,20 @@ It is a torchrl ``Transform`` appended to a :class:`envs.denoising.DenoisingEnv`
 nothing on the T-1 intermediate steps (their reward stays 0), so the sampling loop pays for
 the decoder and the reward model once per trajectory. Which step is last is read from the
 env's host-side step counter: no device sync.
+
+Asynchronous rewards: when ``reward_fn`` has a ``submit(images, prompts) -> Future`` method
+(:class:`ddpo_rl.rewards.alignment.AsyncReward`), the last step decodes x_0, submits the images
+and returns at once, leaving the reward 0; the future is queued on the transform. The reward
+model then runs in a background thread while the sampler goes on with the next batch.
+:func:`ddpo_rl.collector.collect_trajectories` waits for the queued futures after its last batch
+(:meth:`RewardTransform.pop_pending`) and writes the rewards at the last step. A rollout run
+outside the collector must do the same, or its rewards stay 0.
 """
 
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
@@ -64,6 +73,8 @@ class RewardTransform(Transform):
 
     Args:
         reward_fn: a :class:`~ddpo_rl.rewards.base.RewardFn` (images [B,3,H,W] in [0,1], prompts -> [B]).
+            If it has a ``submit`` method (an ``AsyncReward``) the rewards are computed in the
+            background and filled in by the collector (see the module docstring).
         decode: latents -> images in [0, 1] (a VAE decoder, or a pixel-space mapping).
         keep_images: also write the decoded images to ``("next", "images")`` (for logging).
         on_invalid: "raise" (default) on NaN/inf rewards, or "drop" those samples with a warning.
@@ -83,6 +94,31 @@ class RewardTransform(Transform):
         self.decode = decode
         self.keep_images = keep_images
         self.on_invalid = on_invalid
+        self._pending: list[tuple[Future, int]] = []
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether rewards are submitted to a background pool rather than computed in the step."""
+        return callable(getattr(self.reward_fn, "submit", None))
+
+    def pop_pending(self) -> list[torch.Tensor]:
+        """Wait for the rewards submitted since the last call: one validated float32 [B] tensor per
+        rollout, in submission order. The queue is empty afterwards, even if a reward raised."""
+        pending, self._pending = self._pending, []
+        rewards = []
+        for future, batch_size in pending:
+            try:
+                value = future.result()
+            except Exception as err:
+                raise RewardError(f"reward function {_name(self.reward_fn)} raised: {err!r}") from err
+            rewards.append(validate_rewards(value, batch_size, self.reward_fn, self.on_invalid))
+        return rewards
+
+    def clear_pending(self) -> None:
+        """Drop queued futures (after a failed rollout), cancelling those not started yet."""
+        pending, self._pending = self._pending, []
+        for future, _ in pending:
+            future.cancel()
 
     def _base_env(self):
         parent = self.parent
@@ -104,6 +140,13 @@ class RewardTransform(Transform):
             return next_tensordict
         latents = next_tensordict[KEYS.latents]
         prompts = env.prompts_of(next_tensordict[KEYS.prompt_id])
+        if self.asynchronous:  # submit and go on; the collector fills the reward in
+            with torch.no_grad():
+                images = self.decode(latents)
+            self._pending.append((self.reward_fn.submit(images, prompts), latents.shape[0]))
+            if self.keep_images:
+                next_tensordict.set(KEYS.images, images)
+            return next_tensordict
         rewards, images = self.score(latents, prompts)
         next_tensordict.set(KEYS.reward, rewards.to(next_tensordict.device).unsqueeze(-1))
         if self.keep_images:

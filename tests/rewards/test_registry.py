@@ -139,3 +139,44 @@ def test_module_colon_factory_syntax():
     assert type(r).__name__ == "JpegIncompressibility" and r.resize == (16, 16)
     with pytest.raises(ValueError, match="cannot import"):
         make_reward("ddpo_rl.rewards.jpeg:Nope")
+
+
+@pytest.mark.parametrize(
+    "name, factory",
+    [
+        ("aesthetic", "make_aesthetic_reward"),
+        ("laion_aesthetic", "make_aesthetic_reward"),
+        ("LAION-aesthetic", "make_aesthetic_reward"),
+        ("vlm_alignment", "make_vlm_alignment_reward"),
+        ("blip_alignment", "make_vlm_alignment_reward"),
+    ],
+)
+def test_stable_diffusion_reward_names(name, factory):
+    from ddpo_rl.rewards.registry import get_reward_factory
+
+    assert get_reward_factory(name).__name__ == factory
+    assert name.lower().replace("-", "_") in available_rewards()
+
+
+def test_presets_reward_kwargs_fit_their_factories():
+    """Every preset's reward exists and takes its reward_kwargs (e.g. the SD jpeg presets' resize=512)."""
+    import inspect
+
+    from ddpo_rl.config import preset_config, PRESETS
+    from ddpo_rl.rewards.registry import get_reward_factory
+
+    for preset in PRESETS:
+        cfg = preset_config(preset)
+        inspect.signature(get_reward_factory(cfg.reward)).bind(**cfg.reward_kwargs)
+    r = make_reward(preset_config("sd15-compressibility").reward, **preset_config("sd15-compressibility").reward_kwargs)
+    assert r.resize == (512, 512)
+    img = torch.rand(1, 3, 512, 512)
+    assert r(img, [""]).item() == pytest.approx(make_reward("jpeg_compressibility")(img, [""]).item())  # 512: no-op
+
+
+def test_wrong_reward_kwargs_name_the_accepted_ones():
+    with pytest.raises(ValueError, match="resize") as e:
+        make_reward("jpeg_compressibility", size=512)
+    assert "size" in str(e.value)
+    with pytest.raises(ValueError, match="weights"):
+        make_reward("aesthetic", weight="/x.pth")  # a typo fails before anything is loaded
