@@ -60,11 +60,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache dir)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frozen-text-encoder", action="store_true", help="keep the text encoder at its random init")
     p.add_argument("--save-tokenizer", action="store_true", help="also save the 3.6 MB tokenizer files")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     p.add_argument("--grid", type=Path, default=None, help="sample grid PNG (default: <out>/samples.png)")
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
         lr=args.lr,
         prompt_dropout=args.prompt_dropout,
         ema_decay=args.ema_decay,
+        train_text_encoder=not args.frozen_text_encoder,
         seed=args.seed,
         progress=True,
         # rich only redraws on a terminal; print plain lines into logs
