@@ -85,8 +85,9 @@ class DDPOConfig:
     """Held-out prompts for evaluation (generalisation), same forms as `prompts`."""
     reward: str = "jpeg_compressibility"
     """Reward function name (see ddpo_rl.rewards.registry)."""
-    reward_kwargs: dict = field(default_factory=dict)
-    """Keyword arguments of the reward function (e.g. {"resize": 32})."""
+    reward_kwargs: dict = field(default_factory=lambda: {"resize": 32})
+    """Keyword arguments of the reward function. The digits default upscales the 8x8 images to 32x32
+    (nearest) before JPEG: at 8x8 one JPEG block holds the whole image and the size barely varies."""
     reward_async: bool = False
     """Compute rewards in a background thread (ddpo_rl.rewards.alignment.AsyncReward): each batch's
     images are submitted at its last step and scored while the next batch samples; the collector
@@ -214,7 +215,7 @@ def _unknown_field_message(name: str) -> str:
 PRESETS: dict[str, dict] = {
     "digits": {},
     "digits-alignment": dict(
-        reward="digit_alignment", guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
+        reward="digit_alignment", reward_kwargs={}, guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
     ),
     "digits-incompressibility": dict(reward="jpeg_incompressibility", output_dir="outputs/digits-incompressibility"),
     # tiny random model: for smoke tests of the plumbing, not for learning
@@ -236,12 +237,12 @@ _SD15 = dict(
 )
 PRESETS.update(
     {
-        "sd15-aesthetic": dict(_SD15, reward="aesthetic", epochs=200, output_dir="outputs/sd15-aesthetic"),
+        "sd15-aesthetic": dict(_SD15, reward="aesthetic", reward_kwargs={}, epochs=200, output_dir="outputs/sd15-aesthetic"),
         "sd15-compressibility": dict(_SD15, reward="jpeg_compressibility", reward_kwargs={"resize": 512},
                                      output_dir="outputs/sd15-compressibility"),
         "sd15-incompressibility": dict(_SD15, reward="jpeg_incompressibility", reward_kwargs={"resize": 512},
                                        output_dir="outputs/sd15-incompressibility"),
-        "sd15-alignment": dict(_SD15, reward="vlm_alignment", reward_async=True, prompts="animal_activities",
+        "sd15-alignment": dict(_SD15, reward="vlm_alignment", reward_kwargs={}, reward_async=True, prompts="animal_activities",
                                eval_prompts="animal_activities", output_dir="outputs/sd15-alignment"),
     }
 )
