@@ -53,7 +53,7 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             scheduler=m.scheduler,
             encode_prompts=m.encode_prompts,
             decode=m.decode,
-            latent_shape=(m.config.channels, m.config.sample_size, m.config.sample_size),
+            latent_shape=(m.channels, m.sample_size, m.sample_size),
             kind="digits",
             frozen=(m.text_encoder,),
         )
