@@ -13,7 +13,10 @@ latent->pixel map and mean-brightness reward)
                         variance_noise=z), then the step's log-prob from the scheduler's alphas,
                         as the reference DDPO implementation computes it (host-side alpha lookup)
   (b) diffusers_pipeline StableDiffusionPipeline(..., eta=1, output_type="latent"): NO log-probs
-  (c) ddpo_rl_eager     collect_trajectories: env.rollout(T, DiffusionPolicy) with the reward transform
+  (c) ddpo_rl_eager     ddpo_rl.collector.collect_trajectories (env.step loop over the DenoisingEnv
+                        with the DiffusionPolicy and the reward transform)
+  (c0) torchrl_env_rollout the same through torchrl's env.rollout(T, policy) (what the collector
+                        used before; its per-step done check syncs with the device)
   (d) ddpo_rl_graphed   ddpo_rl.sampling.FastSampler: CUDA graph on GPU; on CPU it is the same
                         static-buffer step run eagerly (reported as "graphed": false)
   (e) plain_policy_loop the policy math of (c) (DDIMGaussianHead + DDIMGaussian) on plain tensors,
@@ -341,6 +344,21 @@ def make_ddpo_eager(s: Setup):
     return lambda: collect_trajectories(s.env, s.policy)
 
 
+def make_torchrl_rollout(s: Setup):
+    """(c0) The plain torchrl way: env.rollout(T, policy) (per-step done checks included)."""
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    from ddpo_rl.collector import TRAJECTORY_KEYS
+
+    @torch.no_grad()
+    def run():
+        with set_exploration_type(ExplorationType.RANDOM):
+            td = s.env.rollout(s.T, s.policy, auto_reset=True, break_when_any_done=False)
+        return td.select(*TRAJECTORY_KEYS, strict=False)
+
+    return run
+
+
 def make_ddpo_graphed(s: Setup, autocast_dtype):
     """(d) ddpo_rl.sampling.FastSampler (CUDA graph on GPU, eager static-buffer loop on CPU)."""
     from ddpo_rl.sampling import FastSampler, FastSamplingConfig
@@ -571,6 +589,7 @@ def main(argv=None) -> dict:
     if not args.skip_pipeline:
         methods["diffusers_pipeline"] = with_autocast(make_pipeline(s))
     methods["ddpo_rl_eager"] = with_autocast(make_ddpo_eager(s))
+    methods["torchrl_env_rollout"] = with_autocast(make_torchrl_rollout(s))
     methods["ddpo_rl_graphed"] = graphed_fn  # autocast inside (UNet only)
     methods["plain_policy_loop"] = with_autocast(make_plain_policy_loop(s))
 
@@ -588,7 +607,8 @@ def main(argv=None) -> dict:
     labels = {
         "baseline_loop": "(a) eager diffusers loop + log-probs",
         "diffusers_pipeline": "(b) StableDiffusionPipeline, no log-probs",
-        "ddpo_rl_eager": "(c) ddpo_rl env.rollout",
+        "ddpo_rl_eager": "(c) ddpo_rl collect_trajectories (env.step loop)",
+        "torchrl_env_rollout": "(c0) torchrl env.rollout(T, policy)",
         "ddpo_rl_graphed": "(d) ddpo_rl FastSampler" + (" (CUDA graph)" if sampler.graphed else " (CPU: eager fallback)"),
         "plain_policy_loop": "(e) same policy math, plain tensors",
     }
@@ -624,6 +644,13 @@ def main(argv=None) -> dict:
     env_overhead["overhead_pct"] = 100 * (env_overhead["env_rollout_median_s"] / env_overhead["plain_loop_median_s"] - 1)
     env_overhead["overhead_pct_paired_median"] = paired_overhead_pct(times["ddpo_rl_eager"], times["plain_policy_loop"])
     env_overhead["per_step_overhead_ms"] = 1e3 * (env_overhead["env_rollout_median_s"] - env_overhead["plain_loop_median_s"]) / args.steps
+    env_overhead["torchrl_env_rollout_median_s"] = statistics.median(times["torchrl_env_rollout"])
+    env_overhead["torchrl_env_rollout_overhead_pct"] = 100 * (
+        env_overhead["torchrl_env_rollout_median_s"] / env_overhead["plain_loop_median_s"] - 1
+    )
+    env_overhead["torchrl_env_rollout_overhead_pct_paired_median"] = paired_overhead_pct(
+        times["torchrl_env_rollout"], times["plain_policy_loop"]
+    )
 
     training = None
     if not args.skip_training:
@@ -769,12 +796,13 @@ def _print_tables(r: dict) -> None:
             f"{100 * e['unet_flops_fraction_of_peak']:.1f}%" if e["unet_flops_fraction_of_peak"] else "-",
         )
     CONSOLE.print(t)
-    CONSOLE.print("(a) eager diffusers loop + log-probs; (b) StableDiffusionPipeline, no log-probs; (c) env.rollout; "
+    CONSOLE.print("(a) eager diffusers loop + log-probs; (b) StableDiffusionPipeline, no log-probs; (c) collect_trajectories; (c0) env.rollout; "
                   "(d) FastSampler (CUDA graph on GPU, eager on CPU); (e) (c)'s policy math on plain tensors")
     eo = r["env_overhead"]
     CONSOLE.print(
-        f"torchrl env overhead: {eo['overhead_pct']:.1f}% (paired median {eo['overhead_pct_paired_median']:.1f}%), "
-        f"{eo['per_step_overhead_ms']:.2f} ms per step"
+        f"env overhead of collect_trajectories vs (e): {eo['overhead_pct']:.1f}% (paired median {eo['overhead_pct_paired_median']:.1f}%), "
+        f"{eo['per_step_overhead_ms']:.2f} ms per step; of torchrl env.rollout: {eo['torchrl_env_rollout_overhead_pct']:.1f}% "
+        f"(paired median {eo['torchrl_env_rollout_overhead_pct_paired_median']:.1f}%)"
     )
     if r["training"]:
         tr = r["training"]
