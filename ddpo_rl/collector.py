@@ -1,5 +1,7 @@
 """Collect DDPO trajectories: B chains of T denoising steps, under no_grad and random sampling.
 
+The loop is ``env.rollout``'s, minus its per-step done check (see :func:`_rollout_fixed_horizon`).
+
 With an asynchronous reward (a RewardTransform whose reward function has ``submit``), each
 rollout only submits its final images; the rewards are awaited once, after the last batch, and
 written at each trajectory's last step, so the reward model runs while later batches sample.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 
 from ddpo_rl.keys import KEYS
 
@@ -43,6 +45,27 @@ def _num_steps(env) -> int:
     return int(base.num_inference_steps)
 
 
+def _rollout_fixed_horizon(env, policy, T: int) -> TensorDictBase:
+    """``env.rollout(T, policy, break_when_any_done=False)`` for an MDP whose chains all end at T.
+
+    ``env.rollout`` calls ``step_and_maybe_reset`` after every step, which reads the done flags
+    on the host (``any_done`` then ``if any_done``): two device syncs per denoising step on GPU,
+    which stop the host from queueing the next UNet call while the current one runs. Every chain
+    of a DenoisingEnv is done exactly at step T, so there is nothing to reset mid-rollout: step
+    and move to the next state, and stack once at the end (same TensorDict, same random draws).
+    """
+    # the state-advance env.rollout itself uses (torchrl's _StepMDP); public step_mdp otherwise
+    advance = getattr(env, "_step_mdp", None) or (lambda x: step_mdp(x, keep_other=True))
+    td = env.reset()
+    steps = []
+    for k in range(T):
+        td = env.step(policy(td))
+        steps.append(td)
+        if k < T - 1:
+            td = advance(td)
+    return torch.stack(steps, len(env.batch_size))
+
+
 @torch.no_grad()
 def collect_trajectories(env, policy, num_batches: int = 1, extra_keys=()) -> TensorDictBase:
     """Sample ``num_batches`` batches of trajectories with ``policy`` in ``env``.
@@ -69,7 +92,7 @@ def collect_trajectories(env, policy, num_batches: int = 1, extra_keys=()) -> Te
     try:
         with set_exploration_type(ExplorationType.RANDOM):
             for _ in range(num_batches):
-                td = env.rollout(T, policy, auto_reset=True, break_when_any_done=False)
+                td = _rollout_fixed_horizon(env, policy, T)
                 batches.append(td.select(*keys, strict=False))
         for transform in async_transforms:  # all batches sampled: now wait for their rewards
             rewards = transform.pop_pending()

@@ -1,0 +1,202 @@
+"""The fast sampler (ddpo_rl.sampling) against the env path and against diffusers' DDIMScheduler.
+
+CPU tests run the very step function that is captured as a CUDA graph on GPU (eagerly); the
+GPU tests check that the captured graph and the eager loop agree. No timing here: see
+benchmarks/.
+"""
+
+import math
+
+import pytest
+import torch
+
+from ddpo_rl.advantages import compute_advantages
+from ddpo_rl.collector import TRAJECTORY_KEYS, collect_trajectories, terminal_rewards, with_advantages
+from ddpo_rl.keys import KEYS
+from ddpo_rl.models.tiny import sd_ddim_scheduler
+from ddpo_rl.objectives import make_loss
+from ddpo_rl.policy import inference_timesteps
+from ddpo_rl.sampling import FastSampler, FastSamplingConfig, SamplingNoise
+from ddpo_rl.train_options import FastTrainOptions
+from ddpo_rl.trainer import DDPOTrainer, TrainConfig
+from tests.helpers import make_env, make_policy, prompt_encoder
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _keyset(td):
+    return set(td.keys(True, True))
+
+
+def _assert_same_trajectories(ref, out, atol=0.0, rtol=0.0):
+    assert out.batch_size == ref.batch_size
+    assert _keyset(out) == _keyset(ref) == {k if isinstance(k, str) else tuple(k) for k in TRAJECTORY_KEYS}
+    for key in _keyset(ref):
+        a, b = ref[key], out[key]
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"{key}: {m}")
+        else:
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_same_seeds_give_the_env_path_trajectories(guidance):
+    """Same env seed (prompts, x_T) and global seed (step noise): the fast sampler reproduces
+    collect_trajectories, latents, actions, log-probs and terminal rewards included."""
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=4, steps=5, encoder=enc), make_policy(steps=5, guidance=guidance, encoder=enc)
+    env.set_seed(11)
+    torch.manual_seed(7)
+    ref = collect_trajectories(env, policy, num_batches=2)
+
+    sampler = FastSampler(env, policy)
+    assert not sampler.graphed  # CPU: the eager fallback
+    env.set_seed(11)
+    torch.manual_seed(7)
+    out = sampler.sample(num_batches=2)
+    _assert_same_trajectories(ref, out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(terminal_rewards(out), terminal_rewards(ref))
+    assert (out["next", KEYS.reward][:, :-1] == 0).all()
+    assert out["next", KEYS.done][:, -1].all() and not out["next", KEYS.done][:, :-1].any()
+
+
+def test_matches_a_hand_computed_ddim_scheduler_reference():
+    """Given explicit noise, the sampler's chain is DDIMScheduler.step(eta=1, variance_noise=z)
+    with CFG, and its log-probs are the mean over latent dims of N(mean, std^2).log_prob, with
+    the mean and std computed here from the scheduler's alphas (independently of ddpo_rl.ddim)."""
+    enc = prompt_encoder()
+    B, T, w = 3, 4, 2.5
+    env, policy = make_env(batch_size=B, steps=T, encoder=enc), make_policy(steps=T, guidance=w, encoder=enc)
+    gen = torch.Generator().manual_seed(0)
+    noise = SamplingNoise(
+        prompt_ids=torch.tensor([2, 0, 1]),
+        init_latents=torch.randn(B, 4, 8, 8, generator=gen),
+        step_noise=torch.randn(T, B, 4, 8, 8, generator=gen),
+    )
+    out = FastSampler(env, policy).sample(noise=noise)
+
+    sched = sd_ddim_scheduler()
+    sched.set_timesteps(T)
+    unet = policy.noise_model
+    cond = env.base_env.prompt_embeds_table[noise.prompt_ids]
+    uncond = enc.negative_embeds().expand(B, -1, -1)
+    x = noise.init_latents.clone()
+    ac = sched.alphas_cumprod.double()
+    with torch.no_grad():
+        for k, t in enumerate(sched.timesteps):
+            torch.testing.assert_close(out[KEYS.latents][:, k], x, atol=1e-5, rtol=1e-5)
+            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            eps = e_u + w * (e_c - e_u)
+            z = noise.step_noise[k]
+            step = sched.step(eps, t, x, eta=1.0, variance_noise=z)
+            prev_t = int(t) - 1000 // T
+            a_t = float(ac[int(t)])
+            a_prev = float(ac[prev_t]) if prev_t >= 0 else float(sched.final_alpha_cumprod)
+            std = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            mean = math.sqrt(a_prev) * step.pred_original_sample + math.sqrt(1 - a_prev - std**2) * eps
+            torch.testing.assert_close(out[KEYS.action][:, k], step.prev_sample, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mean + std * z, step.prev_sample, atol=1e-5, rtol=1e-5)
+            lp = torch.distributions.Normal(mean, std).log_prob(step.prev_sample).mean(dim=(1, 2, 3))
+            torch.testing.assert_close(out[KEYS.log_prob][:, k], lp, atol=1e-4, rtol=1e-5)
+            x = step.prev_sample
+    assert torch.equal(out[KEYS.timestep][0], inference_timesteps(sched, T))
+    assert torch.equal(out[KEYS.prompt_id], noise.prompt_ids[:, None].expand(B, T))
+    torch.testing.assert_close(terminal_rewards(out), (x[:, :3] / 2 + 0.5).clamp(0, 1).mean(dim=(1, 2, 3)))
+
+
+def test_trainer_consumes_fast_trajectories_with_fast_train_options():
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=4, encoder=enc), make_policy(encoder=enc)
+    traj = FastSampler(env, policy).sample(num_batches=2)
+    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
+    opts = FastTrainOptions(optimizer_impl="auto")
+    optimizer = opts.make_optimizer(policy.parameters(), lr=1e-3)
+    assert optimizer.defaults.get("fused") is True
+    trainer = DDPOTrainer(make_loss("ddpo_is", policy), optimizer, TrainConfig(minibatch_size=4), **opts.trainer_kwargs("cpu"))
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = trainer.train(with_advantages(traj, adv))
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_bf16_autocast_stays_close_on_cpu():
+    """Autocast changes the network's precision only: the chain stays near the float32 one."""
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=2, steps=3, encoder=enc), make_policy(steps=3, encoder=enc)
+    noise = FastSampler(env, policy).draw_noise(torch.Generator().manual_seed(0))
+    ref = FastSampler(env, policy).sample(noise=noise)
+    out = FastSampler(env, policy, FastSamplingConfig(autocast_dtype="bf16", channels_last=True)).sample(noise=noise)
+    assert _keyset(out) == _keyset(ref)
+    assert out[KEYS.log_prob].dtype == torch.float32 and torch.isfinite(out[KEYS.log_prob]).all()
+    rel = (out[KEYS.action] - ref[KEYS.action]).abs().mean() / ref[KEYS.action].abs().mean()
+    assert rel < 0.02, f"bf16 chain drifts {rel:.3f} (mean relative) from the float32 one"
+
+
+def test_refuses_an_env_it_cannot_replay():
+    from torchrl.envs import StepCounter
+
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=2, encoder=enc), make_policy(encoder=enc)
+    env.append_transform(StepCounter())
+    with pytest.raises(NotImplementedError, match="StepCounter"):
+        FastSampler(env, policy)
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+
+def _cuda_env_policy(B=4, T=6, guidance=3.0):
+    enc = prompt_encoder()
+    env = make_env(batch_size=B, steps=T, encoder=enc, device="cuda")
+    policy = make_policy(steps=T, guidance=guidance, encoder=enc).to("cuda")
+    return env, policy
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_cuda_graph_matches_eager_and_the_env_path(guidance):
+    env, policy = _cuda_env_policy(guidance=guidance)
+    graphed = FastSampler(env, policy, FastSamplingConfig(cuda_graph=True))
+    eager = FastSampler(env, policy, FastSamplingConfig(cuda_graph=False))
+    assert graphed.graphed and not eager.graphed
+    noise = [eager.draw_noise(torch.Generator("cuda").manual_seed(i)) for i in range(2)]
+    a = eager.sample(noise=noise)
+    b = graphed.sample(noise=noise)  # first call: warm-up + capture + replay
+    c = graphed.sample(noise=noise)  # replay of the captured graph
+    _assert_same_trajectories(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_trajectories(a, c, atol=1e-4, rtol=1e-4)
+
+    env.set_seed(3)
+    torch.manual_seed(4)
+    ref = collect_trajectories(env, policy)
+    env.set_seed(3)
+    torch.manual_seed(4)
+    _assert_same_trajectories(ref, graphed.sample(), atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_graph_sees_in_place_weight_updates():
+    env, policy = _cuda_env_policy()
+    graphed = FastSampler(env, policy)
+    eager = FastSampler(env, policy, FastSamplingConfig(cuda_graph=False))
+    noise = eager.draw_noise(torch.Generator("cuda").manual_seed(0))
+    before = graphed.sample(noise=noise)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # what an optimizer step does: in place
+    after_graphed, after_eager = graphed.sample(noise=noise), eager.sample(noise=noise)
+    _assert_same_trajectories(after_eager, after_graphed, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(before[KEYS.action], after_graphed[KEYS.action])
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_graph_bf16_channels_last():
+    env, policy = _cuda_env_policy()
+    fast = FastSampler(env, policy, FastSamplingConfig(autocast_dtype="bf16", channels_last=True))
+    eager = FastSampler(env, policy, FastSamplingConfig(autocast_dtype="bf16", channels_last=True, cuda_graph=False))
+    noise = eager.draw_noise(torch.Generator("cuda").manual_seed(0))
+    _assert_same_trajectories(eager.sample(noise=noise), fast.sample(noise=noise), atol=1e-3, rtol=1e-3)
