@@ -124,8 +124,10 @@ class DigitsModel:
         return next(self.unet.parameters()).device
 
     def to(self, device=None, dtype=None) -> "DigitsModel":
-        self.unet.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kwargs:  # a dtype=None argument makes diffusers warn about float32 modules
+            self.unet.to(**kwargs)
+            self.text_encoder.to(**kwargs)
         return self
 
     @torch.no_grad()
@@ -545,7 +547,15 @@ def load_digits_model(
     meta = dict(index.get("metadata", {}))
     dtype = dtype or torch.float32
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a 1 MB encoder is noise in the recipe's output
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     if (path / "tokenizer").is_dir():
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
