@@ -352,7 +352,12 @@ class DDPORecipe:
             if epoch == 0 and not self.eval_history and self.is_main:
                 base = self.evaluate(0)
                 progress.log_eval(base)
-            while epoch < cfg.epochs and not self._stop_requested:  # synced across ranks below
+            # ``stop`` is the stop flag agreed by every rank (all-reduced once per epoch, below); the
+            # loop must not read the rank-local ``self._stop_requested``: a signal landing on one
+            # rank between the all-reduce and this test would make that rank leave the loop alone
+            # and the others wait for it forever.
+            stop = distributed.any_true(self._stop_requested)
+            while epoch < cfg.epochs and not stop:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
@@ -405,10 +410,10 @@ class DDPORecipe:
                     progress.update(epoch, record)
                 # 6. checkpoint
                 stop = distributed.any_true(self._stop_requested)
-                self._stop_requested = stop
                 if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop:
                     self.save_checkpoint(epoch)
         self.last_epoch = epoch
+        self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
         if self._stop_requested and self.is_main:
             print(f"stopped at epoch {epoch}; checkpoint saved. Resume with --resume {self.out}")
         return self.finish() if self.is_main else {}
