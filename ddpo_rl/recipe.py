@@ -95,12 +95,20 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> DDPORecipe:
         cfg = self.cfg
-        from ddpo_rl.rewards.registry import make_reward  # validate the reward name before loading models
+        from ddpo_rl.config import ConfigError
+        from ddpo_rl.rewards.registry import get_reward_factory  # validate the reward before loading models
 
         # 1. prompts and reward: cheap, checked before any model is loaded
-        self.train_prompts = resolve_prompts(cfg.prompts)
-        self.eval_prompts = resolve_prompts(cfg.eval_prompts)
-        self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
+        self.train_prompts = resolve_prompts(cfg.prompts, "prompts")
+        self.eval_prompts = resolve_prompts(cfg.eval_prompts, "eval_prompts")
+        try:
+            factory = get_reward_factory(cfg.reward)
+        except ValueError as err:
+            raise ConfigError(f"reward: {err}") from err
+        try:
+            self.reward_fn = factory(**cfg.reward_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
 
         # 2. device, processes, seeds, precision, output directory
