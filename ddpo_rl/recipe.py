@@ -131,7 +131,13 @@ class DDPORecipe:
         from ddpo_rl.models.loading import build_model
 
         frozen_dtype = precision.low_precision_dtype(cfg.mixed_precision) if self.device.type == "cuda" else None
+        # rank 0 first: it alone trains-and-caches the digits model or downloads hub weights on
+        # first use; the other ranks then load what it wrote (no concurrent writers)
+        if not self.is_main:
+            distributed.barrier()
         self.model = build_model(cfg.model, self.device, revision=cfg.revision, frozen_dtype=frozen_dtype)
+        if self.is_main:
+            distributed.barrier()
         unet = self.model.unet
         if cfg.use_lora:
             from ddpo_rl.lora import apply_lora
