@@ -92,6 +92,20 @@ def any_true(flag: bool, device="cpu") -> bool:
     return bool(t.item())
 
 
+def max_int(value: int, device="cpu") -> int:
+    """The largest ``value`` over ranks (e.g. a number of optimizer steps every rank must take)."""
+    if not _active():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
 def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0) -> None:
     """Make every rank start from rank ``src``'s weights."""
     if not _active():

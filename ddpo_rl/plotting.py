@@ -109,9 +109,9 @@ def save_curve_png(
     if bands:
         for name, sd in bands.items():
             xs, ys = series[name]
-            pts += [(x, y + s) for x, y, s in zip(xs, ys, sd) if y is not None] + [
-                (x, y - s) for x, y, s in zip(xs, ys, sd) if y is not None
-            ]
+            ok = [(x, y, s) for x, y, s in zip(xs, ys, sd)
+                  if y is not None and s is not None and math.isfinite(y) and math.isfinite(s)]
+            pts += [(x, y + s) for x, y, s in ok] + [(x, y - s) for x, y, s in ok]
     if not pts:
         pts = [(0.0, 0.0), (1.0, 1.0)]
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)

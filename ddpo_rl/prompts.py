@@ -61,25 +61,33 @@ class PromptSource:
 DIGIT_PROMPT = "a handwritten digit {}"
 
 
-def resolve_prompts(spec: str) -> PromptSource:
+def resolve_prompts(spec: str, field: str = "prompts") -> PromptSource:
     """A prompt source from a spec string.
 
     - ``"digits:A-B"``: "a handwritten digit N" for N in A..B (the embedded digits model);
     - a prompt-set name shipped with ddpo_rl (``simple_animals``, ``imagenet_animals``,
       ``animal_activities``; see :mod:`ddpo_rl.prompt_sets`);
     - a path to a text file, one prompt per line.
+
+    ``field`` (the config field the spec came from) starts every error message.
     """
     if spec.startswith("digits:"):
         body = spec.split(":", 1)[1]
         try:
             lo, hi = (int(x) for x in body.split("-")) if "-" in body else (int(body), int(body))
         except ValueError:
-            raise ValueError(f"prompts: cannot read {spec!r}; write digits:A-B with 0 <= A <= B <= 9") from None
+            raise ValueError(f"{field}: cannot read {spec!r}; write digits:A-B with 0 <= A <= B <= 9") from None
         if not 0 <= lo <= hi <= 9:
-            raise ValueError(f"prompts: {spec!r} is out of range; write digits:A-B with 0 <= A <= B <= 9")
+            raise ValueError(f"{field}: {spec!r} is out of range; write digits:A-B with 0 <= A <= B <= 9")
         return PromptSource([DIGIT_PROMPT.format(n) for n in range(lo, hi + 1)], name=spec)
     if os.path.isfile(spec) or os.sep in spec or spec.endswith(".txt"):
-        return PromptSource.from_file(spec)
+        try:
+            return PromptSource.from_file(spec)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{field}: {err}") from None
     from ddpo_rl.prompt_sets import load_prompt_set
 
-    return PromptSource(load_prompt_set(spec), name=spec)
+    try:
+        return PromptSource(load_prompt_set(spec), name=spec)
+    except KeyError as err:  # an unknown set name
+        raise ValueError(f"{field}: {err.args[0]}") from None

@@ -95,12 +95,20 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> DDPORecipe:
         cfg = self.cfg
-        from ddpo_rl.rewards.registry import make_reward  # validate the reward name before loading models
+        from ddpo_rl.config import ConfigError
+        from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
 
         # 1. prompts and reward: cheap, checked before any model is loaded
-        self.train_prompts = resolve_prompts(cfg.prompts)
-        self.eval_prompts = resolve_prompts(cfg.eval_prompts)
-        self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
+        self.train_prompts = resolve_prompts(cfg.prompts, "prompts")
+        self.eval_prompts = resolve_prompts(cfg.eval_prompts, "eval_prompts")
+        try:
+            get_reward_factory(cfg.reward)
+        except ValueError as err:
+            raise ConfigError(f"reward: {err}") from err
+        try:
+            self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
             from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
 
@@ -127,7 +135,13 @@ class DDPORecipe:
         from ddpo_rl.models.loading import build_model
 
         frozen_dtype = precision.low_precision_dtype(cfg.mixed_precision) if self.device.type == "cuda" else None
+        # rank 0 first: it alone trains-and-caches the digits model or downloads hub weights on
+        # first use; the other ranks then load what it wrote (no concurrent writers)
+        if not self.is_main:
+            distributed.barrier()
         self.model = build_model(cfg.model, self.device, revision=cfg.revision, frozen_dtype=frozen_dtype)
+        if self.is_main:
+            distributed.barrier()
         unet = self.model.unet
         if cfg.use_lora:
             from ddpo_rl.lora import apply_lora
@@ -357,7 +371,12 @@ class DDPORecipe:
             if epoch == 0 and not self.eval_history and self.is_main:
                 base = self.evaluate(0)
                 progress.log_eval(base)
-            while epoch < cfg.epochs and not self._stop_requested:  # synced across ranks below
+            # ``stop`` is the stop flag agreed by every rank (all-reduced once per epoch, below); the
+            # loop must not read the rank-local ``self._stop_requested``: a signal landing on one
+            # rank between the all-reduce and this test would make that rank leave the loop alone
+            # and the others wait for it forever.
+            stop = distributed.any_true(self._stop_requested)
+            while epoch < cfg.epochs and not stop:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
@@ -410,10 +429,10 @@ class DDPORecipe:
                     progress.update(epoch, record)
                 # 6. checkpoint
                 stop = distributed.any_true(self._stop_requested)
-                self._stop_requested = stop
                 if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop:
                     self.save_checkpoint(epoch)
         self.last_epoch = epoch
+        self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
         if self._stop_requested and self.is_main:
             print(f"stopped at epoch {epoch}; checkpoint saved. Resume with --resume {self.out}")
         return self.finish() if self.is_main else {}

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import torch
 from tensordict import TensorDictBase
 
-from ddpo_rl.distributed import average_gradients
+from ddpo_rl.distributed import average_gradients, max_int
 from ddpo_rl.keys import KEYS
 
 
@@ -55,7 +55,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
-        if num_trajectories is not None and num_trajectories <= 0:
+        if num_trajectories is not None and num_trajectories < 0:
             raise ValueError("no trajectories to train on")
 
 
@@ -109,7 +109,8 @@ class DDPOTrainer:
         cfg = self.config
         # average gradients over ranks (torchrun) in one all-reduce; no-op in a single process.
         # The count of non-finite losses rides along, so every rank takes the same decision.
-        bad_losses = average_gradients(self.params, extra=(~torch.isfinite(torch.stack(losses))).sum().float())
+        bad = (~torch.isfinite(torch.stack(losses))).sum().float() if losses else torch.zeros(())
+        bad_losses = average_gradients(self.params, extra=bad)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm is not None:
@@ -139,7 +140,7 @@ class DDPOTrainer:
         if KEYS.advantage not in batch.keys():
             raise KeyError("the batch has no 'advantage': compute it before training (ddpo_rl.advantages)")
         prepare = getattr(self.loss_module, "prepare_batch", None)
-        if prepare is not None:
+        if prepare is not None and N:
             batch = prepare(batch)
         steps_kept = max(1, math.ceil(cfg.timestep_fraction * T))
         acc = cfg.gradient_accumulation_steps
@@ -149,7 +150,13 @@ class DDPOTrainer:
         pending: list[torch.Tensor] = []
         skipped_before = self.skipped_steps
         self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.num_inner_epochs):
+        # Every rank must take the same number of optimizer steps (each one all-reduces the
+        # gradients). Batches differ in size only when samples were dropped for a NaN reward;
+        # a rank with fewer steps then takes empty ones (zero gradient) at the end.
+        mb_per_epoch = math.ceil(N / cfg.minibatch_size)
+        my_steps = cfg.num_inner_epochs * math.ceil(mb_per_epoch / acc)
+        all_steps = max_int(my_steps)
+        for _ in range(cfg.num_inner_epochs if N else 0):
             shuffled = self._shuffled(batch)
             for mb_index, start in enumerate(range(0, N, cfg.minibatch_size)):
                 minibatch = shuffled[start : start + cfg.minibatch_size]
@@ -167,6 +174,10 @@ class DDPOTrainer:
             if pending:  # a ragged tail (samples dropped for a NaN reward): step on what is there
                 norms.append(self._optimizer_step(pending))
                 pending = []
+        for _ in range(all_steps - my_steps):  # only under torchrun, see above
+            self._optimizer_step([])
+        if not records:  # every sample was dropped: nothing trained on this rank
+            return {"skipped_steps": torch.tensor(float(self.skipped_steps - skipped_before))}
         metrics = torch.stack(records).apply(lambda x: x.float().mean(), batch_size=[])
         result = {k: v for k, v in metrics.items() if v.dim() == 0}
         result["loss"] = sum(v for k, v in result.items() if k.startswith("loss_"))

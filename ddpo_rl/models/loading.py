@@ -75,9 +75,12 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             frozen=(encoder, vae),
         )
     from ddpo_rl.models.decoders import VaeDecoder
-    from ddpo_rl.models.stable_diffusion import load_sd_components
+    from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, load_sd_components
 
-    sd = load_sd_components(name, revision=revision, device=device, dtype=frozen_dtype)
+    try:
+        sd = load_sd_components(name, revision=revision, device=device, dtype=frozen_dtype)
+    except PretrainedWeightsNotFoundError as err:
+        raise PretrainedWeightsNotFoundError(f"model: {err}") from err
     return DiffusionModel(
         unet=sd.unet,
         scheduler=sd.scheduler,

@@ -61,7 +61,7 @@ def validate_rewards(rewards, batch_size: int, reward_fn, on_invalid: str = "rai
         if on_invalid == "raise":
             raise RewardError(
                 f"reward function {name} returned {n} non-finite value(s) (NaN/inf) out of {batch_size}; "
-                "fix the reward, or set on_invalid='drop' to train without those samples"
+                "fix the reward, or set on_invalid='drop' (recipes: --on-invalid-reward drop) to train without those samples"
             )
         warnings.warn(f"reward function {name}: dropping {n}/{batch_size} samples with non-finite reward")
         rewards = torch.where(bad, torch.full_like(rewards, float("nan")), rewards)

@@ -57,14 +57,32 @@ def test_recipe_smoke(script, tmp_path):
         (["--prompts", "/nonexistent/prompts.txt"], "prompt"),
         (["--model", "/nonexistent/pipeline"], "/nonexistent/pipeline"),
         (["--bogus-field", "1"], "bogus_field"),
+        (["--prompts", "{EMPTY_FILE}"], "prompts: prompt file"),
+        (["--eval-prompts", "{EMPTY_FILE}"], "eval_prompts: prompt file"),
+        (["--prompts", "no_such_set"], "prompts: unknown prompt set"),
+        (["--eval-prompts", "digits:3-12"], "eval_prompts:"),
+        (["--model", "{EMPTY_DIR}"], "model: "),
+        (["--sample-batch-size", "0"], "sample_batch_size"),
+        (["--gradient-accumulation-steps", "3"], "minibatch_size"),
+        (["--learning-rate", "abc"], "learning_rate"),
+        (["--reward-kwargs", '{"no_such_arg": 1}'], "reward_kwargs"),
+        (["--reward", "tests.recipes.bad_rewards:no_such_factory"], "reward: "),
+        # a misbehaving reward: met at the first sampled batch (the tiny model makes that seconds)
+        (["--reward", "tests.recipes.bad_rewards:nan_for_some"], "--on-invalid-reward drop"),
+        (["--reward", "tests.recipes.bad_rewards:wrong_shape"], "wrong_shape_reward returned shape (4, 2)"),
+        (["--reward", "tests.recipes.bad_rewards:raises"], "reward server unreachable"),
     ],
 )
 def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
     from ddpo_rl.recipe import main
 
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    (tmp_path / "not_a_pipeline").mkdir()
+    args = [a.replace("{EMPTY_FILE}", str(tmp_path / "empty.txt")).replace("{EMPTY_DIR}", str(tmp_path / "not_a_pipeline"))
+            for a in args]
     t = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
-        main(["--preset", "tiny", "--output-dir", str(tmp_path / "x"), *args])
+        main(["--preset", "tiny", "--output-dir", str(tmp_path / "x"), "--progress", "false", *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and field in err[0], err
@@ -139,3 +157,81 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.atomic_torch_save({"epoch": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["epoch"] == 1
+
+
+def test_dropped_rewards_are_left_out_and_training_continues(tmp_path):
+    out = tmp_path / "run"
+    res = run_recipe(
+        "ddpo_is.py", "--preset", "tiny", "--epochs", "2", "--output-dir", str(out), "--progress", "false",
+        "--reward", "tests.recipes.bad_rewards:nan_for_some", "--on-invalid-reward", "drop",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dropping 2/4 samples with non-finite reward" in res.stderr
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["num_samples"] == 2  # 4 sampled, every other one NaN
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward_mean", "loss", "grad_norm"))
+        assert m["skipped_steps"] == 0
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+class _PoisonFirstLoss:
+    """Wraps a loss module: the first forward's loss is NaN (then the real loss)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, td):
+        out = self.inner(td)
+        self.calls += 1
+        if self.calls == 1:
+            out.set("loss_objective", out.get("loss_objective") * float("nan"))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_step_is_skipped_and_logged(where, tmp_path):
+    from ddpo_rl.config import parse_cli
+    from ddpo_rl.recipe import DDPORecipe
+
+    out = tmp_path / "run"
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--epochs", "2", "--eval-every", "10", "--output-dir", str(out),
+                                   "--progress", "false"])).setup()
+    try:
+        initial = [p.detach().clone() for p in recipe.params]
+        if where == "loss":
+            recipe.trainer.loss_module = _PoisonFirstLoss(recipe.trainer.loss_module)
+        else:  # a finite loss whose gradient is not: one hook, first backward only
+            fired = []
+
+            def hook(grad):
+                if fired:
+                    return grad
+                fired.append(True)
+                return grad * float("inf")
+
+            recipe.params[0].register_hook(hook)
+        seen_after_epoch1 = []
+        train = recipe.trainer.train
+
+        def train_and_look(batch):
+            result = train(batch)
+            if not seen_after_epoch1:
+                seen_after_epoch1.append([p.detach().clone() for p in recipe.params])
+            return result
+
+        recipe.trainer.train = train_and_look
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["skipped_steps"] for m in metrics] == [1, 0]  # tiny preset: one optimizer step per epoch
+    assert all(torch.equal(a, b) for a, b in zip(initial, seen_after_epoch1[0])), "the skipped step changed weights"
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(initial, recipe.params)), "epoch 2 did not train"
+    assert all(torch.isfinite(p).all() for p in recipe.params)
+    ckpt = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)
+    assert ckpt["skipped_steps"] == 1

@@ -1,0 +1,120 @@
+"""Resident memory of a long in-process training run, measured after every epoch.
+
+    python benchmarks/memory.py --model tiny --epochs 20 --json mem.json
+    python benchmarks/memory.py --preset digits --epochs 20 --json mem.json   # needs the digits model
+
+Runs :class:`ddpo_rl.recipe.DDPORecipe` in this process (evaluation and checkpoints at their
+usual cadence) and reads VmRSS from /proc/self/status after each epoch (psutil if
+/proc is missing). Prints and writes (``--json``) the per-epoch RSS, the start/end/peak and
+the growth per epoch fitted over the second half of the run (the first epochs include
+one-off allocations: optimizer state, allocator warm-up).
+Any other ``--FIELD VALUE`` is passed to the recipe config (e.g. ``--use-lora true``).
+"""
+
+from __future__ import annotations
+
+import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+
+def rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import psutil  # not a dependency: only where /proc is missing
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def slope(xs, ys) -> float:
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--model", default=None, help="override the preset's model (e.g. tiny)")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--json", default=None, help="write the measurements here")
+    ap.add_argument("--output-dir", default=None, help="run outputs (default: a temporary directory)")
+    args, rest = ap.parse_known_args(argv)
+
+    from ddpo_rl.config import parse_cli
+    from ddpo_rl.recipe import DDPORecipe
+
+    out = args.output_dir or tempfile.mkdtemp(prefix="ddpo_mem_")
+    cli = ["--preset", args.preset, "--epochs", str(args.epochs), "--output-dir", out, "--progress", "false", *rest]
+    if args.model:
+        cli += ["--model", args.model]
+    cfg = parse_cli(cli)
+
+    samples = [("start", rss_mib())]
+    recipe = DDPORecipe(cfg).setup()
+    samples.append(("after_setup", rss_mib()))
+    per_epoch: list[dict] = []
+    t_start = time.perf_counter()
+
+    # one RSS reading per epoch, right after its policy update (the trainer call is a per-epoch
+    # hook that needs no change to the recipe); epoch k's evaluation and checkpoint are in the
+    # reading of epoch k + 1
+    train = recipe.trainer.train
+
+    def train_and_measure(batch):
+        result = train(batch)
+        del batch
+        gc.collect()
+        per_epoch.append({"epoch": len(per_epoch) + 1, "rss_mib": rss_mib(), "seconds": time.perf_counter() - t_start})
+        return result
+
+    recipe.trainer.train = train_and_measure
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    gc.collect()
+    samples.append(("end", rss_mib()))
+
+    rss = [e["rss_mib"] for e in per_epoch]
+    half = per_epoch[len(per_epoch) // 2 :]
+    report = {
+        "command": " ".join([os.path.basename(sys.executable), "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()} {platform.system()} {os.cpu_count()} cpus, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        "torch": __import__("torch").__version__,
+        "config": {k: getattr(cfg, k) for k in ("preset", "model", "epochs", "use_lora", "sample_batch_size",
+                                                  "num_batches_per_epoch", "num_inference_steps", "eval_every", "save_every")},
+        "rss_mib": dict(samples),
+        "first_epoch_rss_mib": rss[0],
+        "last_epoch_rss_mib": rss[-1],
+        "peak_rss_mib": max(rss),
+        "growth_first_to_last_mib": rss[-1] - rss[0],
+        "growth_per_epoch_second_half_mib": slope([e["epoch"] for e in half], [e["rss_mib"] for e in half]),
+        "per_epoch": per_epoch,
+    }
+    print(f"rss after setup {samples[1][1]:.1f} MiB; epoch 1 {rss[0]:.1f}, epoch {len(rss)} {rss[-1]:.1f}, "
+          f"peak {max(rss):.1f} MiB; growth {rss[-1] - rss[0]:+.1f} MiB "
+          f"({report['growth_per_epoch_second_half_mib']:+.2f} MiB/epoch over the second half)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Misbehaving reward functions for the recipe tests, loaded by name as
+``--reward tests.recipes.bad_rewards:FACTORY`` (the registry's "package.module:factory" form)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _brightness(images):
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def nan_for_some(every: int = 2):
+    """Brightness, but NaN for every ``every``-th sample of a batch (starting with the first)."""
+
+    def nan_for_some_reward(images, prompts):
+        r = _brightness(images)
+        r[::every] = float("nan")
+        return r
+
+    return nan_for_some_reward
+
+
+def inf_for_all():
+    def inf_for_all_reward(images, prompts):
+        return torch.full((images.shape[0],), float("inf"))
+
+    return inf_for_all_reward
+
+
+def wrong_shape():
+    def wrong_shape_reward(images, prompts):
+        return _brightness(images)[:, None].expand(-1, 2)
+
+    return wrong_shape_reward
+
+
+def raises():
+    def raising_reward(images, prompts):
+        raise RuntimeError("reward server unreachable")
+
+    return raising_reward
