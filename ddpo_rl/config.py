@@ -37,7 +37,7 @@ class DDPOConfig:
     """Policy-gradient variant: "ddpo_is" (clipped importance sampling), "ddpo_sf" (REINFORCE) or "rwr"."""
     seed: int = 0
     """Seed of every random stream (sampling noise, prompts, shuffles). Same seed + config = same run on CPU."""
-    epochs: int = 60
+    epochs: int = 30
     """Number of epochs (one epoch = sample a batch of trajectories, then train on it)."""
     output_dir: str = "outputs/ddpo"
     """Where config.json, metrics.jsonl, sample grids, curves and checkpoints go."""
