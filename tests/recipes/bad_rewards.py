@@ -1,5 +1,7 @@
 """Misbehaving reward functions for the recipe tests, loaded by name as
-``--reward tests.recipes.bad_rewards:FACTORY`` (the registry's "package.module:factory" form)."""
+``--reward tests.recipes.bad_rewards:FACTORY`` (the registry's "package.module:factory" form).
+
+Each factory accepts (and ignores) ``resize``, which the digits-sized presets pass by default."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ def _brightness(images):
     return images.float().mean(dim=(1, 2, 3))
 
 
-def nan_for_some(every: int = 2):
+def nan_for_some(every: int = 2, resize=None):
     """Brightness, but NaN for every ``every``-th sample of a batch (starting with the first)."""
 
     def nan_for_some_reward(images, prompts):
@@ -21,21 +23,21 @@ def nan_for_some(every: int = 2):
     return nan_for_some_reward
 
 
-def inf_for_all():
+def inf_for_all(resize=None):
     def inf_for_all_reward(images, prompts):
         return torch.full((images.shape[0],), float("inf"))
 
     return inf_for_all_reward
 
 
-def wrong_shape():
+def wrong_shape(resize=None):
     def wrong_shape_reward(images, prompts):
         return _brightness(images)[:, None].expand(-1, 2)
 
     return wrong_shape_reward
 
 
-def raises():
+def raises(resize=None):
     def raising_reward(images, prompts):
         raise RuntimeError("reward server unreachable")
 
