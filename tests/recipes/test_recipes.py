@@ -18,7 +18,7 @@ TRAIN_FIELDS = ("reward_mean", "reward_std", "loss", "kl_approx", "clip_fraction
 
 
 def run_recipe(script, *args, timeout=300, **popen):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, os.path.join(ROOT, "recipes", script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **popen)
 
@@ -102,7 +102,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
     # the same run, sent SIGTERM once its 2nd epoch is logged: it checkpoints and stops
     part = tmp_path / "part"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, os.path.join(ROOT, "recipes", "ddpo_is.py"), *common, "--output-dir", str(part)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
