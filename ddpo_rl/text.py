@@ -8,6 +8,21 @@ import torch
 from torch import nn
 
 
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+    """Last hidden state [B, L, D] of ``text_encoder`` on ``prompts`` padded to the tokenizer's
+    ``model_max_length`` (Stable Diffusion's conditioning; "" gives the unconditional embedding)."""
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
 class PromptEncoder(nn.Module):
     """Encode prompts with a (frozen) CLIP-style text encoder, as Stable Diffusion does.
 
@@ -28,17 +43,8 @@ class PromptEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        out = self.text_encoder(ids)
-        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
     def negative_embeds(self, negative_prompt: str = "") -> torch.Tensor:
         """The unconditional embedding for classifier-free guidance: [1, L, D]."""

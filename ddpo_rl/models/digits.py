@@ -133,14 +133,9 @@ class DigitsModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder embeddings of ``prompts``: [B, 77, hidden] on the model's device."""
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids).last_hidden_state
+        from ddpo_rl.text import encode_prompts
+
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
     @staticmethod
     def decode(samples: torch.Tensor) -> torch.Tensor:

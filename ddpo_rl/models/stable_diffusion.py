@@ -102,14 +102,9 @@ class SDComponents:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder embeddings [B, L, D] of ``prompts``, padded to the tokenizer's max length
         (an empty string gives the unconditional embedding used by classifier-free guidance)."""
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        from ddpo_rl.text import encode_prompts
+
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
 
 def looks_like_local_path(name: str) -> bool:
