@@ -153,7 +153,7 @@ class DDPORecipe:
         unet.to(self.device)
 
         # 4. envs: training (random prompts) and evaluation (fixed prompts and seeds)
-        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", keep=False)
+        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random")
         self.rank_seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own prompts and noise
         self.env.set_seed(self.rank_seed)
         self.eval_envs = {
@@ -220,7 +220,7 @@ class DDPORecipe:
             self.load_state_dict(resume_state)
         return self
 
-    def _make_env(self, prompts, batch_size: int, order: str, keep: bool = False) -> TransformedEnv:
+    def _make_env(self, prompts, batch_size: int, order: str) -> TransformedEnv:
         base = DenoisingEnv(
             prompts,
             self.model.encode_prompts,
