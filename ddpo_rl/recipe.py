@@ -130,6 +130,10 @@ class DDPORecipe:
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
             cfg.to_json(os.path.join(self.out, "config.json"))
+            if resume_state is None:  # a fresh run: an earlier run's logs in this directory must not mix in
+                for name in ("metrics.jsonl", "eval.jsonl"):
+                    if os.path.exists(os.path.join(self.out, name)):
+                        os.remove(os.path.join(self.out, name))
 
         # 3. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model

@@ -1,12 +1,13 @@
 """The paper's main comparison on the testbed: DDPO-IS vs DDPO-SF vs RWR at equal reward queries.
 
-    python recipes/compare_algorithms.py --seeds 0 1 --output-dir outputs/compare [--FIELD VALUE ...]
+    python recipes/compare_algorithms.py --seeds 0 1 2 --jobs 2 --output-dir outputs/compare [--FIELD VALUE ...]
 
-Every run uses the same preset and the same number of epochs x samples per epoch (so the same
-number of reward queries); only the algorithm and the seed change. Writes
-``comparison.json`` and ``comparison.md`` (final reward mean ± std over seeds, on the training
-prompts and on the held-out prompts, from each run's last fixed-seed evaluation) and a curve
-PNG of the held-out reward of every run.
+Every run uses the same preset and overrides, so the same number of reward queries
+(epochs x samples per epoch); only the algorithm and the seed change. Each run is its own
+process (recipes/<algorithm>.py, log in its directory's log.txt); ``--jobs`` runs that many at
+once, each with cores/jobs threads. Writes comparison.json, comparison.md and comparison.png
+(see ddpo_rl.comparison). Run it again after an interruption: finished runs are reused and
+interrupted ones resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -14,64 +15,90 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import subprocess
+import sys
+import time
 
-import ddpo_rl  # noqa: F401
-from ddpo_rl.config import ALGORITHMS, parse_cli
+import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
+from ddpo_rl.comparison import aggregate, plan_runs, to_markdown, training_curves
+from ddpo_rl.config import ALGORITHMS, ConfigError
 from ddpo_rl.plotting import save_curve_png
-from ddpo_rl.recipe import run
 from ddpo_rl.reporting import read_jsonl
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+
+def _launch(run, overrides: list[str], threads: int) -> subprocess.Popen:
+    os.makedirs(run.out, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    root = os.path.dirname(HERE)  # so that module-path rewards (pkg.module:factory) resolve as here
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    log = open(os.path.join(run.out, "log.txt"), "a")
+    cmd = [sys.executable, os.path.join(HERE, f"{run.algorithm}.py"), *run.cli_args(overrides)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    return proc
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--output-dir", default="outputs/compare")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    parser.add_argument("--progress", default="true", choices=["true", "false"])
     args, overrides = parser.parse_known_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
 
-    results: dict[str, list[dict]] = {}
-    curves = {}
-    for algo in args.algorithms:
-        for seed in args.seeds:
-            out = os.path.join(args.output_dir, algo, f"seed{seed}")
-            cfg = parse_cli(overrides + ["--seed", str(seed), "--output-dir", out, "--progress", "false"], algorithm=algo)
-            print(f"== {algo} seed {seed}: {cfg.epochs} epochs x {cfg.samples_per_epoch} samples -> {out}", flush=True)
-            summary = run(cfg)
-            results.setdefault(algo, []).append(summary)
-            evals = read_jsonl(os.path.join(out, "eval.jsonl"))
-            curves[f"{algo} s{seed}"] = ([e["epoch"] for e in evals], [e["eval_reward_mean"] for e in evals])
+    # 1. plan: every run's config and whether its directory is done, interrupted or new
+    try:
+        runs = plan_runs(args.algorithms, args.seeds, overrides, args.output_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    todo = [r for r in runs if r.status != "done"]
+    for r in runs:
+        print(f"{r.algorithm} seed {r.seed}: {r.status} -> {r.out}", flush=True)
 
-    table = {"reward": cfg.reward, "epochs": cfg.epochs, "samples_per_epoch": cfg.samples_per_epoch,
-             "reward_queries": cfg.epochs * cfg.samples_per_epoch, "seeds": args.seeds, "methods": {}}
-    base = next(iter(results.values()))[0]["base"]
-    table["base"] = {"train_prompts": base["train_prompts_reward_mean"], "eval_prompts": base["eval_reward_mean"]}
-    for algo, runs in results.items():
-        tr = _mean_std([r["final"]["train_prompts_reward_mean"] for r in runs])
-        ev = _mean_std([r["final"]["eval_reward_mean"] for r in runs])
-        table["methods"][algo] = {"train_prompts": tr, "eval_prompts": ev}
-    os.makedirs(args.output_dir, exist_ok=True)
+    # 2. run what is not done, --jobs at a time, with a progress bar over all epochs
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    total = sum(r.cfg.epochs for r in runs)
+    failed = []
+    with Progress(TextColumn("[bold blue]comparison"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[running]}"),
+                  disable=args.progress == "false") as progress:
+        task = progress.add_task("runs", total=total, running="")
+        pending, active = list(todo), []  # active: (run, process) pairs
+        while pending or active:
+            while pending and len(active) < args.jobs:
+                r = pending.pop(0)
+                active.append((r, _launch(r, overrides, threads)))
+            for r, proc in list(active):
+                if proc.poll() is not None:
+                    active.remove((r, proc))
+                    if proc.returncode != 0:
+                        failed.append(r)
+                        progress.console.print(f"[red]{r.algorithm} seed {r.seed} failed (exit {proc.returncode}); "
+                                               f"see {os.path.join(r.out, 'log.txt')}")
+            done = sum(len(read_jsonl(os.path.join(r.out, "metrics.jsonl"))) for r in runs)
+            progress.update(task, completed=done, running=", ".join(f"{r.algorithm} s{r.seed}" for r, _ in active))
+            time.sleep(1.0)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed; fix and run the same command again to finish", file=sys.stderr)
+        raise SystemExit(1)
+
+    # 3. aggregate into the table and the curve
+    table = aggregate(runs)
     with open(os.path.join(args.output_dir, "comparison.json"), "w") as f:
         json.dump(table, f, indent=2)
-    lines = [
-        f"| method | final reward, training prompts | held-out prompts |",
-        "|---|---|---|",
-        f"| base model | {table['base']['train_prompts']:.4f} | {table['base']['eval_prompts']:.4f} |",
-    ]
-    for algo, m in table["methods"].items():
-        (a, b), (c, d) = m["train_prompts"], m["eval_prompts"]
-        lines.append(f"| {algo} | {a:.4f} ± {b:.4f} | {c:.4f} ± {d:.4f} |")
-    md = "\n".join(lines) + (
-        f"\n\n{cfg.reward}, {table['reward_queries']} reward queries per run "
-        f"({cfg.epochs} epochs x {cfg.samples_per_epoch}), seeds {args.seeds}, mean ± std over seeds.\n"
-    )
+    md = to_markdown(table)
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(md)
-    save_curve_png(os.path.join(args.output_dir, "comparison.png"), curves, title="held-out reward", ylabel=cfg.reward)
+    save_curve_png(os.path.join(args.output_dir, "comparison.png"), training_curves(runs),
+                   title=f"training reward, mean over seeds {args.seeds}", xlabel="reward queries", ylabel=table["reward"])
     print(md)
     return table
 

@@ -235,3 +235,31 @@ def test_nonfinite_step_is_skipped_and_logged(where, tmp_path):
     assert all(torch.isfinite(p).all() for p in recipe.params)
     ckpt = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)
     assert ckpt["skipped_steps"] == 1
+
+
+def test_compare_algorithms_runs_reuses_and_refuses(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["--seeds", "0", "1", "--jobs", "2", "--progress", "false", "--output-dir", str(out),
+            "--preset", "tiny", "--epochs", "1"]
+    res = run_recipe("compare_algorithms.py", *args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = json.loads((out / "comparison.json").read_text())
+    assert set(table["methods"]) == {"ddpo_is", "ddpo_sf", "rwr"}
+    assert table["reward_queries"] == 4
+    for algo, m in table["methods"].items():
+        assert m["train_prompts"]["n"] == 2
+        for seed in (0, 1):
+            cfg = json.loads((out / algo / f"seed{seed}" / "config.json").read_text())
+            assert (cfg["algorithm"], cfg["seed"], cfg["epochs"]) == (algo, seed, 1)
+    assert "| ddpo_sf |" in (out / "comparison.md").read_text() and (out / "comparison.png").exists()
+
+    # run again: every run is reused, nothing retrained
+    stamp = (out / "rwr" / "seed1" / "metrics.jsonl").stat().st_mtime_ns
+    res = run_recipe("compare_algorithms.py", *args, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(": done ->") == 6
+    assert (out / "rwr" / "seed1" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+    # the same directories with another setting: refused in one line before anything runs
+    res = run_recipe("compare_algorithms.py", *args, "--learning-rate", "0.1", timeout=300)
+    assert res.returncode == 2 and "learning_rate" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,185 @@
+"""Algorithms compared at equal reward queries: plan the runs, reuse finished ones, aggregate.
+
+The paper's main comparison (Black et al. 2024, Sec. 6.1) trains DDPO-IS, DDPO-SF and RWR from
+the same pretrained model with the same number of reward queries and compares the reward they
+reach. Here every run of a comparison shares one configuration (a preset plus overrides) except
+``algorithm`` and ``seed``, so ``epochs x samples_per_epoch`` reward queries each.
+
+Layout of a comparison directory::
+
+    OUT/<algorithm>/seed<S>/   one ordinary run directory each (config.json, metrics.jsonl, ...)
+    OUT/comparison.json        :func:`aggregate`'s table
+    OUT/comparison.md          :func:`to_markdown` of it
+    OUT/comparison.png         training reward against reward queries, mean over seeds
+
+A run directory is reused when it holds a finished run of the same configuration, resumed from
+its checkpoint when it holds an interrupted one, and refused when it holds a different
+configuration (nothing is overwritten), so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+
+from ddpo_rl.checkpoint import CHECKPOINT_NAME
+from ddpo_rl.config import ConfigError, DDPOConfig, parse_cli
+from ddpo_rl.reporting import read_jsonl
+
+# config fields that may differ between a stored run and the planned one without changing it
+_RUN_INDEPENDENT_FIELDS = ("progress", "resume")
+# fields the comparison sets per run itself
+_PER_RUN_FLAGS = ("--algorithm", "--seed", "--output-dir", "--resume")
+
+
+@dataclass
+class PlannedRun:
+    """One (algorithm, seed) run of a comparison and what to do with its directory."""
+
+    algorithm: str
+    seed: int
+    cfg: DDPOConfig
+    status: str
+    """"done" (finished: reuse), "resume" (interrupted: continue from its checkpoint) or "new"."""
+
+    @property
+    def out(self) -> str:
+        return self.cfg.output_dir
+
+    def cli_args(self, overrides: list[str]) -> list[str]:
+        """Arguments of the recipe script that runs (or resumes) this run."""
+        args = [*overrides, "--seed", str(self.seed), "--output-dir", self.out, "--progress", "false"]
+        return args + (["--resume", self.out] if self.status == "resume" else [])
+
+
+def _differences(stored: dict, planned: dict) -> list[str]:
+    keys = (set(stored) | set(planned)) - set(_RUN_INDEPENDENT_FIELDS)
+    return sorted(k for k in keys if stored.get(k) != planned.get(k))
+
+
+def run_status(cfg: DDPOConfig) -> str:
+    """"done", "resume" or "new" for ``cfg.output_dir``; ConfigError if it holds another configuration."""
+    out = cfg.output_dir
+    cfg_path = os.path.join(out, "config.json")
+    if not os.path.exists(cfg_path):
+        return "new"
+    with open(cfg_path) as f:
+        stored = json.load(f)
+    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())))
+    if diff:
+        raise ConfigError(
+            f"output_dir: {out} holds a run with another configuration (differs in {', '.join(diff)}); "
+            "use another --output-dir or delete that directory"
+        )
+    summary_path = os.path.join(out, "summary.json")
+    if os.path.exists(summary_path) and os.path.isdir(os.path.join(out, "final")):
+        with open(summary_path) as f:
+            if json.load(f).get("final", {}).get("epoch") == cfg.epochs:
+                return "done"
+    if os.path.exists(os.path.join(out, "checkpoints", CHECKPOINT_NAME)):
+        return "resume"
+    return "new"
+
+
+def plan_runs(algorithms: list[str], seeds: list[int], overrides: list[str], output_dir: str) -> list[PlannedRun]:
+    """Every (algorithm, seed) run with its config and status. Validates everything before any run starts."""
+    for flag in _PER_RUN_FLAGS:
+        if any(a == flag or a.startswith(flag + "=") for a in overrides):
+            raise ConfigError(f"{flag[2:].replace('-', '_')}: set per run by the comparison; "
+                              "use --algorithms / --seeds / the comparison's --output-dir")
+    if len(set(seeds)) != len(seeds) or len(set(algorithms)) != len(algorithms):
+        raise ConfigError("seeds/algorithms: each may appear once")
+    runs = []
+    for algo in algorithms:
+        for seed in seeds:
+            out = os.path.join(output_dir, algo, f"seed{seed}")
+            cfg = parse_cli([*overrides, "--seed", str(seed), "--output-dir", out, "--progress", "false"], algorithm=algo)
+            runs.append(PlannedRun(algo, seed, cfg, run_status(cfg)))
+    shared = [{k: v for k, v in r.cfg.to_dict().items() if k not in ("algorithm", "seed", "output_dir")} for r in runs]
+    if any(s != shared[0] for s in shared):  # e.g. an algorithm-specific preset default
+        raise ConfigError("the runs of a comparison must share every setting but algorithm and seed")
+    return runs
+
+
+def _mean_std(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def aggregate(runs: list[PlannedRun]) -> dict:
+    """The comparison table from the finished runs' summary.json / metrics.jsonl.
+
+    Per algorithm: the final fixed-seed evaluation on the training and held-out prompts (mean and
+    population std over seeds), the gain in units of the base model's reward std, the last
+    epoch's clip fraction and the per-seed values.
+    """
+    cfg = runs[0].cfg
+    table = {
+        "reward": cfg.reward, "preset": cfg.preset, "epochs": cfg.epochs, "samples_per_epoch": cfg.samples_per_epoch,
+        "reward_queries": cfg.epochs * cfg.samples_per_epoch, "seeds": sorted({r.seed for r in runs}),
+        "eval_num_samples": cfg.eval_num_samples, "methods": {},
+    }
+    by_algo: dict[str, list[dict]] = {}
+    for r in runs:
+        with open(os.path.join(r.out, "summary.json")) as f:
+            s = json.load(f)
+        metrics = read_jsonl(os.path.join(r.out, "metrics.jsonl"))
+        s["last_clip_fraction"] = metrics[-1].get("clip_fraction") if metrics else None
+        by_algo.setdefault(r.algorithm, []).append(s)
+    base = next(iter(by_algo.values()))[0]["base"]
+    table["base"] = {
+        "train_prompts": {"mean": base["train_prompts_reward_mean"], "std": base["train_prompts_reward_std"]},
+        "eval_prompts": {"mean": base["eval_reward_mean"], "std": base["eval_reward_std"]},
+    }
+    for algo, summaries in by_algo.items():
+        table["methods"][algo] = {
+            "train_prompts": _mean_std([s["final"]["train_prompts_reward_mean"] for s in summaries]),
+            "eval_prompts": _mean_std([s["final"]["eval_reward_mean"] for s in summaries]),
+            "train_prompts_gain_in_base_std": _mean_std([s["train_prompts_gain_in_base_std"] for s in summaries]),
+            "eval_prompts_gain_in_base_std": _mean_std([s["eval_prompts_gain_in_base_std"] for s in summaries]),
+            "per_seed": {
+                str(s["seed"]): {"train_prompts": s["final"]["train_prompts_reward_mean"],
+                                 "eval_prompts": s["final"]["eval_reward_mean"],
+                                 "last_clip_fraction": s["last_clip_fraction"]}
+                for s in summaries
+            },
+        }
+    return table
+
+
+def to_markdown(table: dict) -> str:
+    """The table as GitHub markdown, with a line saying what was compared."""
+    b = table["base"]
+    lines = [
+        "| method | final reward, training prompts | held-out prompts | gain (base std), training / held-out |",
+        "|---|---|---|---|",
+        f"| base model | {b['train_prompts']['mean']:.4f} ± {b['train_prompts']['std']:.4f} (sample std) "
+        f"| {b['eval_prompts']['mean']:.4f} ± {b['eval_prompts']['std']:.4f} (sample std) | 0 / 0 |",
+    ]
+    for algo, m in table["methods"].items():
+        tr, ev = m["train_prompts"], m["eval_prompts"]
+        gt, ge = m["train_prompts_gain_in_base_std"], m["eval_prompts_gain_in_base_std"]
+        lines.append(f"| {algo} | {tr['mean']:.4f} ± {tr['std']:.4f} | {ev['mean']:.4f} ± {ev['std']:.4f} "
+                     f"| {gt['mean']:+.1f} / {ge['mean']:+.1f} |")
+    return "\n".join(lines) + (
+        f"\n\n{table['reward']} (preset {table['preset']}), {table['reward_queries']} reward queries per run "
+        f"({table['epochs']} epochs x {table['samples_per_epoch']} samples), seeds {table['seeds']}; "
+        f"final fixed-seed evaluation on {table['eval_num_samples']} samples per prompt set; "
+        "methods: mean ± std over seeds.\n"
+    )
+
+
+def training_curves(runs: list[PlannedRun]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per algorithm: training-batch reward mean (averaged over seeds) against reward queries."""
+    per_algo: dict[str, list[list[dict]]] = {}
+    for r in runs:
+        per_algo.setdefault(r.algorithm, []).append(read_jsonl(os.path.join(r.out, "metrics.jsonl")))
+    curves = {}
+    for algo, logs in per_algo.items():
+        n = min(len(m) for m in logs)
+        spe = runs[0].cfg.samples_per_epoch
+        xs = [logs[0][i]["epoch"] * spe for i in range(n)]
+        ys = [statistics.fmean(m[i]["reward_mean"] for m in logs) for i in range(n)]
+        curves[algo] = (xs, ys)
+    return curves

@@ -1,0 +1,92 @@
+"""ddpo_rl.comparison: run planning (reuse / resume / refuse), aggregation and the markdown table."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+
+from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
+from ddpo_rl.config import ConfigError, parse_cli
+
+OVR = ["--preset", "tiny", "--epochs", "3"]
+
+
+def _fake_finished_run(run, final_train: float, final_eval: float, base=(-1.0, 0.1, -1.2, 0.2)):
+    """Write what a finished recipe run leaves: config.json, summary.json, metrics.jsonl, final/."""
+    os.makedirs(os.path.join(run.out, "final"), exist_ok=True)
+    run.cfg.to_json(os.path.join(run.out, "config.json"))
+    bt, bts, be, bes = base
+    summary = {
+        "algorithm": run.algorithm, "seed": run.seed,
+        "base": {"epoch": 0, "train_prompts_reward_mean": bt, "train_prompts_reward_std": bts,
+                 "eval_reward_mean": be, "eval_reward_std": bes},
+        "final": {"epoch": run.cfg.epochs, "train_prompts_reward_mean": final_train, "eval_reward_mean": final_eval},
+        "train_prompts_gain_in_base_std": (final_train - bt) / bts,
+        "eval_prompts_gain_in_base_std": (final_eval - be) / bes,
+    }
+    with open(os.path.join(run.out, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(run.out, "metrics.jsonl"), "w") as f:
+        for e in range(1, run.cfg.epochs + 1):
+            f.write(json.dumps({"epoch": e, "reward_mean": final_train * e / run.cfg.epochs, "clip_fraction": 0.1 * e}) + "\n")
+
+
+def test_plan_covers_every_algorithm_and_seed_with_equal_queries(tmp_path):
+    runs = plan_runs(["ddpo_is", "ddpo_sf", "rwr"], [0, 1], OVR, str(tmp_path))
+    assert [(r.algorithm, r.seed) for r in runs] == [(a, s) for a in ("ddpo_is", "ddpo_sf", "rwr") for s in (0, 1)]
+    assert {r.cfg.epochs * r.cfg.samples_per_epoch for r in runs} == {3 * 4}
+    assert all(r.status == "new" for r in runs)
+    assert len({r.out for r in runs}) == 6
+    assert runs[0].cli_args(OVR)[-6:] == ["--seed", "0", "--output-dir", runs[0].out, "--progress", "false"]
+
+
+def test_status_done_resume_and_refused(tmp_path):
+    cfg = parse_cli([*OVR, "--output-dir", str(tmp_path / "r")])
+    assert run_status(cfg) == "new"
+    os.makedirs(tmp_path / "r" / "checkpoints")
+    cfg.to_json(str(tmp_path / "r" / "config.json"))
+    assert run_status(cfg) == "new"  # started, never checkpointed: start again
+    (tmp_path / "r" / "checkpoints" / "checkpoint.pt").write_bytes(b"x")
+    assert run_status(cfg) == "resume"
+    (run,) = plan_runs(["ddpo_is"], [0], [*OVR], str(tmp_path / "c"))
+    _fake_finished_run(run, -0.5, -0.6)
+    assert run_status(run.cfg) == "done"
+    assert "--resume" not in run.cli_args(OVR)
+    # the same directory planned with another setting is refused, naming the field
+    with pytest.raises(ConfigError, match="learning_rate"):
+        plan_runs(["ddpo_is"], [0], [*OVR, "--learning-rate", "1e-3"], str(tmp_path / "c"))
+    # --progress does not count as a difference
+    assert run_status(parse_cli([*OVR, "--output-dir", run.out, "--progress", "true"])) == "done"
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--algorithm", "--output-dir", "--resume"])
+def test_per_run_flags_are_refused_in_overrides(tmp_path, flag):
+    with pytest.raises(ConfigError, match="set per run"):
+        plan_runs(["ddpo_is"], [0], [*OVR, flag, "1"], str(tmp_path))
+
+
+def test_aggregate_means_stds_and_markdown(tmp_path):
+    runs = plan_runs(["ddpo_is", "rwr"], [0, 1, 2], OVR, str(tmp_path))
+    finals = {("ddpo_is", 0): -0.5, ("ddpo_is", 1): -0.6, ("ddpo_is", 2): -0.7, ("rwr", 0): -0.9, ("rwr", 1): -0.8, ("rwr", 2): -0.9}
+    for r in runs:
+        _fake_finished_run(r, finals[r.algorithm, r.seed], finals[r.algorithm, r.seed] - 0.1)
+    table = aggregate(runs)
+    assert table["reward_queries"] == 12 and table["seeds"] == [0, 1, 2]
+    is_vals = [finals["ddpo_is", s] for s in (0, 1, 2)]
+    m = table["methods"]["ddpo_is"]
+    assert m["train_prompts"]["mean"] == pytest.approx(statistics.fmean(is_vals))
+    assert m["train_prompts"]["std"] == pytest.approx(statistics.pstdev(is_vals))
+    assert m["eval_prompts"]["mean"] == pytest.approx(statistics.fmean(is_vals) - 0.1)
+    assert m["train_prompts_gain_in_base_std"]["mean"] == pytest.approx((statistics.fmean(is_vals) + 1.0) / 0.1)
+    assert m["per_seed"]["1"]["last_clip_fraction"] == pytest.approx(0.3)
+    assert table["base"]["train_prompts"] == {"mean": -1.0, "std": 0.1}
+    md = to_markdown(table)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in rows[1:]] == ["base model", "ddpo_is", "rwr"]
+    assert "-0.6000 ± 0.0816" in rows[2] and "12 reward queries" in md
+    curves = training_curves(runs)
+    assert curves["rwr"][0] == [4, 8, 12]  # reward queries, not epochs
+    assert curves["rwr"][1][-1] == pytest.approx(statistics.fmean([-0.9, -0.8, -0.9]))
