@@ -263,3 +263,14 @@ def test_compare_algorithms_runs_reuses_and_refuses(tmp_path):
     # the same directories with another setting: refused in one line before anything runs
     res = run_recipe("compare_algorithms.py", *args, "--learning-rate", "0.1", timeout=300)
     assert res.returncode == 2 and "learning_rate" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 7, "reward_mean": 0.0}) + "\n")
+    (out / "eval.jsonl").write_text(json.dumps({"epoch": 0, "eval_reward_mean": 0.0}) + "\n")
+    res = run_recipe("ddpo_is.py", "--preset", "tiny", "--epochs", "1", "--output-dir", str(out), "--progress", "false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert [e["epoch"] for e in read_jsonl(out / "eval.jsonl")] == [0, 1]
