@@ -101,7 +101,7 @@ def save_curve_png(
 ) -> str:
     """Line plot of named (xs, ys) series, with optional +-std bands (same xs), to a PNG."""
     W, H = size
-    left, right, top, bottom = 70, 200, 34, 50  # the legend sits right of the axes
+    left, right, top, bottom = 70, 200, 50, 50  # the legend sits right of the axes
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font(12)
@@ -152,7 +152,7 @@ def save_curve_png(
         lx = W - right + 12
         draw.line([(lx, top + 8 + 16 * k + 6), (lx + 20, top + 8 + 16 * k + 6)], fill=color, width=3)
         draw.text((lx + 25, top + 8 + 16 * k), name, fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=_font(14))
+    draw.text((left, 6), title, fill="black", font=_font(14))
     draw.text(((W - left) // 2 + left - 20, H - 22), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
