@@ -127,10 +127,13 @@ def aggregate(runs: list[PlannedRun]) -> dict:
         metrics = read_jsonl(os.path.join(r.out, "metrics.jsonl"))
         s["last_clip_fraction"] = metrics[-1].get("clip_fraction") if metrics else None
         by_algo.setdefault(r.algorithm, []).append(s)
-    base = next(iter(by_algo.values()))[0]["base"]
+    # the base model's evaluation, averaged over runs (its sampling noise depends on the seed)
+    bases = [s["base"] for summaries in by_algo.values() for s in summaries]
     table["base"] = {
-        "train_prompts": {"mean": base["train_prompts_reward_mean"], "std": base["train_prompts_reward_std"]},
-        "eval_prompts": {"mean": base["eval_reward_mean"], "std": base["eval_reward_std"]},
+        "train_prompts": {"mean": statistics.fmean(b["train_prompts_reward_mean"] for b in bases),
+                          "std": statistics.fmean(b["train_prompts_reward_std"] for b in bases)},
+        "eval_prompts": {"mean": statistics.fmean(b["eval_reward_mean"] for b in bases),
+                         "std": statistics.fmean(b["eval_reward_std"] for b in bases)},
     }
     for algo, summaries in by_algo.items():
         table["methods"][algo] = {
@@ -154,8 +157,8 @@ def to_markdown(table: dict) -> str:
     lines = [
         "| method | final reward, training prompts | held-out prompts | gain (base std), training / held-out |",
         "|---|---|---|---|",
-        f"| base model | {b['train_prompts']['mean']:.4f} ± {b['train_prompts']['std']:.4f} (sample std) "
-        f"| {b['eval_prompts']['mean']:.4f} ± {b['eval_prompts']['std']:.4f} (sample std) | 0 / 0 |",
+        f"| base model | {b['train_prompts']['mean']:.4f} ± {b['train_prompts']['std']:.4f} (over samples) "
+        f"| {b['eval_prompts']['mean']:.4f} ± {b['eval_prompts']['std']:.4f} (over samples) | 0 / 0 |",
     ]
     for algo, m in table["methods"].items():
         tr, ev = m["train_prompts"], m["eval_prompts"]
