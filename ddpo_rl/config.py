@@ -130,9 +130,10 @@ class DDPOConfig:
     minibatch_size: int = 32
     """Trajectories per training forward pass."""
     gradient_accumulation_steps: int = 1
-    """Minibatches per optimizer step (timesteps are always accumulated)."""
+    """Minibatches per optimizer step (timesteps are always accumulated). DDPO-SF ignores it: being
+    on-policy, it accumulates the whole epoch's batch into one optimizer step."""
     num_inner_epochs: int = 1
-    """Passes over each epoch's batch."""
+    """Passes over each epoch's batch (DDPO-IS and RWR; DDPO-SF needs 1)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on."""
 
@@ -179,6 +180,8 @@ class DDPOConfig:
         need(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", 'must be "no", "fp16" or "bf16"')
         need(self.on_invalid_reward in ("raise", "drop"), "on_invalid_reward", 'must be "raise" or "drop"')
         need(self.rwr_mode in ("exponential", "sparse"), "rwr_mode", 'must be "exponential" or "sparse"')
+        need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
+             "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
         per_step = self.minibatch_size * self.gradient_accumulation_steps
         need(
             self.samples_per_epoch % per_step == 0,

@@ -14,6 +14,10 @@ all their kept steps; N / (minibatch_size * gradient_accumulation_steps) steps p
 epoch (4 in the paper's presets). The config checks that N divides evenly; a batch made
 ragged by dropped samples ends with one smaller step.
 
+An on-policy loss (``loss_module.on_policy``, e.g. DDPO-SF) gets exactly one optimizer step per
+batch: all its minibatches are accumulated, whatever ``gradient_accumulation_steps`` says, and
+``num_inner_epochs`` must be 1.
+
 Metrics stay on the device during the loop and are reduced once at the end: the only host
 syncs are one per optimizer step, to skip a step whose gradient is not finite.
 """
@@ -97,6 +101,12 @@ class DDPOTrainer:
         self.generator = generator
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
+        self.on_policy = bool(getattr(loss_module, "on_policy", False))
+        if self.on_policy and self.config.num_inner_epochs != 1:
+            raise ValueError(
+                f"num_inner_epochs={self.config.num_inner_epochs}: {type(loss_module).__name__} is on-policy "
+                "(one optimizer step per batch of trajectories); use 1, or an importance-sampling loss (DDPO-IS)"
+            )
 
     def _shuffled(self, batch: TensorDictBase) -> TensorDictBase:
         """Trajectories in random order, each one's steps in its own random order."""
@@ -143,7 +153,8 @@ class DDPOTrainer:
         if prepare is not None and N:
             batch = prepare(batch)
         steps_kept = max(1, math.ceil(cfg.timestep_fraction * T))
-        acc = cfg.gradient_accumulation_steps
+        mb_per_epoch = math.ceil(N / cfg.minibatch_size)
+        acc = max(1, mb_per_epoch) if self.on_policy else cfg.gradient_accumulation_steps
         scale = 1.0 / (steps_kept * acc)
         records: list[TensorDictBase] = []
         norms: list[torch.Tensor] = []
@@ -153,7 +164,6 @@ class DDPOTrainer:
         # Every rank must take the same number of optimizer steps (each one all-reduces the
         # gradients). Batches differ in size only when samples were dropped for a NaN reward;
         # a rank with fewer steps then takes empty ones (zero gradient) at the end.
-        mb_per_epoch = math.ceil(N / cfg.minibatch_size)
         my_steps = cfg.num_inner_epochs * math.ceil(mb_per_epoch / acc)
         all_steps = max_int(my_steps)
         for _ in range(cfg.num_inner_epochs if N else 0):

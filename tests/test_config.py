@@ -76,3 +76,9 @@ def test_help_lists_every_field_with_its_docstring():
     text = cli_help()
     assert "--learning-rate" in text and "AdamW learning rate" in text
     assert text.count("\n  --") == len(DDPOConfig.__dataclass_fields__)
+
+
+def test_sf_with_several_inner_epochs_is_refused():
+    with pytest.raises(ConfigError, match="num_inner_epochs: DDPO-SF is on-policy"):
+        parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_sf")
+    assert parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_is").num_inner_epochs == 2

@@ -17,7 +17,8 @@ def test_collect_advantages_and_train(loss_name):
     env, policy = make_env(batch_size=4, encoder=enc), make_policy(encoder=enc)
     loss = make_loss(loss_name, policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    trainer = DDPOTrainer(loss, optimizer, TrainConfig(minibatch_size=4, gradient_accumulation_steps=1, num_inner_epochs=2))
+    inner = 1 if loss_name == "ddpo_sf" else 2  # DDPO-SF is on-policy: one pass, one step
+    trainer = DDPOTrainer(loss, optimizer, TrainConfig(minibatch_size=4, gradient_accumulation_steps=1, num_inner_epochs=inner))
     tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
 
     traj = collect_trajectories(env, policy, num_batches=2)
@@ -43,8 +44,31 @@ def test_ragged_batch_ends_with_a_smaller_step():
     steps = []
     opt = torch.optim.SGD(policy.parameters(), 0.1)
     opt.register_step_post_hook(lambda *a: steps.append(1))
-    DDPOTrainer(make_loss("ddpo_sf", policy), opt, TrainConfig(minibatch_size=2)).train(traj)
+    DDPOTrainer(make_loss("ddpo_is", policy), opt, TrainConfig(minibatch_size=2)).train(traj)
     assert len(steps) == 2
+
+
+def test_on_policy_loss_takes_one_step_per_batch_with_the_whole_batch_gradient():
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=4, encoder=enc), make_policy(encoder=enc)
+    traj = with_advantages(collect_trajectories(env, policy, num_batches=2), torch.linspace(-1.5, 1.5, 8))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    # reference: the DDPO-SF gradient of all 8 trajectories at all steps, in one backward
+    loss = make_loss("ddpo_sf", policy)
+    sum(loss(traj[:, j])["loss_objective"] for j in range(traj.shape[1])).div(traj.shape[1]).backward()
+    ref = [p.grad.clone() for p in params]
+    policy.zero_grad(set_to_none=True)
+
+    seen = []
+    opt = torch.optim.SGD(params, 0.0)
+    opt.register_step_pre_hook(lambda *a: seen.append([p.grad.clone() for p in params]))
+    # 4 minibatches of 2, "accumulate 1": an off-policy loss would step 4 times
+    DDPOTrainer(loss, opt, TrainConfig(minibatch_size=2, gradient_accumulation_steps=1, max_grad_norm=None)).train(traj)
+    assert len(seen) == 1
+    for g, r in zip(seen[0], ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="on-policy"):
+        DDPOTrainer(loss, opt, TrainConfig(num_inner_epochs=2))
 
 
 def test_timestep_fraction_trains_on_fewer_steps():

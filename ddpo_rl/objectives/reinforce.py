@@ -107,9 +107,20 @@ class CriticFreePGLoss(LossModule):
 class DDPOSFLoss(CriticFreePGLoss):
     """DDPO-SF: ``-mean(A * log pi_theta(x_{t-1} | x_t, c))``.
 
+    The score-function estimator is only valid for trajectories of the current policy, so
+    DDPO-SF takes one optimizer step per batch of data (Black et al. 2024, Sec. 4.3):
+    ``on_policy = True`` makes :class:`~ddpo_rl.trainer.DDPOTrainer` accumulate every
+    minibatch of a batch into a single step. (A second step on the same samples is off-policy;
+    on the digits model, where the last DDIM steps have std < 0.02, that second step's gradient
+    is dominated by the drift of the policy mean and the alignment reward collapses to chance
+    within ten epochs.)
+
     Args:
         actor_network: a :class:`~ddpo_rl.policy.DiffusionPolicy` (any ProbabilisticActor).
     """
+
+    on_policy = True
+    """One optimizer step per batch of trajectories (read by DDPOTrainer)."""
 
     def objective(self, log_prob, old_log_prob, tensordict):
         return -(self.advantage(tensordict) * log_prob).mean()
