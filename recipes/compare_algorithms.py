@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
-from ddpo_rl.comparison import aggregate, plan_runs, to_markdown, training_curves
+from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
 from ddpo_rl.config import ALGORITHMS, ConfigError
 from ddpo_rl.plotting import save_curve_png
 from ddpo_rl.reporting import read_jsonl
@@ -35,9 +36,28 @@ def _launch(run, overrides: list[str], threads: int) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     log = open(os.path.join(run.out, "log.txt"), "a")
     cmd = [sys.executable, os.path.join(HERE, f"{run.algorithm}.py"), *run.cli_args(overrides)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # own session: a Ctrl-C reaches only this script, which forwards one SIGTERM (see main)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log.close()
     return proc
+
+
+def _run_all(pending, active, failed, progress, task, runs, overrides, threads, jobs) -> None:
+    """Launch runs, ``jobs`` at a time, until all have exited; progress counts logged epochs."""
+    while pending or active:
+        while pending and len(active) < jobs:
+            r = pending.pop(0)
+            active.append((r, _launch(r, overrides, threads)))
+        for r, proc in list(active):
+            if proc.poll() is not None:
+                active.remove((r, proc))
+                if proc.returncode != 0:
+                    failed.append(r)
+                    progress.console.print(f"[red]{r.algorithm} seed {r.seed} failed (exit {proc.returncode}); "
+                                           f"see {os.path.join(r.out, 'log.txt')}")
+        done = sum(len(read_jsonl(os.path.join(r.out, "metrics.jsonl"))) for r in runs)
+        progress.update(task, completed=done, running=", ".join(f"{r.algorithm} s{r.seed}" for r, _ in active))
+        time.sleep(1.0)
 
 
 def main(argv=None) -> dict:
@@ -64,6 +84,7 @@ def main(argv=None) -> dict:
     # 2. run what is not done, --jobs at a time, with a progress bar over all epochs
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     total = sum(r.cfg.epochs for r in runs)
     failed = []
@@ -72,22 +93,23 @@ def main(argv=None) -> dict:
                   disable=args.progress == "false") as progress:
         task = progress.add_task("runs", total=total, running="")
         pending, active = list(todo), []  # active: (run, process) pairs
-        while pending or active:
-            while pending and len(active) < args.jobs:
-                r = pending.pop(0)
-                active.append((r, _launch(r, overrides, threads)))
-            for r, proc in list(active):
-                if proc.poll() is not None:
-                    active.remove((r, proc))
-                    if proc.returncode != 0:
-                        failed.append(r)
-                        progress.console.print(f"[red]{r.algorithm} seed {r.seed} failed (exit {proc.returncode}); "
-                                               f"see {os.path.join(r.out, 'log.txt')}")
-            done = sum(len(read_jsonl(os.path.join(r.out, "metrics.jsonl"))) for r in runs)
-            progress.update(task, completed=done, running=", ".join(f"{r.algorithm} s{r.seed}" for r, _ in active))
-            time.sleep(1.0)
+        try:
+            _run_all(pending, active, failed, progress, task, runs, overrides, threads, args.jobs)
+        except KeyboardInterrupt:  # SIGINT or SIGTERM: each running run checkpoints at its epoch's end
+            progress.console.print("interrupted: the running runs checkpoint and stop; "
+                                   "run the same command again to continue")
+            for _, proc in active:
+                proc.send_signal(signal.SIGTERM)
+            for _, proc in active:
+                proc.wait()
+            raise SystemExit(130) from None
     if failed:
         print(f"error: {len(failed)} run(s) failed; fix and run the same command again to finish", file=sys.stderr)
+        raise SystemExit(1)
+    unfinished = [r for r in runs if run_status(r.cfg) != "done"]
+    if unfinished:  # e.g. a run stopped by SIGTERM: it checkpointed instead of finishing
+        print(f"error: {len(unfinished)} run(s) did not finish ({unfinished[0].out}, ...); "
+              "run the same command again to resume them", file=sys.stderr)
         raise SystemExit(1)
 
     # 3. aggregate into the table and the curve

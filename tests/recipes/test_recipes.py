@@ -274,3 +274,31 @@ def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
     assert [e["epoch"] for e in read_jsonl(out / "eval.jsonl")] == [0, 1]
+
+
+@pytest.mark.slow
+def test_interrupted_comparison_resumes_its_runs(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["--algorithms", "ddpo_is", "rwr", "--seeds", "0", "--jobs", "2", "--progress", "false",
+            "--output-dir", str(out), "--preset", "tiny", "--epochs", "4", "--save-every", "1", "--eval-every", "10"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "compare_algorithms.py"), *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # stop the comparison once a run has logged an epoch
+        if any(len(read_jsonl(p)) >= 1 for p in out.glob("*/seed0/metrics.jsonl")):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    assert not (out / "comparison.json").exists()
+    stopped = [p for p in out.glob("*/seed0") if not (p / "final").exists()]
+    assert stopped, "the SIGTERM should stop at least one run before its end"
+
+    res = run_recipe("compare_algorithms.py", *args, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ": resume ->" in res.stdout
+    for algo in ("ddpo_is", "rwr"):
+        assert [m["epoch"] for m in read_jsonl(out / algo / "seed0" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert json.loads((out / "comparison.json").read_text())["methods"]["rwr"]["train_prompts"]["n"] == 1
