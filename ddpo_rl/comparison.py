@@ -103,7 +103,10 @@ def plan_runs(algorithms: list[str], seeds: list[int], overrides: list[str], out
     return runs
 
 
-def _mean_std(xs: list[float]) -> dict:
+def _mean_std(xs: list[float | None]) -> dict:
+    xs = [x for x in xs if x is not None]  # a gain is None where the base std was 0
+    if not xs:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
