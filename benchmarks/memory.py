@@ -3,7 +3,7 @@
     python benchmarks/memory.py --model tiny --epochs 20 --json mem.json
     python benchmarks/memory.py --preset digits --epochs 20 --json mem.json   # needs the digits model
 
-Runs :class:`ddpo_rl.recipe.DDPORecipe` in this process (evaluation and checkpoints at their
+Runs :class:`recipes.ddpo_recipe.DDPORecipe` in this process (evaluation and checkpoints at their
 usual cadence) and reads VmRSS from /proc/self/status after each epoch (psutil if
 /proc is missing). Prints and writes (``--json``) the per-epoch RSS, the start/end/peak and
 the growth per epoch fitted over the second half of the run (the first epochs include
@@ -57,7 +57,9 @@ def main(argv=None) -> dict:
     args, rest = ap.parse_known_args(argv)
 
     from ddpo_rl.config import parse_cli
-    from ddpo_rl.recipe import DDPORecipe
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+    from recipes.ddpo_recipe import DDPORecipe
 
     out = args.output_dir or tempfile.mkdtemp(prefix="ddpo_mem_")
     cli = ["--preset", args.preset, "--epochs", str(args.epochs), "--output-dir", out, "--progress", "false", *rest]

@@ -3,7 +3,7 @@
 ``os.replace`` is atomic on POSIX, so a kill during a save leaves the previous checkpoint
 intact (at worst a stray ``*.tmp`` file, removed by the next save).
 
-What a training checkpoint holds (see :meth:`ddpo_rl.recipe.DDPORecipe.state_dict`): the
+What a training checkpoint holds (see ``DDPORecipe.state_dict`` in recipes/ddpo_recipe.py): the
 trainable weights (LoRA adapters or the full UNet), the optimizer, the per-prompt reward
 statistics, every RNG state, the epoch and the config.
 """

@@ -5,11 +5,11 @@
     python recipes/ddpo_sf.py --help                # every config field
 
 The loop (sample -> advantages -> train -> log -> evaluate -> checkpoint) is
-ddpo_rl.recipe.DDPORecipe; this script only picks the algorithm.
+recipes/ddpo_recipe.py's DDPORecipe; this script only picks the algorithm.
 """
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
-from ddpo_rl.recipe import main as recipe_main
+from ddpo_recipe import main as recipe_main  # this script's folder is on sys.path
 
 
 def main(argv=None):

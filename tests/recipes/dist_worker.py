@@ -20,7 +20,7 @@ import torch
 from ddpo_rl import distributed
 from ddpo_rl.config import parse_cli
 from ddpo_rl.keys import KEYS
-from ddpo_rl.recipe import DDPORecipe
+from recipes.ddpo_recipe import DDPORecipe
 
 
 def trainable(recipe):

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from ddpo_rl.config import parse_cli
-from ddpo_rl.recipe import run
+from recipes.ddpo_recipe import run
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
 """The DDPO training recipe: setup, train, cleanup.
 
-The scripts in recipes/ are thin entry points over :class:`DDPORecipe`; all three
-algorithms (DDPO-IS, DDPO-SF, RWR) share this loop and differ only in the loss. Each epoch:
+It builds the library's components (ddpo_rl) and the denoising environment (envs/) from a
+:class:`~ddpo_rl.config.DDPOConfig`, so it lives with the recipes: envs/ imports ddpo_rl, never
+the reverse. ddpo_is.py, ddpo_sf.py and rwr.py are thin entry points over :class:`DDPORecipe`;
+the three algorithms (DDPO-IS, DDPO-SF, RWR) share this loop and differ only in the loss. Each
+epoch:
 
 1. sample ``samples_per_epoch`` trajectories with the current policy (env + reward transform);
 2. turn terminal rewards into per-prompt normalised, clipped advantages;
@@ -17,6 +20,8 @@ diffusers format: the UNet, or the LoRA adapters).
 """
 
 from __future__ import annotations
+
+import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
 
 import json
 import math
@@ -42,7 +47,7 @@ from ddpo_rl.config import DDPOConfig
 from ddpo_rl import distributed
 from ddpo_rl.keys import KEYS
 from ddpo_rl.objectives import make_loss
-from ddpo_rl.plotting import save_curve_png, save_image_grid
+from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardTransform

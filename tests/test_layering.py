@@ -1,0 +1,25 @@
+"""The dependency direction of the layout: envs/ and recipes/ import ddpo_rl, never the reverse."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imported_top_levels(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_imports_neither_envs_nor_recipes():
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(_imported_top_levels(p) & {"envs", "recipes", "benchmarks", "tests"})
+        for p in (ROOT / "ddpo_rl").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert len(offenders) > 30  # the scan did find the package
