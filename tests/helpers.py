@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import socket
 
 import torch
 from torchrl.envs import TransformedEnv
@@ -51,3 +54,27 @@ def make_policy(steps=5, guidance=3.0, encoder=None, seed=0, **kw) -> DiffusionP
         negative_prompt_embeds=encoder.negative_embeds() if guidance != 1.0 else None,
         **kw,
     )
+
+
+# per-epoch training metrics every recipe run logs (compared across runs by the resume tests)
+TRAIN_FIELDS = ("reward_mean", "reward_std", "loss", "kl_approx", "clip_fraction", "grad_norm")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment of a recipe subprocess: one thread, unbuffered, the repo root importable."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

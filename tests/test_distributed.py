@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -12,14 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ddpo_rl import distributed
+from tests.helpers import free_port
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_helpers(rank: int, port: int, errors) -> None:
@@ -63,6 +57,7 @@ def _check_helpers(rank: int, port: int, errors) -> None:
         distributed.barrier()
     except BaseException:
         errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise  # a non-zero exit code too, not only the queue
     finally:
         distributed.destroy()
 
@@ -71,7 +66,7 @@ def _check_helpers(rank: int, port: int, errors) -> None:
 def test_helpers_in_a_two_process_gloo_group():
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_check_helpers, args=(r, port, errors)) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -20,7 +20,6 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
-from ddpo_rl.keys import KEYS
 from ddpo_rl.objectives.reinforce import CriticFreePGLoss
 
 RWR_MODES = ("exponential", "sparse")

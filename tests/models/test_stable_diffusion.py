@@ -56,8 +56,10 @@ def test_loaded_weights_equal_saved(pipeline_dir):
 
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
     c = load_sd_components(pipeline_dir)
-    for a, b in zip(pipe.unet.state_dict().values(), c.unet.state_dict().values()):
-        torch.testing.assert_close(a, b)
+    saved, loaded = pipe.unet.state_dict(), c.unet.state_dict()
+    assert saved.keys() == loaded.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, msg=name)
 
 
 def test_scheduler_always_keeps_last_step_stochastic(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT, free_port, read_jsonl, subprocess_env
+
 WORKER = os.path.join(ROOT, "tests", "recipes", "dist_worker.py")
 WORLD = 2
 TINY = ["--preset", "tiny", "--epochs", "2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(*args):
@@ -36,13 +30,6 @@ def torchrun_cmd(*args):
     ]
 
 
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,7 @@ def two_rank_runs(tmp_path_factory):
     variants = {"lora": [*TINY, "--use-lora", "true"], "full": TINY}
     res = subprocess.run(
         torchrun_cmd(WORKER, str(root), json.dumps(variants)),
-        capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT,
     )
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
     return root
@@ -130,11 +117,11 @@ def test_sigterm_on_one_rank_stops_all_ranks_and_resume_matches(tmp_path):
     common = ["--preset", "tiny", "--epochs", "4", "--eval-every", "100", "--save-every", "100", "--progress", "false"]
     full = tmp_path / "full"
     res = subprocess.run(torchrun_cmd(script, *common, "--output-dir", str(full)),
-                         capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
 
     part = tmp_path / "part"
-    proc = subprocess.Popen(torchrun_cmd(script, *common, "--output-dir", str(part)), env=env(), cwd=ROOT,
+    proc = subprocess.Popen(torchrun_cmd(script, *common, "--output-dir", str(part)), env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, sent = time.time() + 240, False
     while time.time() < deadline and proc.poll() is None:
@@ -155,7 +142,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_and_resume_matches(tmp_path):
     assert not (part / "final").exists()
 
     res = subprocess.run(torchrun_cmd(script, *common, "--output-dir", str(part), "--resume", str(part)),
-                         capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
     a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
     assert [m["epoch"] for m in b] == [1, 2, 3, 4]

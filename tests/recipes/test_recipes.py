@@ -13,19 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_FIELDS = ("reward_mean", "reward_std", "loss", "kl_approx", "clip_fraction", "grad_norm")
+from tests.helpers import ROOT, TRAIN_FIELDS, read_jsonl, subprocess_env
+
 
 
 def run_recipe(script, *args, timeout=300, **popen):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, os.path.join(ROOT, "recipes", script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **popen)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=ROOT, **popen)
 
 
 @pytest.mark.parametrize("script", ["ddpo_is.py", "ddpo_sf.py", "rwr.py"])
@@ -74,7 +68,7 @@ def test_recipe_smoke(script, tmp_path):
     ],
 )
 def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
-    from ddpo_rl.recipe import main
+    from recipes.ddpo_recipe import main
 
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     (tmp_path / "not_a_pipeline").mkdir()
@@ -102,11 +96,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
     # the same run, sent SIGTERM once its 2nd epoch is logged: it checkpoints and stops
     part = tmp_path / "part"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, os.path.join(ROOT, "recipes", "ddpo_is.py"), *common, "--output-dir", str(part)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         p = part / "metrics.jsonl"
         if p.exists() and len(read_jsonl(p)) >= 2:
             proc.send_signal(signal.SIGTERM)
@@ -131,7 +124,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
     from ddpo_rl.config import parse_cli
-    from ddpo_rl.recipe import run
+    from recipes.ddpo_recipe import run
 
     def go(seed, name):
         out = tmp_path / name
@@ -196,7 +189,7 @@ class _PoisonFirstLoss:
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_nonfinite_step_is_skipped_and_logged(where, tmp_path):
     from ddpo_rl.config import parse_cli
-    from ddpo_rl.recipe import DDPORecipe
+    from recipes.ddpo_recipe import DDPORecipe
 
     out = tmp_path / "run"
     recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--epochs", "2", "--eval-every", "10", "--output-dir", str(out),
@@ -279,13 +272,13 @@ def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
 @pytest.mark.slow
 def test_interrupted_comparison_resumes_its_runs(tmp_path):
     out = tmp_path / "cmp"
+    # 20 epochs of ~0.2 s: the runs are still going when the signal lands after the first epoch
     args = ["--algorithms", "ddpo_is", "rwr", "--seeds", "0", "--jobs", "2", "--progress", "false",
-            "--output-dir", str(out), "--preset", "tiny", "--epochs", "4", "--save-every", "1", "--eval-every", "10"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+            "--output-dir", str(out), "--preset", "tiny", "--epochs", "20", "--save-every", "1", "--eval-every", "100"]
     cmd = [sys.executable, os.path.join(ROOT, "recipes", "compare_algorithms.py"), *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline:  # stop the comparison once a run has logged an epoch
+    while time.time() < deadline and proc.poll() is None:  # stop the comparison once a run has logged an epoch
         if any(len(read_jsonl(p)) >= 1 for p in out.glob("*/seed0/metrics.jsonl")):
             proc.send_signal(signal.SIGTERM)
             break
@@ -300,5 +293,5 @@ def test_interrupted_comparison_resumes_its_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert ": resume ->" in res.stdout
     for algo in ("ddpo_is", "rwr"):
-        assert [m["epoch"] for m in read_jsonl(out / algo / "seed0" / "metrics.jsonl")] == [1, 2, 3, 4]
+        assert [m["epoch"] for m in read_jsonl(out / algo / "seed0" / "metrics.jsonl")] == list(range(1, 21))
     assert json.loads((out / "comparison.json").read_text())["methods"]["rwr"]["train_prompts"]["n"] == 1

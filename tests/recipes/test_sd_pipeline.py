@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from ddpo_rl.config import parse_cli
-from ddpo_rl.recipe import DDPORecipe, main, run
+from recipes.ddpo_recipe import DDPORecipe, main, run
 from ddpo_rl.rewards.jpeg import JpegCompressibility
+from tests.helpers import TRAIN_FIELDS, read_jsonl
 from tests.rewards.test_aesthetic import _random_published_state_dict, _tiny_clip
 from tests.rewards.test_alignment import model_dirs  # noqa: F401  (fixture: tiny BLIP + tiny BERT on disk)
 
-TRAIN_FIELDS = ("reward_mean", "reward_std", "loss", "kl_approx", "clip_fraction", "grad_norm")
 
 #: image shapes seen by RecordingJpeg (the recipe builds the reward by "module:factory" name)
 SEEN_SHAPES: list[tuple[int, ...]] = []
@@ -63,13 +63,8 @@ def sd_args(pipeline_dir, out, *extra):
     ]
 
 
-def read_metrics(out):
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def assert_finite_metrics(out):
-    (m,) = read_metrics(out)
+    (m,) = read_jsonl(out / "metrics.jsonl")
     for k in TRAIN_FIELDS:
         assert m[k] is not None and math.isfinite(m[k]), (k, m[k])
     assert m["skipped_steps"] == 0 and m["num_samples"] == 4
@@ -77,7 +72,7 @@ def assert_finite_metrics(out):
 
 
 def run_recipe(cfg, after_setup=None) -> DDPORecipe:
-    """What ddpo_rl.recipe.run does (setup, train, cleanup), keeping the recipe to inspect its model."""
+    """What recipes.ddpo_recipe.run does (setup, train, cleanup), keeping the recipe to inspect its model."""
     recipe = DDPORecipe(cfg)
     try:
         recipe.setup()
