@@ -42,15 +42,16 @@ class DistInfo:
 def init_distributed(device_type: str = "cpu") -> DistInfo:
     """Join the process group that ``torchrun`` describes (env vars); a no-op without it.
 
-    Uses gloo on CPU and nccl on CUDA.
+    Uses gloo on CPU; on CUDA nccl for CUDA tensors and gloo for the CPU ones (the stop flag
+    and step counts that ``any_true``/``max_int`` reduce), so both work in one group.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
     return info

@@ -272,6 +272,8 @@ class FastSampler:
             else:
                 eps = _prediction(self.head.noise_model(x_in, t, encoder_hidden_states=self._emb))
         mean, std = ddim_step_gaussian(self._coeffs, eps, t, x, self.head.eta)
+        if self.head.min_std > 0:  # the head's floor on sigma_t (DDIMGaussianHead.forward)
+            std = std.clamp(min=self.head.min_std)
         action = mean + z * std  # = Normal.rsample: loc + eps * scale
         log_prob = gaussian_log_prob(action, mean, std, self.event_dim, self.reduction)
         self._traj_latents.index_copy_(1, k, x.unsqueeze(1))

@@ -40,12 +40,14 @@ def _assert_same_trajectories(ref, out, atol=0.0, rtol=0.0):
             assert torch.equal(a, b), key
 
 
-@pytest.mark.parametrize("guidance", [3.0, 1.0])
-def test_same_seeds_give_the_env_path_trajectories(guidance):
+@pytest.mark.parametrize("guidance, min_std", [(3.0, 0.0), (1.0, 0.0), (1.0, 0.5)])
+def test_same_seeds_give_the_env_path_trajectories(guidance, min_std):
     """Same env seed (prompts, x_T) and global seed (step noise): the fast sampler reproduces
-    collect_trajectories, latents, actions, log-probs and terminal rewards included."""
+    collect_trajectories, latents, actions, log-probs and terminal rewards included (and the
+    head's min_std floor)."""
     enc = prompt_encoder()
-    env, policy = make_env(batch_size=4, steps=5, encoder=enc), make_policy(steps=5, guidance=guidance, encoder=enc)
+    env = make_env(batch_size=4, steps=5, encoder=enc)
+    policy = make_policy(steps=5, guidance=guidance, encoder=enc, min_std=min_std)
     env.set_seed(11)
     torch.manual_seed(7)
     ref = collect_trajectories(env, policy, num_batches=2)
