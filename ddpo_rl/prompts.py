@@ -58,7 +58,7 @@ class PromptSource:
         return cls(prompts, name=os.path.basename(path))
 
 
-DIGIT_PROMPT = "a handwritten digit {}"
+from ddpo_rl.models.digits import PROMPT_TEMPLATE as DIGIT_PROMPT  # noqa: E402  (one template for model and prompts)
 
 
 def resolve_prompts(spec: str, field: str = "prompts") -> PromptSource:

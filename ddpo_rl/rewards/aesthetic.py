@@ -108,7 +108,7 @@ def load_clip_model(name_or_path: str = DEFAULT_CLIP_MODEL, **kwargs):
             f"'{DEFAULT_CLIP_MODEL}' or a directory written by CLIPModel.save_pretrained"
         )
     try:
-        model = CLIPModel.from_pretrained(name_or_path, **kwargs)
+        model = CLIPModel.from_pretrained(os.path.expanduser(str(name_or_path)), **kwargs)
     except (OSError, ValueError) as err:
         raise PretrainedWeightsNotFoundError(
             f"could not load CLIP from '{name_or_path}' ({str(err).splitlines()[0][:150] if str(err) else err!r}); "
