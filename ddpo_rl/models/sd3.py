@@ -20,7 +20,8 @@ Prompt conditioning is SD3's own: :meth:`SD3Components.encode_prompts_pooled` ca
 (no copy), so the embeddings are exactly the pipeline's: the CLIP-L and CLIP-G penultimate
 hidden states concatenated and zero-padded to T5's width, followed along the sequence by T5's
 embeddings (zeros when T5 is not loaded, as the pipeline does), [B, 77 + max_sequence_length,
-joint_attention_dim] (``max_sequence_length`` 128, Flow-GRPO's, rather than the pipeline's 256), and the two CLIP ``text_embeds`` concatenated, [B, pooled_projection_dim].
+joint_attention_dim] (``max_sequence_length`` 128, Flow-GRPO's, rather than the pipeline's
+256), and the two CLIP ``text_embeds`` concatenated, [B, pooled_projection_dim].
 
 When the weights cannot be found, :class:`~ddpo_rl.models.stable_diffusion.PretrainedWeightsNotFoundError`
 says which path was tried and how to fix it, in one line.
@@ -268,7 +269,9 @@ def load_sd3_components(
             CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=sub, variant=variant, **common)
             for sub in ("text_encoder", "text_encoder_2")
         ]
-        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=sub, **common) for sub in ("tokenizer", "tokenizer_2")]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(pretrained, subfolder=sub, **common) for sub in ("tokenizer", "tokenizer_2")
+        ]
         t5 = t5_tokenizer = None
         if load_t5 and _has_t5(pretrained, local, common):
             from transformers import T5EncoderModel, T5TokenizerFast
