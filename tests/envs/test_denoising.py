@@ -31,8 +31,8 @@ def test_rollout_shapes_timesteps_done_and_terminal_reward():
     # the env's next latent is the policy's action
     torch.testing.assert_close(td["next", KEYS.latents], td[KEYS.action])
     # prompt embeddings are those of the drawn prompts
-    enc_table = env.base_env.prompt_embeds_table
-    torch.testing.assert_close(td[KEYS.prompt_embeds][:, 0], enc_table[td[KEYS.prompt_id][:, 0]])
+    expected = env.base_env.embed_prompts(td[KEYS.prompt_id][:, 0])[KEYS.prompt_embeds]
+    torch.testing.assert_close(td[KEYS.prompt_embeds][:, 0], expected)
 
 
 def test_seed_makes_reset_reproducible():
