@@ -295,3 +295,29 @@ def test_interrupted_comparison_resumes_its_runs(tmp_path):
     for algo in ("ddpo_is", "rwr"):
         assert [m["epoch"] for m in read_jsonl(out / algo / "seed0" / "metrics.jsonl")] == list(range(1, 21))
     assert json.loads((out / "comparison.json").read_text())["methods"]["rwr"]["train_prompts"]["n"] == 1
+
+
+def test_group_size_sets_the_prompt_order_and_the_advantages(tmp_path):
+    """--group-size G: every training batch holds G consecutive samples of each prompt, and the
+    advantages the trainer gets are the rewards standardised within those groups."""
+    from ddpo_rl.advantages import group_advantages
+    from ddpo_rl.collector import terminal_rewards
+    from ddpo_rl.config import parse_cli
+    from ddpo_rl.keys import KEYS
+    from recipes.ddpo_recipe import DDPORecipe
+
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--epochs", "1", "--group-size", "2", "--eval-every", "10",
+                                   "--output-dir", str(tmp_path / "run"), "--progress", "false"])).setup()
+    seen = []
+    train = recipe.trainer.train
+    recipe.trainer.train = lambda batch: (seen.append(batch.clone()), train(batch))[1]
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    batch = seen[0]
+    ids = batch[KEYS.prompt_id][:, 0]
+    assert (ids[0::2] == ids[1::2]).all()
+    expected = group_advantages(terminal_rewards(batch), 2).clamp(-recipe.cfg.adv_clip_max, recipe.cfg.adv_clip_max)
+    torch.testing.assert_close(batch[KEYS.advantage][:, 0, 0], expected)
+    assert (batch[KEYS.advantage][:, 0, 0].reshape(-1, 2).sum(1).abs() < 1e-5).all()
