@@ -188,6 +188,11 @@ class FastSampler:
         head = getattr(policy, "head", None)
         if head is None:
             raise TypeError("FastSampler needs a ddpo_rl.policy.DiffusionPolicy (an actor with .head)")
+        if not hasattr(head, "coeffs"):  # e.g. ddpo_rl.flow_policy.FlowMatchingPolicy
+            raise NotImplementedError(
+                f"FastSampler replays DDIM steps; {type(policy).__name__} is not a DDIM policy: use "
+                "ddpo_rl.collector.collect_trajectories for it"
+            )
         self.head = head
         kw = {}
         for m in policy.modules():

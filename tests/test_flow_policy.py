@@ -179,3 +179,11 @@ def test_collector_refuses_an_env_and_policy_of_different_lengths():
     env, policy = make_flow_env(steps=4, encoder=enc), make_flow_policy(steps=3, encoder=enc)
     with pytest.raises(ValueError, match=r"^num_inference_steps: the env runs T=4 steps but the policy's schedule has T=3"):
         collect_trajectories(env, policy)
+
+
+def test_fast_sampler_refuses_the_flow_policy():
+    from ddpo_rl.sampling import FastSampler
+
+    enc = HashEncoder()
+    with pytest.raises(NotImplementedError, match="FastSampler replays DDIM steps; FlowMatchingPolicy"):
+        FastSampler(make_flow_env(encoder=enc), make_flow_policy(encoder=enc))
