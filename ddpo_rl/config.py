@@ -77,6 +77,16 @@ class DDPOConfig:
     log_prob_reduction: str = "mean"
     """Reduce per-dim log-densities by "mean" (the paper's scale, default) or "sum". The clip range depends on it."""
 
+    # --- flow matching, GRPO groups, large prompt sets ---------------------------------------
+    noise_level: float = 0.7
+    """Flow-matching models only: Flow-GRPO's SDE noise level a > 0 (sigma_t = a sqrt(t / (1 - t)); 0.7 in the paper)."""
+    group_size: int | None = None
+    """GRPO: sample each prompt this many times per batch and standardise the rewards within each group
+    (replaces per-prompt statistics). Must divide sample_batch_size. None, 0 or 1: off."""
+    prompt_cache_size: int = 1024
+    """Prompts whose embeddings are kept (LRU) by each env; prompts are encoded at reset, in batches. SD3 with
+    T5 holds ~2.7 MB per prompt."""
+
     # --- prompts and reward -----------------------------------------------------------------
     prompts: str = "digits:0-4"
     """Training prompts: "digits:A-B" (digits A..B), a prompt-set name (simple_animals, imagenet_animals,
@@ -182,6 +192,11 @@ class DDPOConfig:
         need(self.rwr_mode in ("exponential", "sparse"), "rwr_mode", 'must be "exponential" or "sparse"')
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
              "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
+        need(self.noise_level > 0, "noise_level", f"{self.noise_level}: the flow-matching SDE needs a > 0 (0.7 in Flow-GRPO)")
+        need(self.prompt_cache_size > 0, "prompt_cache_size", f"must be positive, got {self.prompt_cache_size}")
+        group = self.group_size or 1
+        need(group >= 1 and self.sample_batch_size % group == 0, "group_size",
+             f"{self.group_size} must be >= 0 and divide sample_batch_size={self.sample_batch_size} (whole groups per batch)")
         per_step = self.minibatch_size * self.gradient_accumulation_steps
         need(
             self.samples_per_epoch % per_step == 0,

@@ -42,6 +42,23 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def check_ddim_scheduler(scheduler, field: str = "scheduler") -> None:
+    """Raise a one-line ValueError naming ``field`` unless ``scheduler`` has DDIM's alphas."""
+    if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "final_alpha_cumprod"):
+        raise ValueError(
+            f"{field}: {type(scheduler).__name__} is not a DDIM-family scheduler (no alphas_cumprod / "
+            "final_alpha_cumprod); DiffusionPolicy needs a DDIMScheduler (for a flow-matching scheduler use "
+            "ddpo_rl.flow_policy.FlowMatchingPolicy)"
+        )
+
+
+def ddim_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
+    """The T integer timesteps a DDIM scheduler visits (int64 [T]), without changing the scheduler passed in."""
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps)
+    return sched.timesteps.clone().long()
+
+
 @dataclass(frozen=True)
 class DDIMCoefficients:
     """What a DDIM step needs from a scheduler, as tensors.
@@ -62,6 +79,7 @@ class DDIMCoefficients:
     @classmethod
     def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> DDIMCoefficients:
         """Read the coefficients of a diffusers ``DDIMScheduler`` (or one sharing its config)."""
+        check_ddim_scheduler(scheduler)
         cfg = scheduler.config
         if getattr(cfg, "thresholding", False):
             raise NotImplementedError(

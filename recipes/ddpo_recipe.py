@@ -7,7 +7,8 @@ the three algorithms (DDPO-IS, DDPO-SF, RWR) share this loop and differ only in 
 epoch:
 
 1. sample ``samples_per_epoch`` trajectories with the current policy (env + reward transform);
-2. turn terminal rewards into per-prompt normalised, clipped advantages;
+2. turn terminal rewards into per-prompt (or, with ``group_size``, group-relative) normalised,
+   clipped advantages;
 3. train on the batch (inner epochs, minibatches, timestep accumulation);
 4. log one line to metrics.jsonl and the progress display;
 5. every ``eval_every`` epochs: sample fixed-seed batches on the training and held-out
@@ -51,6 +52,7 @@ from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardTransform
+from ddpo_rl.schedules import is_flow_matching_scheduler
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from envs.denoising import DenoisingEnv
 
@@ -162,7 +164,7 @@ class DDPORecipe:
         unet.to(self.device)
 
         # 4. envs: training (random prompts) and evaluation (fixed prompts and seeds)
-        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random")
+        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", group_size=cfg.group_size)
         self.rank_seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own prompts and noise
         self.env.set_seed(self.rank_seed)
         self.eval_envs = {
@@ -175,15 +177,7 @@ class DDPORecipe:
         )
 
         # 5. policy, loss, optimizer, trainer, advantage statistics
-        self.policy = DiffusionPolicy(
-            unet,
-            self.model.scheduler,
-            cfg.num_inference_steps,
-            eta=cfg.eta,
-            guidance_scale=cfg.guidance_scale,
-            negative_prompt_embeds=self.model.negative_prompt_embeds() if cfg.guidance_scale != 1.0 else None,
-            log_prob_reduction=cfg.log_prob_reduction,
-        ).to(self.device)
+        self.policy = self._make_policy(unet).to(self.device)
         loss_kwargs = {
             "ddpo_is": dict(clip_epsilon=cfg.clip_range),
             "ddpo_sf": {},
@@ -229,7 +223,35 @@ class DDPORecipe:
             self.load_state_dict(resume_state)
         return self
 
-    def _make_env(self, prompts, batch_size: int, order: str) -> TransformedEnv:
+    def _make_policy(self, network):
+        """The policy family follows the model's scheduler: DDIM -> DiffusionPolicy, flow matching ->
+        FlowMatchingPolicy (Flow-GRPO's SDE; pooled embeddings if the env's encoder returns them)."""
+        cfg = self.cfg
+        negative = self.model.negative_prompt_embeds() if cfg.guidance_scale != 1.0 else None
+        if is_flow_matching_scheduler(self.model.scheduler):
+            from ddpo_rl.flow_policy import FlowMatchingPolicy
+
+            return FlowMatchingPolicy(
+                network,
+                self.model.scheduler,
+                cfg.num_inference_steps,
+                noise_level=cfg.noise_level,
+                guidance_scale=cfg.guidance_scale,
+                negative_prompt_embeds=negative,
+                pooled=KEYS.pooled_prompt_embeds in self.env.base_env.condition_keys,
+                log_prob_reduction=cfg.log_prob_reduction,
+            )
+        return DiffusionPolicy(
+            network,
+            self.model.scheduler,
+            cfg.num_inference_steps,
+            eta=cfg.eta,
+            guidance_scale=cfg.guidance_scale,
+            negative_prompt_embeds=negative,
+            log_prob_reduction=cfg.log_prob_reduction,
+        )
+
+    def _make_env(self, prompts, batch_size: int, order: str, group_size: int | None = None) -> TransformedEnv:
         base = DenoisingEnv(
             prompts,
             self.model.encode_prompts,
@@ -239,6 +261,8 @@ class DDPORecipe:
             batch_size,
             device=self.device,
             prompt_order=order,
+            group_size=group_size,
+            prompt_cache_size=self.cfg.prompt_cache_size,
         )
         return TransformedEnv(
             base, RewardTransform(self.reward_fn, self.model.decode, on_invalid=self.cfg.on_invalid_reward)
@@ -397,7 +421,7 @@ class DDPORecipe:
                 local = terminal_rewards(traj)
                 rewards = distributed.all_gather_cat(local)
                 prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
-                adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max)
+                adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max, group_size=cfg.group_size)
                 n = local.numel()
                 with_advantages(traj, adv[self.dist.rank * n : (self.dist.rank + 1) * n])
                 finite = torch.isfinite(local)

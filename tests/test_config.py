@@ -44,6 +44,10 @@ def test_recipe_default_algorithm_is_overridable():
         (["--algorithm", "ppo"], "algorithm"),
         (["--use-lora", "maybe"], "use_lora"),
         (["--epochs"], "epochs"),
+        (["--group-size", "5"], "group_size"),  # does not divide sample_batch_size=32
+        (["--group-size", "-2"], "group_size"),
+        (["--noise-level", "0"], "noise_level"),
+        (["--prompt-cache-size", "0"], "prompt_cache_size"),
     ],
 )
 def test_bad_input_names_the_field(argv, field):
