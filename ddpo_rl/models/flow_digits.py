@@ -147,9 +147,13 @@ class FlowDigitsModel:
 
         return encode_prompts_pooled(self.tokenizer, self.text_encoder, prompts)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The token embeddings [B, L, D] only (see :meth:`encode_prompts_pooled`)."""
-        return self.encode_prompts_pooled(prompts)[0]
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{KEYS.prompt_embeds: [B, L, D], KEYS.pooled_prompt_embeds: [B, P]}``, the condition the
+        denoising env carries (see :meth:`encode_prompts_pooled`)."""
+        from ddpo_rl.keys import KEYS
+
+        embeds, pooled = self.encode_prompts_pooled(prompts)
+        return {KEYS.prompt_embeds: embeds, KEYS.pooled_prompt_embeds: pooled}
 
     def metadata(self) -> dict:
         return DigitsModel.metadata(self)

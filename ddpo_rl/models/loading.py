@@ -11,8 +11,9 @@
 
 Flow-matching models (``kind`` "flow-digits" or "sd3") have a ``FlowMatchEulerDiscreteScheduler``,
 a velocity network in ``unet`` called as SD3's transformer is
-(``unet(x, encoder_hidden_states=..., pooled_projections=..., timestep=1000 t).sample``), and
-``encode_prompts_pooled``, which returns the pooled embedding the transformer also needs.
+(``unet(x, encoder_hidden_states=..., pooled_projections=..., timestep=1000 t).sample``), and an
+``encode_prompts`` that returns ``{KEYS.prompt_embeds: [N, L, D], KEYS.pooled_prompt_embeds: [N, P]}``
+(the env carries both keys; the flow policy passes the pooled one as ``pooled_projections``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class DiffusionModel:
     flow-matching models a velocity-prediction SD3 transformer."""
     scheduler: object
     """A diffusers DDIMScheduler, or a FlowMatchEulerDiscreteScheduler for flow-matching models."""
-    encode_prompts: Callable[[Sequence[str]], torch.Tensor]
-    """Prompts -> embeddings [N, L, D] (frozen text encoder)."""
+    encode_prompts: Callable[[Sequence[str]], torch.Tensor | dict[str, torch.Tensor]]
+    """Prompts -> embeddings [N, L, D] (frozen text encoder); SD3-style models return
+    ``{KEYS.prompt_embeds: [N, L, D], KEYS.pooled_prompt_embeds: [N, P]}``."""
     decode: Callable[[torch.Tensor], torch.Tensor]
     """Final latents -> images [B, 3, H, W] in [0, 1]."""
     latent_shape: tuple[int, int, int]
@@ -43,12 +45,10 @@ class DiffusionModel:
     """"digits", "tiny", "sd", or (flow matching) "flow-digits", "sd3"."""
     frozen: tuple[nn.Module, ...] = ()
     """Modules that are never trained (text encoder, VAE), for device/dtype moves."""
-    encode_prompts_pooled: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
-    """SD3-style models only: prompts -> (embeddings [N, L, D], pooled embeddings [N, P]), both
-    from one text-encoder pass; ``encode_prompts`` returns the first of the two."""
 
-    def negative_prompt_embeds(self) -> torch.Tensor:
-        """The empty prompt's embedding [1, L, D], the unconditional branch of CFG."""
+    def negative_prompt_embeds(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The empty prompt's embedding [1, L, D] (a mapping like ``encode_prompts``'s for SD3-style
+        models), the unconditional branch of CFG."""
         return self.encode_prompts([""])
 
 
@@ -82,7 +82,6 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             latent_shape=(m.channels, m.sample_size, m.sample_size),
             kind="flow-digits",
             frozen=(m.text_encoder,),
-            encode_prompts_pooled=m.encode_prompts_pooled,
         )
     if name == "tiny":
         from ddpo_rl.models.decoders import VaeDecoder
@@ -118,7 +117,6 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             latent_shape=tuple(sd3.latent_shape),
             kind="sd3",
             frozen=sd3.frozen,
-            encode_prompts_pooled=sd3.encode_prompts_pooled,
         )
     try:
         sd = load_sd_components(name, revision=revision, device=device, dtype=frozen_dtype)

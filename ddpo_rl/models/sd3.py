@@ -164,9 +164,13 @@ class SD3Components:
         )
         return embeds, pooled
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The token embeddings [B, L, D] only (see :meth:`encode_prompts_pooled`)."""
-        return self.encode_prompts_pooled(prompts)[0]
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{KEYS.prompt_embeds: [B, L, D], KEYS.pooled_prompt_embeds: [B, P]}``, the condition the
+        denoising env carries (see :meth:`encode_prompts_pooled`)."""
+        from ddpo_rl.keys import KEYS
+
+        embeds, pooled = self.encode_prompts_pooled(prompts)
+        return {KEYS.prompt_embeds: embeds, KEYS.pooled_prompt_embeds: pooled}
 
 
 def flow_scheduler_from_config(config: dict, **overrides):

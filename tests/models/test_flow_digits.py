@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from ddpo_rl.keys import KEYS
 from ddpo_rl.models import flow_digits as fd
 from ddpo_rl.models.flow_digits import (
     FlowDigitsConfig,
@@ -64,7 +65,8 @@ def test_components(model):
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     emb, pooled = model.encode_prompts_pooled(model.prompts + [""])
     assert emb.shape == (11, 16, 16) and pooled.shape == (11, 32)
-    assert torch.equal(model.encode_prompts(model.prompts), emb[:10])
+    cond = model.encode_prompts(model.prompts)  # what the denoising env carries
+    assert torch.equal(cond[KEYS.prompt_embeds], emb[:10]) and torch.equal(cond[KEYS.pooled_prompt_embeds], pooled[:10])
     dist = torch.cdist(pooled, pooled) + torch.eye(11) * 1e9
     assert dist.min() > 0.1
     v, _, _ = _velocity(model)
@@ -209,9 +211,9 @@ def test_build_model_flow_digits(monkeypatch, tmp_path):
     assert m.kind == "flow-digits" and type(m.unet).__name__ == "SD3Transformer2DModel"
     assert type(m.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert m.latent_shape == (1, 8, 8)
-    emb, pooled = m.encode_prompts_pooled(["a handwritten digit 5"])
-    torch.testing.assert_close(m.encode_prompts(["a handwritten digit 5"]), emb)
-    assert m.negative_prompt_embeds().shape == emb.shape
+    cond, negative = m.encode_prompts(["a handwritten digit 5"]), m.negative_prompt_embeds()
+    assert cond[KEYS.prompt_embeds].shape == negative[KEYS.prompt_embeds].shape == (1, 16, 16)
+    assert cond[KEYS.pooled_prompt_embeds].shape == negative[KEYS.pooled_prompt_embeds].shape == (1, 32)
     assert m.decode(torch.zeros(2, 1, 8, 8)).shape == (2, 3, 8, 8)
     assert all(not p.requires_grad for f in m.frozen for p in f.parameters())
 

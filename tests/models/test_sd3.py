@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from ddpo_rl.keys import KEYS
 from ddpo_rl.lora import (
     DEFAULT_SD3_LORA_TARGETS,
     LORA_WEIGHT_NAME,
@@ -89,7 +90,10 @@ def test_load_components(pipeline_dir, pipeline):
     torch.testing.assert_close(pooled[:1], ref_pooled)
     assert embeds[:, 77:].abs().max() == 0
     assert not torch.allclose(embeds[0], embeds[1])
-    torch.testing.assert_close(c.encode_prompts(["a cat"]), ref)
+    cond = c.encode_prompts(["a cat"])  # what the denoising env carries
+    assert set(cond) == {KEYS.prompt_embeds, KEYS.pooled_prompt_embeds}
+    torch.testing.assert_close(cond[KEYS.prompt_embeds], ref)
+    torch.testing.assert_close(cond[KEYS.pooled_prompt_embeds], ref_pooled)
     assert _velocity(c.transformer, embeds, pooled).shape == (2, 4, 8, 8)
 
 
@@ -110,9 +114,9 @@ def test_build_model_dispatches_to_sd3(pipeline_dir):
     m = build_model(pipeline_dir, torch.device("cpu"))
     assert m.kind == "sd3" and type(m.unet).__name__ == "SD3Transformer2DModel"
     assert type(m.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    embeds, pooled = m.encode_prompts_pooled(["a cat"])
-    torch.testing.assert_close(m.encode_prompts(["a cat"]), embeds)
-    assert m.negative_prompt_embeds().shape == embeds.shape
+    cond, negative = m.encode_prompts(["a cat"]), m.negative_prompt_embeds()
+    assert cond[KEYS.prompt_embeds].shape == negative[KEYS.prompt_embeds].shape == (1, 77 + 128, 64)
+    assert cond[KEYS.pooled_prompt_embeds].shape == negative[KEYS.pooled_prompt_embeds].shape == (1, 64)
     assert m.latent_shape == (4, 256, 256)  # 512 px, Flow-GRPO's resolution
     images = m.decode(torch.randn(2, 4, 8, 8))  # (a small latent: the tiny VAE is slow at 512 px on CPU)
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
