@@ -74,7 +74,7 @@ def apply_lora(
     unet: nn.Module,
     rank: int = 4,
     alpha: float | None = None,
-    target_modules: Sequence[str] = DEFAULT_SD_LORA_TARGETS,
+    target_modules: Sequence[str] | None = None,
     dropout: float = 0.0,
     init_lora_weights: bool | str = "gaussian",
     adapter_name: str = "default",
@@ -83,8 +83,9 @@ def apply_lora(
     """Freeze ``unet`` and add a trainable LoRA adapter to it (in place; returns ``unet``).
 
     Args:
-        unet: a diffusers model with peft support (``UNet2DConditionModel``).
-        rank, alpha, target_modules, dropout, init_lora_weights: see :func:`lora_config`.
+        unet: a diffusers model with peft support (``UNet2DConditionModel``, ``SD3Transformer2DModel``).
+        rank, alpha, target_modules, dropout, init_lora_weights: see :func:`lora_config`;
+            ``target_modules=None`` takes the model's default (:func:`default_lora_targets`).
         adapter_name: peft adapter name.
         config: a ready ``peft.LoraConfig``; overrides the other LoRA arguments.
 
@@ -94,7 +95,8 @@ def apply_lora(
     if not hasattr(unet, "add_adapter"):
         raise TypeError(f"{type(unet).__name__} has no add_adapter(); LoRA needs a diffusers model with peft support")
     if config is None:
-        config = lora_config(rank, alpha, target_modules, dropout, init_lora_weights)
+        targets = target_modules if target_modules is not None else default_lora_targets(unet)
+        config = lora_config(rank, alpha, targets, dropout, init_lora_weights)
     unet.requires_grad_(False)
     unet.add_adapter(config, adapter_name=adapter_name)
     n = 0
@@ -254,6 +256,12 @@ def load_lora_weights(
             if trainable and param.dtype != torch.float32:  # trainable weights stay fp32
                 param.data = param.data.float()
     return unet
+
+
+def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """:data:`DEFAULT_SD3_LORA_TARGETS` for an ``SD3Transformer2DModel`` (Flow-GRPO's), else
+    :data:`DEFAULT_SD_LORA_TARGETS` (the DDPO reference's)."""
+    return DEFAULT_SD3_LORA_TARGETS if _lora_format(model)[1] == "transformer" else DEFAULT_SD_LORA_TARGETS
 
 
 def _lora_format(model: nn.Module):

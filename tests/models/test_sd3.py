@@ -128,7 +128,8 @@ def test_lora_round_trip_through_diffusers_sd3_pipeline(pipeline_dir, tmp_path):
     c = load_sd3_components(pipeline_dir)
     embeds, pooled = c.encode_prompts_pooled(["a cat", "a dog"])
     base = _velocity(c.transformer, embeds, pooled)
-    apply_lora(c.transformer, rank=4, alpha=8.0, target_modules=DEFAULT_SD3_LORA_TARGETS)
+    apply_lora(c.transformer, rank=4, alpha=8.0)  # the SD3 default targets
+    assert set(c.transformer.peft_config["default"].target_modules) == set(DEFAULT_SD3_LORA_TARGETS)
     lora = lora_parameters(c.transformer)
     names = [n for n, p in c.transformer.named_parameters() if p.requires_grad]
     for target in DEFAULT_SD3_LORA_TARGETS:  # image and text streams' projections are adapted
