@@ -272,9 +272,9 @@ PRESETS.update(
 # default), LoRA r=32 / alpha=64 on the joint-attention projections (ddpo_rl.lora.DEFAULT_SD3_LORA_TARGETS),
 # PPO clip 1e-4, timestep_fraction 0.99, groups of G images per prompt with group-standardised
 # advantages (24 in the paper on 32 GPUs; 8 here), two optimiser steps per epoch. Its KL coefficient
-# (0 for compressibility, 0.01-0.04 for PickScore/GenEval) belongs to the KL option. Not in PRESETS
-# yet: noise_level, group_size and the flow model family come with the flow-matching recipe, which
-# adds these entries (docs/stable_diffusion_3.md).
+# (0 for compressibility, 0.01-0.04 for PickScore/GenEval) belongs to the KL option. Kept out of
+# PRESETS until the flow-matching recipe registers them (docs/stable_diffusion_3.md); each entry is a
+# valid DDPOConfig (tests/models/test_sd3.py).
 _SD35 = dict(
     model="stabilityai/stable-diffusion-3.5-medium", use_lora=True, lora_rank=32, lora_alpha=64.0,
     mixed_precision="fp16", num_inference_steps=10, guidance_scale=4.5, noise_level=0.7, group_size=8,

@@ -201,3 +201,19 @@ def test_unreachable_hub_id_raises_one_line_error():
         load_sd3_components(name, local_files_only=True)
     msg = str(info.value)
     assert name in msg and "hf download" in msg and "\n" not in msg
+
+
+def test_sd35_settings_are_valid_configs():
+    import inspect
+
+    from ddpo_rl.config import FLOW_PRESETS, DDPOConfig
+    from ddpo_rl.rewards.registry import get_reward_factory
+
+    assert set(FLOW_PRESETS) == {"sd35-compressibility", "sd35-aesthetic"}
+    for name, values in FLOW_PRESETS.items():
+        cfg = DDPOConfig(**values, preset=name)
+        cfg.validate()
+        assert is_sd3_pipeline(cfg.model) and cfg.use_lora and (cfg.lora_rank, cfg.lora_alpha) == (32, 64.0)
+        assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.noise_level) == (10, 4.5, 0.7)
+        assert cfg.sample_batch_size % cfg.group_size == 0
+        inspect.signature(get_reward_factory(cfg.reward)).bind(**cfg.reward_kwargs)
