@@ -46,8 +46,9 @@ class DDPOConfig:
 
     # --- model -----------------------------------------------------------------------------
     model: str = "digits"
-    """"digits" (the embedded model, trained on first use), "tiny" (random tiny SD, tests), or a
-    Stable Diffusion hub id / local pipeline directory (e.g. runwayml/stable-diffusion-v1-5)."""
+    """"digits" (the embedded model, trained on first use), "tiny" (random tiny SD, tests), "flow-digits"
+    (the embedded flow-matching model), or a Stable Diffusion / SD3 hub id or local pipeline directory
+    (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-3.5-medium)."""
     revision: str | None = None
     """Hub revision of an SD model (None = default branch)."""
     use_lora: bool = False
