@@ -24,6 +24,23 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -
     return text_encoder(ids)[0]
 
 
+@torch.no_grad()
+def encode_prompts_pooled(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3-style conditioning from one ``CLIPTextModelWithProjection``: its ``last_hidden_state``
+    [B, L, D] (the token sequence) and ``text_embeds`` [B, P] (the pooled, projected vector), on
+    ``prompts`` padded to the tokenizer's ``model_max_length``."""
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    out = text_encoder(ids)
+    return out.last_hidden_state, out.text_embeds
+
+
 class PromptEncoder(nn.Module):
     """Encode prompts with a (frozen) CLIP-style text encoder, as Stable Diffusion does.
 

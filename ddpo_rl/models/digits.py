@@ -303,9 +303,57 @@ def train_digits_model(
     text_encoder.train(train_text_encoder).requires_grad_(train_text_encoder)
     modules = [unet, text_encoder] if train_text_encoder else [unet]
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    fixed_table = None
     if not train_text_encoder:
         with torch.no_grad():
-            table = text_encoder(prompt_ids).last_hidden_state
+            fixed_table = text_encoder(prompt_ids).last_hidden_state
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
+        x0, y = images[idx], labels[idx]
+        drop = torch.rand(batch_size, generator=gen).to(device) < prompt_dropout
+        # the 11 distinct prompts only, then gathered per sample
+        table = text_encoder(prompt_ids).last_hidden_state if train_text_encoder else fixed_table
+        cond = table[torch.where(drop, torch.full_like(y, uncond_index), y)]
+        t = torch.randint(num_t, (batch_size,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        return F.mse_loss(pred, noise)
+
+    result = pretrain_loop(
+        params, loss_fn, steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        ema_decay=ema_decay, progress=progress, log_every=log_every, callback=callback,
+        description="pretraining digits model",
+    )
+    unet.eval()
+    text_encoder.eval().requires_grad_(False)
+    model.source = "trained"
+    return model, result
+
+
+def pretrain_loop(
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[int], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 50,
+    ema_decay: float | None = None,
+    progress: bool = True,
+    log_every: int = 25,
+    callback: Callable[[int, float], None] | None = None,
+    description: str = "pretraining",
+) -> TrainResult:
+    """The optimisation loop of the embedded models' pretraining (digits-v1, flow-digits-v1).
+
+    ``loss_fn(step)`` draws a batch and returns its loss. AdamW with linear warm-up then cosine
+    decay to 10% of ``lr``, gradient-norm clipping at 1, and, with ``ema_decay``, an exponential
+    moving average of ``params`` copied into them at the end. The only host syncs are the loss
+    read-outs every ``log_every`` steps (progress bar and ``callback(step, mean_loss)``).
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def lr_lambda(step: int) -> float:
@@ -319,24 +367,13 @@ def train_digits_model(
     if ema_decay is not None:
         ema = [p.detach().clone() for p in params]
 
-    losses = torch.zeros(steps, device=device)
+    losses = torch.zeros(steps, device=params[0].device)
     bar = _progress_bar(progress)
     start, cpu_start = time.perf_counter(), time.process_time()
     with bar:
-        task = bar.add_task("pretraining digits model", total=steps, loss=float("nan"))
+        task = bar.add_task(description, total=steps, loss=float("nan"))
         for step in range(steps):
-            idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
-            x0, y = images[idx], labels[idx]
-            drop = torch.rand(batch_size, generator=gen).to(device) < prompt_dropout
-            if train_text_encoder:  # the 11 distinct prompts only, then gathered per sample
-                table = text_encoder(prompt_ids).last_hidden_state
-            cond = table[torch.where(drop, torch.full_like(y, uncond_index), y)]
-            t = torch.randint(num_t, (batch_size,), generator=gen).to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            pred = unet(xt, t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred, noise)
+            loss = loss_fn(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -356,10 +393,7 @@ def train_digits_model(
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
-    unet.eval()
-    text_encoder.eval().requires_grad_(False)
-    model.source = "trained"
-    return model, TrainResult(
+    return TrainResult(
         losses=losses.cpu(), seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start
     )
 
@@ -445,11 +479,12 @@ def sample_digits(
 # ----------------------------------------------------------------------------- save / load
 
 
-def default_cache_dir() -> Path:
-    """``$DDPO_RL_CACHE/digits-v1``, or ``~/.cache/ddpo_rl/digits-v1`` when the variable is unset."""
+def default_cache_dir(name: str = MODEL_NAME) -> Path:
+    """``$DDPO_RL_CACHE/<name>``, or ``~/.cache/ddpo_rl/<name>`` when the variable is unset
+    (``name`` defaults to ``digits-v1``)."""
     root = os.environ.get(CACHE_ENV_VAR)
     base = Path(root).expanduser() if root else Path("~/.cache/ddpo_rl").expanduser()
-    return base / MODEL_NAME
+    return base / name
 
 
 def packaged_model_dir() -> Path | None:
@@ -483,39 +518,43 @@ def save_digits_model(
     if dtype is not None:
         unet = copy.deepcopy(unet).to(dtype)
         text_encoder = copy.deepcopy(text_encoder).to(dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    unet.save_pretrained(tmp / "unet")
-    text_encoder.save_pretrained(tmp / "text_encoder")
-    model.scheduler.save_pretrained(tmp / "scheduler")
     components = {
         "unet": ["diffusers", type(model.unet).__name__],
         "text_encoder": ["transformers", type(model.text_encoder).__name__],
         "scheduler": ["diffusers", type(model.scheduler).__name__],
     }
+    writers = {
+        "unet": unet.save_pretrained,
+        "text_encoder": text_encoder.save_pretrained,
+        "scheduler": model.scheduler.save_pretrained,
+    }
     if save_tokenizer:
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        writers["tokenizer"] = model.tokenizer.save_pretrained
         components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
     else:
         components["tokenizer"] = ["ddpo_rl", "build_clip_tokenizer"]
+    index = {"_class_name": "DDPODigitsModel", "name": MODEL_NAME, **components, "metadata": model.metadata()}
+    return write_model_dir(path, writers, index)
+
+
+def write_model_dir(path: str | os.PathLike, writers: dict[str, Callable[[Path], object]], index: dict) -> Path:
+    """Write a model directory atomically: ``writers[name](tmp / name)`` for each component, then
+    ``model_index.json`` (``index`` plus the package version), into a temporary sibling directory
+    that is then moved into place, so an interrupted save never leaves a half-written model."""
+    import shutil
+
     from ddpo_rl import __version__
 
-    index = {
-        "_class_name": "DDPODigitsModel",
-        "_ddpo_rl_version": __version__,
-        "name": MODEL_NAME,
-        **components,
-        "metadata": model.metadata(),
-    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for name, write in writers.items():
+        write(tmp / name)
+    index = {"_class_name": index["_class_name"], "_ddpo_rl_version": __version__, **index}
     (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path

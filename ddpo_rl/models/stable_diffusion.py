@@ -124,21 +124,29 @@ def _fix_hint(pretrained: str) -> str:
     )
 
 
-def check_pipeline_dir(path: str, subfolders: Sequence[str] = _PIPELINE_SUBFOLDERS) -> None:
+def check_pipeline_dir(
+    path: str,
+    subfolders: Sequence[str] = _PIPELINE_SUBFOLDERS,
+    *,
+    what: str = "Stable Diffusion",
+    example: str = DEFAULT_SD_MODEL,
+    pipeline_class: str = "StableDiffusionPipeline",
+) -> None:
     """Raise :class:`PretrainedWeightsNotFoundError` unless ``path`` is a diffusers pipeline
-    directory (``model_index.json`` plus the listed component subfolders)."""
+    directory (``model_index.json`` plus the listed component subfolders). ``what``, ``example``
+    (a hub id) and ``pipeline_class`` name the model family in the message."""
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
         raise PretrainedWeightsNotFoundError(
-            f"Stable Diffusion weights not found: '{path}' is not a directory; pass a hub id such as "
-            f"'{DEFAULT_SD_MODEL}' or a directory written by StableDiffusionPipeline.save_pretrained."
+            f"{what} weights not found: '{path}' is not a directory; pass a hub id such as "
+            f"'{example}' or a directory written by {pipeline_class}.save_pretrained."
         )
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         raise PretrainedWeightsNotFoundError(
             f"'{path}' is not a diffusers pipeline directory (no model_index.json); point at the "
-            f"directory that `hf download {DEFAULT_SD_MODEL} --local-dir <dir>` or "
-            "StableDiffusionPipeline.save_pretrained(<dir>) wrote."
+            f"directory that `hf download {example} --local-dir <dir>` or "
+            f"{pipeline_class}.save_pretrained(<dir>) wrote."
         )
     missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
     if missing:
@@ -146,6 +154,20 @@ def check_pipeline_dir(path: str, subfolders: Sequence[str] = _PIPELINE_SUBFOLDE
             f"diffusers pipeline directory '{path}' lacks the component folder(s) {missing}; "
             "re-download or re-save the full pipeline."
         )
+
+
+def weights_not_found(
+    err: Exception, pretrained: str, local: bool, what: str = "Stable Diffusion"
+) -> PretrainedWeightsNotFoundError:
+    """The one-line error for a failed ``from_pretrained`` of a pipeline component (raise it
+    ``from err``): where it looked, the first line of the cause, and how to fix it."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = f"directory '{pretrained}'" if local else f"hub id '{pretrained}'"
+    return PretrainedWeightsNotFoundError(
+        f"could not load {what} weights from {where} ({first_line[:200]}); "
+        + (_fix_hint(pretrained) if not local else "re-save the pipeline with save_pretrained")
+        + "."
+    )
 
 
 def ddim_scheduler_from_config(config: dict, **overrides):
@@ -224,13 +246,7 @@ def load_sd_components(
         raise
     except (OSError, ValueError) as err:
         # OSError: file/repo not found, no connection; ValueError: invalid repo id (HFValidationError).
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = f"directory '{pretrained}'" if local else f"hub id '{pretrained}'"
-        raise PretrainedWeightsNotFoundError(
-            f"could not load Stable Diffusion weights from {where} ({first_line[:200]}); "
-            + (_fix_hint(pretrained) if not local else "re-save the pipeline with save_pretrained")
-            + "."
-        ) from err
+        raise weights_not_found(err, pretrained, local) from err
 
     scheduler = ddim_scheduler_from_config(scheduler_config, **(scheduler_overrides or {}))
 
