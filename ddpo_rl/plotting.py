@@ -100,6 +100,32 @@ def save_curve_png(
     size: tuple[int, int] = (900, 420),
 ) -> str:
     """Line plot of named (xs, ys) series, with optional +-std bands (same xs), to a PNG."""
+    canvas = curve_image(series, title, xlabel, ylabel, bands, size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def save_curve_panels(path: str, panels: Sequence[Mapping], size: tuple[int, int] = (900, 420)) -> str:
+    """Several curve plots stacked vertically in one PNG; each panel holds :func:`curve_image`'s arguments."""
+    images = [curve_image(size=size, **panel) for panel in panels]
+    canvas = Image.new("RGB", (size[0], size[1] * len(images)), "white")
+    for k, image in enumerate(images):
+        canvas.paste(image, (0, k * size[1]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def curve_image(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    xlabel: str = "epoch",
+    ylabel: str = "reward",
+    bands: Mapping[str, Sequence[float]] | None = None,
+    size: tuple[int, int] = (900, 420),
+) -> Image.Image:
+    """The picture :func:`save_curve_png` saves."""
     W, H = size
     left, right, top, bottom = 70, 200, 50, 50  # the legend sits right of the axes
     canvas = Image.new("RGB", (W, H), "white")
@@ -155,6 +181,4 @@ def save_curve_png(
     draw.text((left, 6), title, fill="black", font=_font(14))
     draw.text(((W - left) // 2 + left - 20, H - 22), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return canvas
