@@ -42,3 +42,8 @@ def raises(resize=None):
         raise RuntimeError("reward server unreachable")
 
     return raising_reward
+
+
+def fails_to_load():
+    """A reward whose model cannot be loaded (as a monitor: the run must stop before any model loads)."""
+    raise OSError("weights not found: /nonexistent/monitor.safetensors")
