@@ -148,6 +148,25 @@ class DDPOConfig:
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on."""
 
+    # --- staying close to the pretrained model: KL, monitors, alarm, best checkpoint ---------
+    kl_coef: float = 0.0
+    """beta of the KL(pi_theta || pi_ref) penalty to the model before fine-tuning, per denoising step and
+    reduced over latent dims like the log-probs (0 = off: the paper's setting, no reference forward).
+    With LoRA the reference is the UNet with its adapters disabled (no copy); without LoRA it is a frozen
+    copy of the UNet (its parameter bytes again in memory)."""
+    monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment"])
+    """Rewards computed on every evaluation's samples and never trained on (reward names, as for
+    `reward`), to see what fine-tuning costs. Default: follows `reward` and `model` (digits: the digit
+    classifier, or sample_diversity when training digit_alignment; SD: aesthetic, or vlm_alignment when
+    training aesthetic). [] for none."""
+    monitor_reward_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the monitors, by monitor name, e.g. {"digit_alignment": {"C": 1.0}}."""
+    monitor_tolerance: float = 0.5
+    """A monitor more than this many base std below its base value (on the training or the held-out
+    prompts) counts as over-optimisation: logged once; such evaluations are not candidates for best/."""
+    stop_on_monitor_drop: bool = False
+    """End the run (with a checkpoint and final/) at the first evaluation whose monitors fall out of tolerance."""
+
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 10
     """Evaluate (held-out reward, sample grid) every this many epochs, and at the first and last."""
@@ -191,6 +210,17 @@ class DDPOConfig:
         need(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", 'must be "no", "fp16" or "bf16"')
         need(self.on_invalid_reward in ("raise", "drop"), "on_invalid_reward", 'must be "raise" or "drop"')
         need(self.rwr_mode in ("exponential", "sparse"), "rwr_mode", 'must be "exponential" or "sparse"')
+        need(self.kl_coef >= 0, "kl_coef", f"must be >= 0 (0 disables the KL penalty), got {self.kl_coef}")
+        need(self.monitor_tolerance > 0, "monitor_tolerance", f"must be positive (in base std), got {self.monitor_tolerance}")
+        need(isinstance(self.monitor_rewards, list) and all(isinstance(m, str) and m.strip() for m in self.monitor_rewards),
+             "monitor_rewards", f"must be a list of reward names, got {self.monitor_rewards!r}")
+        need(len(set(self.monitor_rewards)) == len(self.monitor_rewards), "monitor_rewards", f"{self.monitor_rewards} repeats a name")
+        stray = sorted(set(self.monitor_reward_kwargs) - set(self.monitor_rewards))
+        need(not stray, "monitor_reward_kwargs", f"has kwargs for {stray[:1]}, not in monitor_rewards {self.monitor_rewards}")
+        need(all(isinstance(v, dict) for v in self.monitor_reward_kwargs.values()), "monitor_reward_kwargs",
+             'must map monitor names to keyword dicts, e.g. {"digit_alignment": {"C": 1.0}}')
+        need(not self.stop_on_monitor_drop or bool(self.monitor_rewards), "stop_on_monitor_drop",
+             "needs at least one monitor: set monitor_rewards (e.g. --monitor-rewards digit_alignment)")
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
              "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
         need(self.noise_level > 0, "noise_level", f"{self.noise_level}: the flow-matching SDE needs a > 0 (0.7 in Flow-GRPO)")
@@ -234,14 +264,15 @@ def _unknown_field_message(name: str) -> str:
 PRESETS: dict[str, dict] = {
     "digits": {},
     "digits-alignment": dict(
-        reward="digit_alignment", reward_kwargs={}, guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
+        reward="digit_alignment", reward_kwargs={}, monitor_rewards=["sample_diversity"], guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
     ),
     "digits-incompressibility": dict(reward="jpeg_incompressibility", output_dir="outputs/digits-incompressibility"),
     # tiny random model: for smoke tests of the plumbing, not for learning
     "tiny": dict(
         model="tiny", prompts="digits:0-4", eval_prompts="digits:5-9", epochs=2, num_inference_steps=3,
         sample_batch_size=4, num_batches_per_epoch=1, minibatch_size=4, eval_every=1, save_every=1,
-        eval_num_samples=4, grid_samples_per_prompt=2, reward="jpeg_compressibility", output_dir="outputs/tiny",
+        eval_num_samples=4, grid_samples_per_prompt=2, reward="jpeg_compressibility", monitor_rewards=[],
+        output_dir="outputs/tiny",
     ),
 }
 
@@ -252,11 +283,11 @@ _SD15 = dict(
     minibatch_size=8, gradient_accumulation_steps=8, num_inner_epochs=1, timestep_fraction=1.0,
     learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,
     stat_buffer_size=16, stat_min_count=16, epochs=100, eval_every=10, save_every=10, eval_num_samples=64,
-    prompts="simple_animals", eval_prompts="imagenet_animals", adam_weight_decay=1e-4,
+    prompts="simple_animals", eval_prompts="imagenet_animals", adam_weight_decay=1e-4, monitor_rewards=["aesthetic"],
 )
 PRESETS.update(
     {
-        "sd15-aesthetic": dict(_SD15, reward="aesthetic", reward_kwargs={}, epochs=200, output_dir="outputs/sd15-aesthetic"),
+        "sd15-aesthetic": dict(_SD15, reward="aesthetic", reward_kwargs={}, monitor_rewards=["vlm_alignment"], epochs=200, output_dir="outputs/sd15-aesthetic"),
         "sd15-compressibility": dict(_SD15, reward="jpeg_compressibility", reward_kwargs={"resize": 512},
                                      output_dir="outputs/sd15-compressibility"),
         "sd15-incompressibility": dict(_SD15, reward="jpeg_incompressibility", reward_kwargs={"resize": 512},
@@ -291,13 +322,79 @@ FLOW_PRESETS: dict[str, dict] = {
 }
 
 
+# Defaults that belong to another field's value: when the user changes the owner (reward or model)
+# and not the dependent field, the dependent field takes the default for the new owner value
+# instead of keeping the preset's (which belonged to the preset's reward or model).
+_JPEG_REWARDS = ("jpeg_compressibility", "compressibility", "jpeg_incompressibility", "incompressibility")
+_DIGIT_ALIGNMENT = ("digit_alignment", "alignment")
+_AESTHETIC = ("aesthetic", "laion_aesthetic")
+_SMALL_MODELS = ("digits", "flow-digits", "tiny")  # 8x8 images: JPEG needs them upscaled
+DEPENDENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "reward_kwargs": ("reward", "model"),
+    "monitor_rewards": ("reward", "model"),
+    "monitor_reward_kwargs": ("reward", "model", "monitor_rewards"),
+}
+"""dependent field -> the fields whose value its default belongs to."""
+
+
+def _reward_key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def default_reward_kwargs(reward: str, model: str) -> dict:
+    """The reward_kwargs that suit ``reward`` on ``model``: JPEG rewards are measured on 32x32 images
+    for the 8x8 models (one JPEG block would hold a whole 8x8 image) and at 512 for Stable Diffusion."""
+    if _reward_key(reward) in _JPEG_REWARDS:
+        return {"resize": 32 if model in _SMALL_MODELS else 512}
+    return {}
+
+
+def default_monitor_rewards(reward: str, model: str) -> list[str]:
+    """The monitors that show what training ``reward`` on ``model`` costs.
+
+    digits: the digit classifier (is it still the prompted digit?), or, when that is the training
+    reward, the sample diversity of each prompt's samples (its failure is mode collapse). Stable
+    Diffusion: the aesthetic score, or the VLM alignment when training the aesthetic score. The tiny
+    random model (plumbing tests) has none.
+    """
+    key = _reward_key(reward)
+    if model == "tiny":
+        return []
+    if model in ("digits", "flow-digits"):
+        return ["sample_diversity"] if key in _DIGIT_ALIGNMENT else ["digit_alignment"]
+    return ["vlm_alignment"] if key in _AESTHETIC else ["aesthetic"]
+
+
+def _dependent_default(field_name: str, values: dict) -> typing.Any:
+    if field_name == "reward_kwargs":
+        return default_reward_kwargs(values["reward"], values["model"])
+    if field_name == "monitor_rewards":
+        return default_monitor_rewards(values["reward"], values["model"])
+    return {}  # monitor_reward_kwargs: the monitors' own defaults
+
+
 def preset_config(name: str, **overrides) -> DDPOConfig:
+    """The config of preset ``name`` with ``overrides`` (the fields the user set explicitly).
+
+    A preset value that belongs to another field's value (:data:`DEPENDENT_FIELDS`: reward_kwargs
+    belongs to the reward, the monitors to the reward and the model) follows that field: when an
+    override changes the owner and leaves the dependent field alone, the dependent field gets the
+    default for the new value (``--reward alignment`` on the digits preset drops the JPEG resize).
+    A dependent value given explicitly is kept as given (and checked when the run is set up).
+    """
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=2)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"preset: unknown preset {name!r}{hint}; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS[name], preset=name)
+    preset = {**DDPOConfig().to_dict(), **PRESETS[name]}
+    values = dict(preset, preset=name)
     values.update(overrides)
+    changed = {k for k in overrides if k in preset and overrides[k] != preset[k]}
+    for dependent, owners in DEPENDENT_FIELDS.items():  # in order: monitor kwargs follow the monitors
+        if dependent not in overrides and changed & set(owners):
+            values[dependent] = _dependent_default(dependent, values)
+            if values[dependent] != preset[dependent]:
+                changed.add(dependent)
     return DDPOConfig.from_dict(values)
 
 
@@ -313,6 +410,11 @@ def _convert(name: str, raw: str, annotation) -> typing.Any:
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
+        if "list" in text:  # a JSON list, or comma-separated names ("" = empty)
+            value = json.loads(raw) if raw.strip().startswith("[") else [v.strip() for v in raw.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError(raw)
+            return value
         if "dict" in text:
             value = json.loads(raw)
             if not isinstance(value, dict):

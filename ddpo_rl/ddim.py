@@ -19,6 +19,8 @@ al. 2024, "Training Diffusion Models with Reinforcement Learning", sec. 4.2)::
                                       + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
     next latent            x_{t-1} ~ N(mu_theta, sigma_t^2 I)   (the MDP action)
     log_prob               log pi_theta(x_{t-1} | x_t, c), reduced over the latent dims
+    ref_mean               mu_ref, the same step's mean under the reference (pre-fine-tuning) model
+    kl                     KL(pi_theta(. | x_t, c) || pi_ref(. | x_t, c)), reduced over the latent dims
 
 ``mean + std * z`` is exactly ``DDIMScheduler.step(model_output, t, x_t, eta, variance_noise=z)``
 (tests/test_ddim.py checks it at every step of several scheduler configs).
@@ -28,6 +30,7 @@ reference implementation takes the MEAN of the per-dim log-densities, not their 
 PPO clip range of the paper (1e-4) is calibrated on that scale. ``reduction="mean"`` is
 therefore the default everywhere in ddpo_rl; ``"sum"`` gives the true joint log-density
 (the ratio exp(sum) is then far more sensitive: scale the clip range accordingly).
+The KL to the reference policy (:func:`gaussian_kl`) is reduced the same way.
 """
 
 from __future__ import annotations
@@ -218,6 +221,33 @@ def gaussian_log_prob(
         event_dim = value.dim() - 1
     value, mean, std = value.float(), mean.float(), std.float()
     elementwise = -((value - mean) ** 2) / (2 * std**2) - std.log() - _HALF_LOG_2PI
+    return reduce_log_prob(elementwise, event_dim, reduction)
+
+
+def gaussian_kl(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    event_dim: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per latent dim, reduced over the latent dims.
+
+    Two DDIM steps from the same state x_t share sigma_t (it depends on t and eta only), so the
+    KL between the fine-tuned and the reference policy at a state is, per latent dim::
+
+        KL = (mu_theta - mu_ref)^2 / (2 sigma_t^2)
+
+    (the log-det and trace terms of the Gaussian KL cancel). It is reduced over the trailing
+    ``event_dim`` dims exactly as :func:`gaussian_log_prob` reduces the log-density ("mean" by
+    default, "sum" for the joint KL), so its scale matches the log-probs' and the gradient with
+    respect to ``mean`` is (mu_theta - mu_ref) / sigma_t^2, divided by the number of latent dims
+    for "mean". ``event_dim`` defaults to all dims but the first. Computed in float32.
+    """
+    if event_dim is None:
+        event_dim = mean.dim() - 1
+    mean, ref_mean, std = mean.float(), ref_mean.float(), std.float()
+    elementwise = (mean - ref_mean) ** 2 / (2 * std**2)
     return reduce_log_prob(elementwise, event_dim, reduction)
 
 

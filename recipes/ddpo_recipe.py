@@ -12,11 +12,13 @@ epoch:
 3. train on the batch (inner epochs, minibatches, timestep accumulation);
 4. log one line to metrics.jsonl and the progress display;
 5. every ``eval_every`` epochs: sample fixed-seed batches on the training and held-out
-   prompts, log their rewards, save a sample grid;
+   prompts, log their rewards and the monitor rewards, save a sample grid; keep the weights of
+   the best evaluation whose monitors are within tolerance in best/; announce (once) the first
+   one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint.
 
 Outputs (``output_dir``): config.json, metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png,
-reward_curve.png, summary.json, checkpoints/checkpoint.pt, final/ (trained weights in
+reward_curve.png, summary.json, checkpoints/checkpoint.pt, final/ and best/ (trained weights in
 diffusers format: the UNet, or the LoRA adapters).
 """
 
@@ -29,7 +31,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchrl.envs import TransformedEnv
@@ -76,6 +78,8 @@ class EvalResult:
     eval_mean: float
     eval_std: float
     n: int
+    monitors: dict = field(default_factory=dict)
+    """{monitor: {"train_mean", "train_std", "eval_mean", "eval_std"}} (see ddpo_rl.monitors)."""
 
     def as_dict(self) -> dict:
         return dict(
@@ -85,6 +89,7 @@ class EvalResult:
             eval_reward_mean=self.eval_mean,
             eval_reward_std=self.eval_std,
             num_samples=self.n,
+            monitors=self.monitors,
         )
 
 
@@ -120,6 +125,9 @@ class DDPORecipe:
             from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
+        from ddpo_rl.monitors import build_monitors
+
+        self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
         resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
 
         # 2. device, processes, seeds, precision, output directory
@@ -184,6 +192,12 @@ class DDPORecipe:
             "rwr": dict(mode=cfg.rwr_mode, temperature=cfg.rwr_temperature, quantile=cfg.rwr_quantile),
         }[cfg.algorithm]
         self.loss = make_loss(cfg.algorithm, self.policy, **loss_kwargs)
+        if cfg.kl_coef > 0:  # built before a resume loads weights: the reference is the pretrained model
+            from ddpo_rl.objectives import KLToReferenceLoss
+
+            self.loss = KLToReferenceLoss(
+                self.loss, self.policy.head, cfg.kl_coef, reduction=cfg.log_prob_reduction
+            ).to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise RuntimeError("the policy has no trainable parameters")
@@ -307,7 +321,7 @@ class DDPORecipe:
         self.eval_history = [
             EvalResult(
                 e["epoch"], e["train_prompts_reward_mean"], e["train_prompts_reward_std"],
-                e["eval_reward_mean"], e["eval_reward_std"], e["num_samples"],
+                e["eval_reward_mean"], e["eval_reward_std"], e["num_samples"], e.get("monitors", {}),
             )
             for e in state["eval_history"]
         ]
@@ -345,21 +359,52 @@ class DDPORecipe:
                 return collect_trajectories(env, self.policy, num_batches=num_batches)
 
     def evaluate(self, epoch: int) -> EvalResult:
-        """Rewards of fixed-seed samples on the training and held-out prompts, and a sample grid."""
+        """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,
+        and a sample grid; writes best/ when this evaluation is the best within tolerance."""
+        from ddpo_rl.monitors import best_evaluation, first_alarm, summarize
+
         cfg = self.cfg
-        stats = {}
+        stats, monitors = {}, {name: {} for name in self.monitors}
         for name, env in self.eval_envs.items():
             n_batches = math.ceil(cfg.eval_num_samples / cfg.sample_batch_size)
-            r = terminal_rewards(self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET))
+            traj = self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET)
+            r = terminal_rewards(traj)
             r = r[torch.isfinite(r)]
             stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
+            for monitor, values in self._monitor_values(env, traj).items():
+                monitors[monitor][f"{name}_mean"], monitors[monitor][f"{name}_std"] = summarize(values)
         traj = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
         self._save_grid(traj, epoch)
-        result = EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2])
+        result = EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors)
+        history = [e.as_dict() for e in self.eval_history]
         self.eval_history.append(result)
+        record = result.as_dict()
+        alarm = first_alarm(history + [record], cfg.monitor_tolerance)
+        self.new_alarm = alarm if alarm is not None and first_alarm(history, cfg.monitor_tolerance) is None else None
+        if self.new_alarm is not None:
+            record["monitor_alarm"] = self.new_alarm
+        if best_evaluation(history + [record], cfg.monitor_tolerance)["epoch"] == epoch:
+            self.save_final_weights("best")
         with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(result.as_dict()) + "\n")
+            f.write(json.dumps(record) + "\n")
         return result
+
+    @torch.no_grad()
+    def _monitor_values(self, env, traj) -> dict[str, torch.Tensor]:
+        """Each monitor's values on a rollout's final images, scored batch by batch as sampled."""
+        from ddpo_rl.monitors import score_monitors
+
+        values: dict[str, list[torch.Tensor]] = {name: [] for name in self.monitors}
+        if not self.monitors:
+            return {}
+        bs = self.cfg.sample_batch_size
+        for start in range(0, traj.shape[0], bs):
+            part = traj[start : start + bs]
+            images = self.model.decode(part[KEYS.action][:, -1])  # x_0 is the last action
+            prompts = env.base_env.prompts_of(part[KEYS.prompt_id][:, 0])
+            for name, v in score_monitors(self.monitors, images, prompts).items():
+                values[name].append(v)
+        return {name: torch.cat(v) for name, v in values.items()}
 
     def _save_grid(self, traj, epoch: int) -> str:
         ncol = self.cfg.grid_samples_per_prompt
@@ -400,6 +445,7 @@ class DDPORecipe:
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         epoch = self.start_epoch
         show = cfg.progress and self.is_main
+        self.stopped_on_monitor_drop = False
         with RunProgress(cfg.epochs, start=self.start_epoch, enabled=show, title=f"{cfg.algorithm} {cfg.reward}") as progress:
             if epoch == 0 and not self.eval_history and self.is_main:
                 base = self.evaluate(0)
@@ -444,6 +490,7 @@ class DDPORecipe:
                     "train_prompts_reward_mean": None,
                     "clip_fraction": None,
                     "kl_approx": None,
+                    "kl_to_reference": None,
                 }
                 record.update({k: v.item() for k, v in train_metrics.items()})
                 record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1)
@@ -455,6 +502,12 @@ class DDPORecipe:
                         train_prompts_reward_mean=ev.train_mean,
                     )
                     progress.log_eval(ev)
+                    if self.new_alarm is not None:
+                        from ddpo_rl.monitors import alarm_message
+
+                        progress.log_alarm(alarm_message(self.new_alarm))
+                        record["monitor_alarm"] = self.new_alarm
+                        self.stopped_on_monitor_drop = cfg.stop_on_monitor_drop
                 record["seconds"] = time.perf_counter() - t0
                 if self.is_main:
                     with open(metrics_path, "a") as f:
@@ -462,8 +515,14 @@ class DDPORecipe:
                     progress.update(epoch, record)
                 # 6. checkpoint
                 stop = distributed.any_true(self._stop_requested)
-                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop:
+                monitor_stop = cfg.stop_on_monitor_drop and distributed.any_true(self.stopped_on_monitor_drop)
+                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop or monitor_stop:
                     self.save_checkpoint(epoch)
+                if monitor_stop:
+                    self.stopped_on_monitor_drop = True
+                    if self.is_main:
+                        print(f"stop_on_monitor_drop: run ended at epoch {epoch}; checkpoint and final/ saved")
+                    break
         self.last_epoch = epoch
         self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
         if self._stop_requested and self.is_main:
@@ -477,14 +536,20 @@ class DDPORecipe:
         """Curves, summary.json and the final weights in diffusers format."""
         from ddpo_rl.reporting import write_reward_curve, write_summary
 
-        write_reward_curve(self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})")
-        summary = write_summary(self.out, self.eval_history, self.cfg)
+        write_reward_curve(
+            self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
+            tolerance=self.cfg.monitor_tolerance,
+        )
+        summary = write_summary(
+            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False)
+        )
         if not self._stop_requested:
             self.save_final_weights()
         return summary
 
-    def save_final_weights(self) -> str:
-        path = os.path.join(self.out, "final")
+    def save_final_weights(self, name: str = "final") -> str:
+        """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/)."""
+        path = os.path.join(self.out, name)
         unet = self.policy.noise_model
         if self.cfg.use_lora:
             from ddpo_rl.lora import save_lora_weights

@@ -83,16 +83,20 @@ def ppo_update(
 ) -> dict[str, float]:
     """``num_passes`` shuffled passes over ``batch`` [N] in minibatches; returns epoch-mean metrics.
 
-    With ``train_actor=False`` only ``loss_critic`` is minimised (critic warm-up). The metrics
-    (loss, loss_objective, loss_critic, clip_fraction, kl_approx, ESS, grad_norm) are averaged
-    over minibatches on the device and moved to the host once.
+    With ``train_actor=False`` only ``loss_critic`` (and ``loss_kl``, when the loss is wrapped in
+    :class:`~ddpo_rl.objectives.KLToReferenceLoss`) is minimised (critic warm-up). The metrics
+    (loss, loss_objective, loss_critic, clip_fraction, kl_approx, ESS, grad_norm, and
+    kl_to_reference with a KL term) are averaged over minibatches on the device and moved to the
+    host once.
     """
     n = batch.shape[0]
     if minibatch_size <= 0 or num_passes <= 0:
         raise ValueError(f"minibatch_size={minibatch_size} and num_passes={num_passes} must be positive")
     mb = min(minibatch_size, n)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    with_kl = "kl_to_reference" in getattr(loss_module, "out_keys", ())
     names = ("loss", "loss_objective", "loss_critic", "clip_fraction", "kl_approx", "ESS", "grad_norm")
+    names += ("kl_to_reference",) if with_kl else ()
     sums = torch.zeros(len(names), device=batch.device)
     count = 0
     for _ in range(num_passes):
@@ -100,6 +104,8 @@ def ppo_update(
         for start in range(0, n - mb + 1, mb):
             out = loss_module(batch[perm[start : start + mb]])
             loss = out["loss_critic"] + (out["loss_objective"] if train_actor else 0.0)
+            if with_kl:
+                loss = loss + out["loss_kl"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
@@ -108,6 +114,7 @@ def ppo_update(
                 gn = torch.zeros((), device=batch.device)
             optimizer.step()
             vals = (loss, out["loss_objective"], out["loss_critic"], out["clip_fraction"], out["kl_approx"], out["ESS"], gn)
+            vals += (out["kl_to_reference"],) if with_kl else ()
             sums += torch.stack([v.detach().float().reshape(()) for v in vals])
             count += 1
     return dict(zip(names, (sums / max(count, 1)).tolist()))

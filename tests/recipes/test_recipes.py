@@ -62,6 +62,14 @@ def test_recipe_smoke(script, tmp_path):
         (["--learning-rate", "abc"], "learning_rate"),
         (["--reward-kwargs", '{"no_such_arg": 1}'], "reward_kwargs"),
         (["--reward", "tests.recipes.bad_rewards:no_such_factory"], "reward: "),
+        (["--kl-coef", "-0.1"], "kl_coef"),
+        (["--monitor-rewards", "beauty"], "monitor_rewards: 'beauty' is not a reward"),
+        (["--monitor-rewards", "tests.recipes.bad_rewards:fails_to_load"], "monitor_rewards: monitor"),
+        (["--monitor-rewards", "digit_alignment", "--monitor-reward-kwargs", '{"digit_alignment": {"nope": 1}}'],
+         "monitor_reward_kwargs"),
+        (["--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
+        # a value given explicitly that does not fit the (changed) reward is still refused
+        (["--reward", "alignment", "--reward-kwargs", '{"resize": 32}'], "reward_kwargs"),
         # a misbehaving reward: met at the first sampled batch (the tiny model makes that seconds)
         (["--reward", "tests.recipes.bad_rewards:nan_for_some"], "--on-invalid-reward drop"),
         (["--reward", "tests.recipes.bad_rewards:wrong_shape"], "wrong_shape_reward returned shape (4, 2)"),
