@@ -46,6 +46,7 @@ from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advan
 from ddpo_rl.config import DDPOConfig
 from ddpo_rl import distributed
 from ddpo_rl.keys import KEYS
+from ddpo_rl.loggers import make_run_logger
 from ddpo_rl.objectives import make_loss
 from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
@@ -139,6 +140,10 @@ class DDPORecipe:
                 for name in ("metrics.jsonl", "eval.jsonl"):
                     if os.path.exists(os.path.join(self.out, name)):
                         os.remove(os.path.join(self.out, name))
+        # mirrors metrics.jsonl, eval.jsonl and the images into a torchrl logger (cfg.logger)
+        self.run_logger = make_run_logger(
+            cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
+        ) if self.is_main else None
 
         # 3. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
@@ -435,6 +440,8 @@ class DDPORecipe:
                 if self.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    if self.run_logger is not None:
+                        self.run_logger.sync()
                     progress.update(epoch, record)
                 # 6. checkpoint
                 stop = distributed.any_true(self._stop_requested)
@@ -455,6 +462,8 @@ class DDPORecipe:
 
         write_reward_curve(self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})")
         summary = write_summary(self.out, self.eval_history, self.cfg)
+        if self.run_logger is not None:
+            self.run_logger.close()  # logs the reward curve
         if not self._stop_requested:
             self.save_final_weights()
         return summary
@@ -474,6 +483,8 @@ class DDPORecipe:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
+        if getattr(self, "run_logger", None) is not None:
+            self.run_logger.close()
         if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool
             self.reward_fn.shutdown()
         distributed.destroy()
