@@ -106,7 +106,7 @@ class DDPOConfig:
     """Keyword arguments of the reward function. The digits default upscales the 8x8 images to 32x32
     (nearest) before JPEG: at 8x8 one JPEG block holds the whole image and the size barely varies."""
     reward_async: bool = False
-    """Compute rewards in a background thread (ddpo_rl.rewards.alignment.AsyncReward): each batch's
+    """Compute rewards in a background thread (ddpo_rl.rewards.async_reward.AsyncReward): each batch's
     images are submitted at its last step and scored while the next batch samples; the collector
     waits for all rewards after the epoch's last batch. For slow reward models (VLMs). A reward that
     is already asynchronous (e.g. vlm_alignment with {"asynchronous": true}) is used as is."""

@@ -116,7 +116,7 @@ class DDPORecipe:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
-            from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
+            from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
         resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
@@ -505,14 +505,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ddpo_rl.config import ConfigError
     from ddpo_rl.rewards.transform import RewardError
 
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, RewardError]
-    try:
-        from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError
 
-        errors.append(PretrainedWeightsNotFoundError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (ConfigError, FileNotFoundError, RewardError, PretrainedWeightsNotFoundError)
 
 
 def main(argv=None, algorithm: str = "ddpo_is") -> dict:

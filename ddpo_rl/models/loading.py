@@ -75,7 +75,8 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             frozen=(encoder, vae),
         )
     from ddpo_rl.models.decoders import VaeDecoder
-    from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, load_sd_components
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError
+    from ddpo_rl.models.stable_diffusion import load_sd_components
 
     try:
         sd = load_sd_components(name, revision=revision, device=device, dtype=frozen_dtype)
