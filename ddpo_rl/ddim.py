@@ -85,16 +85,6 @@ class DDIMCoefficients:
             clip_sample_range=float(getattr(cfg, "clip_sample_range", 1.0)),
         )
 
-    def to(self, device) -> DDIMCoefficients:
-        return DDIMCoefficients(
-            self.alphas_cumprod.to(device),
-            self.final_alpha_cumprod.to(device),
-            self.step_ratio,
-            self.prediction_type,
-            self.clip_sample,
-            self.clip_sample_range,
-        )
-
 
 def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] matching ``like``'s number of dims."""

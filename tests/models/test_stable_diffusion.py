@@ -9,7 +9,7 @@ import torch
 
 from ddpo_rl.hub import PretrainedWeightsNotFoundError
 from ddpo_rl.models.stable_diffusion import load_sd_components
-from ddpo_rl.models.tiny import build_tiny_sd_pipeline_dir
+from tests.helpers import build_tiny_sd_pipeline_dir
 
 
 @pytest.fixture(scope="module")
