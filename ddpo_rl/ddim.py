@@ -101,11 +101,15 @@ def alpha_bars(coeffs: DDIMCoefficients, timestep: torch.Tensor) -> tuple[torch.
     return alpha_prod_t, alpha_prod_prev
 
 
-def ddim_std(coeffs: DDIMCoefficients, timestep: torch.Tensor, eta: float) -> torch.Tensor:
-    """sigma_t (DDIM eq. 16 times eta) for timesteps [B] -> [B] float32."""
-    alpha_prod_t, alpha_prod_prev = alpha_bars(coeffs, timestep)
+def ddim_std_from_alpha_bars(alpha_prod_t: torch.Tensor, alpha_prod_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t-1}) (DDIM eq. 16)."""
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
     return eta * variance.clamp(min=0).sqrt()
+
+
+def ddim_std(coeffs: DDIMCoefficients, timestep: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t (DDIM eq. 16 times eta) for timesteps [B] -> [B] float32."""
+    return ddim_std_from_alpha_bars(*alpha_bars(coeffs, timestep), eta)
 
 
 def ddim_step_gaussian(
@@ -154,8 +158,7 @@ def ddim_step_gaussian(
         pred_x0 = pred_x0.clamp(-coeffs.clip_sample_range, coeffs.clip_sample_range)
 
     # 4. sigma_t (DDIM eq. 16)
-    variance = (1 - alpha_prod_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    std = ddim_std_from_alpha_bars(alpha_prod_t, alpha_prod_prev, eta)
 
     # 5. mean: sqrt(alpha_bar_{t-1}) x_0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
     direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
