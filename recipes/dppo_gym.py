@@ -44,15 +44,14 @@ from torchrl.objectives.value import GAE
 from ddpo_rl.cli import parse
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS, make_run_logger
+from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
 from ddpo_rl.policies import (
     BCConfig,
     DenoisingChainActor,
     NoisePredictionMLP,
     ObservationScaler,
-    RATIO_FORMS,
     fit_behaviour_cloning,
     make_action_scheduler,
-    make_dppo_loss,
     make_step_policy,
     make_value_mlp,
     ppo_update,
