@@ -100,6 +100,8 @@ class DDPORecipe:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> DDPORecipe:
+        """Build everything the run needs, cheapest checks first: prompts and reward, device and
+        processes, model, envs, policy, loss, optimizer and trainer; then load ``cfg.resume``."""
         cfg = self.cfg
         from ddpo_rl.config import ConfigError
         from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
@@ -374,6 +376,8 @@ class DDPORecipe:
                 pass
 
     def train(self) -> dict:
+        """Run the epochs (sample, advantages, update, log, evaluate, checkpoint; see the module
+        docstring) until ``cfg.epochs`` or a SIGINT/SIGTERM, then :meth:`finish`; returns the summary."""
         cfg = self.cfg
         from ddpo_rl.progress import RunProgress
 

@@ -6,33 +6,10 @@ scikit-learn's bundled 8x8 handwritten digits (``sklearn.datasets.load_digits``)
 saved and loaded in the diffusers directory layout, so the main DDPO job has a real
 text-to-image model to fine-tune on a CPU with no model hub.
 
-Design choices:
-
-* **Pixel space**, one channel, 8x8, values in [-1, 1] (the digits' native size; there is no
-  VAE: :meth:`DigitsModel.decode` only rescales to [0, 1] and repeats the channel to RGB).
-* **Prompts** ``"a handwritten digit N"`` (N = 0..9). The empty prompt ``""`` is the
-  unconditional embedding for classifier-free guidance; pretraining drops the prompt to ``""``
-  for ~10% of the samples.
-* **Text encoder**: a small ``CLIPTextModel`` (hidden size 16, 2 layers) with the real CLIP
-  vocabulary, *trained jointly* with the UNet during pretraining and frozen afterwards (as SD's
-  CLIP encoder is during fine-tuning). A randomly initialised frozen encoder does give the ten
-  prompts distinct embeddings (causal attention makes every token after the digit depend on
-  it), but in the same budget the UNet learned to follow them poorly (a classifier read the
-  prompted digit in only ~74% of CFG-3 samples); learning the embeddings fixes that at almost
-  no cost, since each step encodes only the 11 distinct prompts. Only the rows of the tokens
-  these prompts use receive gradients (no weight decay), so the rest of the vocabulary stays at
-  its random initialisation. Hidden size 16 keeps the checkpoint small: the 49408-row token
-  embedding is half of it.
-* **Scheduler**: ``DDIMScheduler`` with DDPM's linear betas (1e-4 .. 0.02, the usual choice for
-  pixel-space models, reaching alpha_bar_T ~ 4e-5 so sampling can start from pure noise), and
-  otherwise SD's settings: ``set_alpha_to_one=False`` (the last DDIM step keeps a small non-zero
-  std, so its log-probability is finite), ``steps_offset=1``, epsilon prediction and
-  ``clip_sample=False``. Clipping x0 would make ``scheduler.step`` differ from the plain DDIM
-  Gaussian that DDPO's log-probabilities are computed from; samples are clamped to [-1, 1] only
-  when decoded to images.
-* **Tokenizer**: not saved by default (it adds 3.6 MB); it is rebuilt offline with
-  :func:`ddpo_rl.models.tokenizer.build_clip_tokenizer`. A ``tokenizer/`` subfolder, when
-  present, is loaded with ``CLIPTokenizer.from_pretrained``.
+Pixel space, one channel, 8x8, values in [-1, 1]; prompts ``"a handwritten digit N"`` and ``""``
+(unconditional, for classifier-free guidance); a small CLIP text encoder trained with the UNet,
+then frozen; a ``DDIMScheduler`` with DDPM's linear betas and ``set_alpha_to_one=False``. Why each
+choice: docs/digits_model.md.
 
 Modules: this one holds the model, its building, saving and loading, and the cache lookup
 (:func:`load_or_train_digits_model`); ``digits_data`` the dataset; ``digits_pretrain`` the
