@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from torchrl.modules import ValueOperator
 from torchrl.objectives import ClipPPOLoss
 
-from ddpo_rl.keys import KEYS
+from ddpo_rl.objectives.ddpo_is import make_ddpo_is_loss
 
 if TYPE_CHECKING:
     from ddpo_rl.policies.chain import DenoisingChainActor
@@ -39,20 +39,12 @@ def make_dppo_loss(
     """
     if ratio not in RATIO_FORMS:
         raise ValueError(f"ratio={ratio!r}; expected one of {RATIO_FORMS}")
-    if clip_epsilon <= 0:
-        raise ValueError(f"clip_epsilon={clip_epsilon} must be positive")
     actor = chain_actor.step_policy if ratio == "step" else chain_actor
-    loss = ClipPPOLoss(
-        actor_network=actor,
-        critic_network=critic,
-        clip_epsilon=clip_epsilon,
-        entropy_bonus=False,
-        critic_coeff=critic_coeff,
-        loss_critic_type="l2",
+    loss = make_ddpo_is_loss(
+        actor, clip_epsilon, critic_network=critic, critic_coeff=critic_coeff, loss_critic_type="l2",
         normalize_advantage=normalize_advantage,
-        functional=False,
     )
-    action_key = KEYS.action if ratio == "step" else chain_actor.keys.chain
-    loss.set_keys(advantage=KEYS.advantage, action=action_key, sample_log_prob=KEYS.log_prob)
+    if ratio == "chain":
+        loss.set_keys(action=chain_actor.keys.chain)
     loss.ratio_form = ratio
     return loss
