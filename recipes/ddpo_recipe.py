@@ -466,8 +466,6 @@ class DDPORecipe:
 
         write_reward_curve(self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})")
         summary = write_summary(self.out, self.eval_history, self.cfg)
-        if self.run_logger is not None:
-            self.run_logger.close()  # logs the reward curve
         if not self._stop_requested:
             self.save_final_weights()
         return summary
@@ -488,7 +486,7 @@ class DDPORecipe:
             signal.signal(sig, old)
         self._old_handlers.clear()
         if getattr(self, "run_logger", None) is not None:
-            self.run_logger.close()
+            self.run_logger.close()  # logs what is left: the reward curve
         if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool
             self.reward_fn.shutdown()
         distributed.destroy()
@@ -507,9 +505,8 @@ def run(cfg: DDPOConfig) -> dict:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported on one line, without a traceback."""
     from ddpo_rl.config import ConfigError
-    from ddpo_rl.rewards.transform import RewardError
-
     from ddpo_rl.hub import PretrainedWeightsNotFoundError
+    from ddpo_rl.rewards.transform import RewardError
 
     return (ConfigError, FileNotFoundError, RewardError, PretrainedWeightsNotFoundError)
 
