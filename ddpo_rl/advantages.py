@@ -71,11 +71,6 @@ class PerPromptStatTracker:
         adv = torch.where(finite, adv, torch.zeros_like(adv))
         return adv.to(dtype=rewards.dtype, device=rewards.device).reshape(rewards.shape)
 
-    def stats(self) -> dict[str, float]:
-        """Summary for logs: number of prompts tracked and mean buffer fill."""
-        n = len(self.buffers)
-        return {"prompts_tracked": n, "mean_buffer": sum(len(b) for b in self.buffers.values()) / max(n, 1)}
-
     def state_dict(self) -> dict:
         return {
             "buffer_size": self.buffer_size,
@@ -87,9 +82,6 @@ class PerPromptStatTracker:
         self.buffer_size = int(state["buffer_size"])
         self.min_count = int(state["min_count"])
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
-
-    def clear(self) -> None:
-        self.buffers.clear()
 
 
 def batch_advantages(rewards: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ddpo_rl.config import ConfigError, DDPOConfig, parse_cli
 from ddpo_rl.reporting import read_jsonl
 
 # config fields that may differ between a stored run and the planned one without changing it
-_RUN_INDEPENDENT_FIELDS = ("progress", "resume")
+_RUN_INDEPENDENT_FIELDS = ("progress", "resume", "logger", "logger_kwargs")
 # fields the comparison sets per run itself
 _PER_RUN_FLAGS = ("--algorithm", "--seed", "--output-dir", "--resume")
 

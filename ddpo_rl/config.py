@@ -1,7 +1,7 @@
 """Run configuration: one dataclass, named presets, and a command line that can set any field.
 
 ``DDPOConfig`` holds everything a recipe needs; every field has a docstring. Presets are
-partial overrides of the defaults. On the command line::
+partial overrides of the defaults. On the command line (built by tyro, see ddpo_rl.cli)::
 
     python recipes/ddpo_is.py --preset digits --reward jpeg_compressibility --epochs 50 \
         --seed 1 --output-dir runs/x --learning-rate 1e-4 --guidance-scale 2
@@ -18,8 +18,25 @@ import difflib
 import json
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
-ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr")
+from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
+from ddpo_rl.loggers import LOGGERS
+from ddpo_rl.objectives import LOSSES
+from ddpo_rl.objectives.rwr import RWR_MODES
+from ddpo_rl.precision import MIXED_PRECISION_MODES
+from ddpo_rl.rewards.transform import ON_INVALID
+
+ALGORITHMS = LOSSES
+"""The algorithms a recipe runs: one per loss of ddpo_rl.objectives."""
+
+# choice fields: their allowed values are the constants of the code that uses them
+Algorithm = Literal[LOSSES]
+LogProbReduction = Literal[LOG_PROB_REDUCTIONS]
+MixedPrecision = Literal[MIXED_PRECISION_MODES]
+OnInvalidReward = Literal[ON_INVALID]
+RWRMode = Literal[RWR_MODES]
+LoggerKind = Literal[LOGGERS]
 
 
 class ConfigError(ValueError):
@@ -33,7 +50,7 @@ class DDPOConfig:
     # --- what to run -----------------------------------------------------------------------
     preset: str = "digits"
     """Name of the preset these values started from (informational once loaded)."""
-    algorithm: str = "ddpo_is"
+    algorithm: Algorithm = "ddpo_is"
     """Policy-gradient variant: "ddpo_is" (clipped importance sampling), "ddpo_sf" (REINFORCE) or "rwr"."""
     seed: int = 0
     """Seed of every random stream (sampling noise, prompts, shuffles). Same seed + config = same run on CPU."""
@@ -57,7 +74,7 @@ class DDPOConfig:
     """LoRA rank r."""
     lora_alpha: float = 4.0
     """LoRA alpha (scale = alpha / r)."""
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """"no", "fp16" or "bf16": autocast for the UNet; trainable weights stay float32."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs."""
@@ -75,7 +92,7 @@ class DDPOConfig:
     """Trajectories sampled in parallel (the env's batch size)."""
     num_batches_per_epoch: int = 2
     """Batches sampled per epoch: sample_batch_size x num_batches_per_epoch trajectories per epoch."""
-    log_prob_reduction: str = "mean"
+    log_prob_reduction: LogProbReduction = "mean"
     """Reduce per-dim log-densities by "mean" (the paper's scale, default) or "sum". The clip range depends on it."""
 
     # --- flow matching, GRPO groups, large prompt sets ---------------------------------------
@@ -100,11 +117,11 @@ class DDPOConfig:
     """Keyword arguments of the reward function. The digits default upscales the 8x8 images to 32x32
     (nearest) before JPEG: at 8x8 one JPEG block holds the whole image and the size barely varies."""
     reward_async: bool = False
-    """Compute rewards in a background thread (ddpo_rl.rewards.alignment.AsyncReward): each batch's
+    """Compute rewards in a background thread (ddpo_rl.rewards.async_reward.AsyncReward): each batch's
     images are submitted at its last step and scored while the next batch samples; the collector
     waits for all rewards after the epoch's last batch. For slow reward models (VLMs). A reward that
     is already asynchronous (e.g. vlm_alignment with {"asynchronous": true}) is used as is."""
-    on_invalid_reward: str = "raise"
+    on_invalid_reward: OnInvalidReward = "raise"
     """NaN/inf rewards: "raise" a named error, or "drop" those samples with a warning."""
 
     # --- advantages and loss ----------------------------------------------------------------
@@ -118,7 +135,7 @@ class DDPOConfig:
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     clip_range: float = 1e-4
     """PPO clip range epsilon of DDPO-IS (for mean-reduced log-probs; 1e-4 in the paper)."""
-    rwr_mode: str = "exponential"
+    rwr_mode: RWRMode = "exponential"
     """RWR weights: "exponential" (softmax of A / temperature) or "sparse" (top quantile)."""
     rwr_temperature: float = 1.0
     """RWR temperature beta."""
@@ -180,6 +197,11 @@ class DDPOConfig:
     """A run directory (or its checkpoint) to continue from."""
     progress: bool = True
     """Show the rich progress display."""
+    logger: LoggerKind = "none"
+    """Also send metrics, eval rewards and images to a torchrl logger: "csv", "tensorboard", "wandb" or
+    "mlflow" (files under output_dir/logs). "none": only the run directory's own files (metrics.jsonl etc.)."""
+    logger_kwargs: dict = field(default_factory=dict)
+    """Options of the logger's constructor, e.g. {"project": "ddpo", "offline": true} for W&B."""
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -193,7 +215,8 @@ class DDPOConfig:
             if not cond:
                 raise ConfigError(f"{field_name}: {msg}")
 
-        need(self.algorithm in ALGORITHMS, "algorithm", f"{self.algorithm!r} is not one of {ALGORITHMS}")
+        for name, choices in _choice_fields(type(self)).items():
+            need(getattr(self, name) in choices, name, f"{getattr(self, name)!r} is not one of {choices}")
         for name in (
             "epochs", "num_inference_steps", "sample_batch_size", "num_batches_per_epoch", "minibatch_size",
             "gradient_accumulation_steps", "num_inner_epochs", "eval_every", "save_every", "eval_num_samples",
@@ -206,10 +229,6 @@ class DDPOConfig:
         need(self.clip_range > 0, "clip_range", "must be positive")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
-        need(self.log_prob_reduction in ("mean", "sum"), "log_prob_reduction", 'must be "mean" or "sum"')
-        need(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", 'must be "no", "fp16" or "bf16"')
-        need(self.on_invalid_reward in ("raise", "drop"), "on_invalid_reward", 'must be "raise" or "drop"')
-        need(self.rwr_mode in ("exponential", "sparse"), "rwr_mode", 'must be "exponential" or "sparse"')
         need(self.kl_coef >= 0, "kl_coef", f"must be >= 0 (0 disables the KL penalty), got {self.kl_coef}")
         need(self.monitor_tolerance > 0, "monitor_tolerance", f"must be positive (in base std), got {self.monitor_tolerance}")
         need(isinstance(self.monitor_rewards, list) and all(isinstance(m, str) and m.strip() for m in self.monitor_rewards),
@@ -249,15 +268,16 @@ class DDPOConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"{unknown[0]}: {_unknown_field_message(unknown[0])}")
+            from ddpo_rl.cli import unknown_field_message
+
+            raise ConfigError(f"{unknown[0]}: {unknown_field_message(cls, unknown[0])}")
         return cls(**d)
 
 
-def _unknown_field_message(name: str) -> str:
-    names = [f.name for f in dataclasses.fields(DDPOConfig)]
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else "see DDPOConfig for the fields"
-    return f"unknown config field; {hint}"
+def _choice_fields(cls: type) -> dict[str, tuple]:
+    """{field: allowed values} for the fields typed ``Literal[...]``."""
+    hints = typing.get_type_hints(cls)
+    return {n: typing.get_args(t) for n, t in hints.items() if typing.get_origin(t) is Literal}
 
 
 # Partial overrides of DDPOConfig's defaults. "digits" is the defaults themselves.
@@ -398,93 +418,35 @@ def preset_config(name: str, **overrides) -> DDPOConfig:
     return DDPOConfig.from_dict(values)
 
 
-def _convert(name: str, raw: str, annotation) -> typing.Any:
-    """Parse a command-line string into the type of field ``name``."""
-    text = str(annotation)
-    try:
-        if raw.lower() in ("none", "null") and "None" in text:
-            return None
-        if "bool" in text:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if "list" in text:  # a JSON list, or comma-separated names ("" = empty)
-            value = json.loads(raw) if raw.strip().startswith("[") else [v.strip() for v in raw.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError(raw)
-            return value
-        if "dict" in text:
-            value = json.loads(raw)
-            if not isinstance(value, dict):
-                raise ValueError(raw)
-            return value
-        if text.startswith("int") or text == "<class 'int'>":
-            return int(raw)
-        if text.startswith("float") or text == "<class 'float'>":
-            return float(raw)
-        return raw
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{name}: cannot read {raw!r} as {text}") from None
-
-
 def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
-    """Build a validated config from ``argv``: ``--preset NAME`` first, then any ``--field value``.
+    """Build a validated config from ``argv``: ``--preset NAME`` and any ``--field value``.
 
-    ``defaults`` (e.g. ``algorithm="rwr"``) apply on top of the preset, below the command line.
-    ``--help`` lists every field with its docstring.
+    The preset's values apply first, then ``defaults`` (the script's own, e.g. ``algorithm="rwr"``),
+    then the fields given on the command line: ``preset_config`` receives those explicit fields
+    only. ``--help`` lists every field with its docstring (tyro's help).
     """
     import sys
 
+    from ddpo_rl import cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(DDPOConfig)}
-    hints = typing.get_type_hints(DDPOConfig)
-    if any(a in ("-h", "--help") for a in argv):
-        print(cli_help())
-        raise SystemExit(0)
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"{arg}: expected --FIELD VALUE pairs (see --help)")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{key}: missing value")
-            value = argv[i + 1]
-            i += 2
-        pairs.append((key.replace("-", "_"), value))
-    preset = dict(pairs).get("preset", "digits")
-    values = {}
-    for key, raw in pairs:
-        if key == "preset":
-            continue
-        if key not in fields:
-            raise ConfigError(f"{key}: {_unknown_field_message(key)}")
-        values[key] = _convert(key, raw, hints[key])
-    cfg = preset_config(preset, **{**defaults, **values})
-    return cfg.validate()
+    try:
+        parsed, given = cli.parse(DDPOConfig, argv, description=_cli_description())
+    except cli.CLIError as err:
+        raise ConfigError(str(err)) from None
+    given.pop("preset", None)
+    return preset_config(parsed.preset, **{**defaults, **given}).validate()
+
+
+def _cli_description() -> str:
+    return (
+        "A DDPO run: --preset NAME, then --FIELD VALUE for any field below (the defaults shown are the "
+        f"digits preset's). Presets: {', '.join(PRESETS)}."
+    )
 
 
 def cli_help() -> str:
-    import ast
-    import inspect
+    """The ``--help`` text: every field of :class:`DDPOConfig` with its docstring and default."""
+    from ddpo_rl import cli
 
-    lines = ["usage: python recipes/<algo>.py [--preset NAME] [--FIELD VALUE ...]", "", f"presets: {', '.join(PRESETS)}", ""]
-    src = inspect.getsource(DDPOConfig)
-    tree = ast.parse(src)
-    body = tree.body[0].body
-    defaults = DDPOConfig()
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            doc = ""
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                doc = " ".join(str(nxt.value.value).split())
-            name = node.target.id
-            lines.append(f"  --{name.replace('_', '-')} (default {getattr(defaults, name)!r})\n      {doc}")
-    return "\n".join(lines)
+    return cli.help_text(DDPOConfig, description=_cli_description())

@@ -106,16 +106,6 @@ class DDIMCoefficients:
             clip_sample_range=float(getattr(cfg, "clip_sample_range", 1.0)),
         )
 
-    def to(self, device) -> DDIMCoefficients:
-        return DDIMCoefficients(
-            self.alphas_cumprod.to(device),
-            self.final_alpha_cumprod.to(device),
-            self.step_ratio,
-            self.prediction_type,
-            self.clip_sample,
-            self.clip_sample_range,
-        )
-
 
 def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] matching ``like``'s number of dims."""
@@ -132,11 +122,15 @@ def alpha_bars(coeffs: DDIMCoefficients, timestep: torch.Tensor) -> tuple[torch.
     return alpha_prod_t, alpha_prod_prev
 
 
-def ddim_std(coeffs: DDIMCoefficients, timestep: torch.Tensor, eta: float) -> torch.Tensor:
-    """sigma_t (DDIM eq. 16 times eta) for timesteps [B] -> [B] float32."""
-    alpha_prod_t, alpha_prod_prev = alpha_bars(coeffs, timestep)
+def ddim_std_from_alpha_bars(alpha_prod_t: torch.Tensor, alpha_prod_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t-1}) (DDIM eq. 16)."""
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
     return eta * variance.clamp(min=0).sqrt()
+
+
+def ddim_std(coeffs: DDIMCoefficients, timestep: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t (DDIM eq. 16 times eta) for timesteps [B] -> [B] float32."""
+    return ddim_std_from_alpha_bars(*alpha_bars(coeffs, timestep), eta)
 
 
 def ddim_step_gaussian(
@@ -185,8 +179,7 @@ def ddim_step_gaussian(
         pred_x0 = pred_x0.clamp(-coeffs.clip_sample_range, coeffs.clip_sample_range)
 
     # 4. sigma_t (DDIM eq. 16)
-    variance = (1 - alpha_prod_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    std = ddim_std_from_alpha_bars(alpha_prod_t, alpha_prod_prev, eta)
 
     # 5. mean: sqrt(alpha_bar_{t-1}) x_0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
     direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps

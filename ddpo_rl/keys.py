@@ -46,7 +46,6 @@ class DDPOKeys:
     """Scalar reward [B, 1]; written in ("next", reward) by the reward transform."""
     done: str = "done"
     terminated: str = "terminated"
-    truncated: str = "truncated"
     advantage: str = "advantage"
     """Per-sample advantage [B, 1] (broadcast over steps), after per-prompt normalisation."""
     images: str = "images"

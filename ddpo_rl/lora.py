@@ -21,7 +21,7 @@ The functions' ``unet`` argument is the denoising network either way.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -121,15 +121,6 @@ def _is_lora_param(name: str, adapter_name: str | None = None) -> bool:
 def lora_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
     """The trainable LoRA parameters of ``unet`` (of one adapter, or of all adapters)."""
     return [p for n, p in unet.named_parameters() if p.requires_grad and _is_lora_param(n, adapter_name)]
-
-
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Every parameter with ``requires_grad`` (LoRA or full fine-tuning alike)."""
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
 
 
 def get_lora_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -49,6 +49,7 @@ from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advan
 from ddpo_rl.config import DDPOConfig
 from ddpo_rl import distributed
 from ddpo_rl.keys import KEYS
+from ddpo_rl.loggers import make_run_logger
 from ddpo_rl.objectives import make_loss
 from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
@@ -106,6 +107,8 @@ class DDPORecipe:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> DDPORecipe:
+        """Build everything the run needs, cheapest checks first: prompts and reward, device and
+        processes, model, envs, policy, loss, optimizer and trainer; then load ``cfg.resume``."""
         cfg = self.cfg
         from ddpo_rl.config import ConfigError
         from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
@@ -122,7 +125,7 @@ class DDPORecipe:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
-            from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
+            from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
         from ddpo_rl.monitors import build_monitors
@@ -149,6 +152,10 @@ class DDPORecipe:
                 for name in ("metrics.jsonl", "eval.jsonl"):
                     if os.path.exists(os.path.join(self.out, name)):
                         os.remove(os.path.join(self.out, name))
+        # mirrors metrics.jsonl, eval.jsonl and the images into a torchrl logger (cfg.logger)
+        self.run_logger = make_run_logger(
+            cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
+        ) if self.is_main else None
 
         # 3. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
@@ -438,6 +445,8 @@ class DDPORecipe:
                 pass
 
     def train(self) -> dict:
+        """Run the epochs (sample, advantages, update, log, evaluate, checkpoint; see the module
+        docstring) until ``cfg.epochs`` or a SIGINT/SIGTERM, then :meth:`finish`; returns the summary."""
         cfg = self.cfg
         from ddpo_rl.progress import RunProgress
 
@@ -512,6 +521,8 @@ class DDPORecipe:
                 if self.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    if self.run_logger is not None:
+                        self.run_logger.sync()
                     progress.update(epoch, record)
                 # 6. checkpoint
                 stop = distributed.any_true(self._stop_requested)
@@ -563,6 +574,8 @@ class DDPORecipe:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
+        if getattr(self, "run_logger", None) is not None:
+            self.run_logger.close()  # logs what is left: the reward curve
         if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool
             self.reward_fn.shutdown()
         distributed.destroy()
@@ -581,16 +594,10 @@ def run(cfg: DDPOConfig) -> dict:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported on one line, without a traceback."""
     from ddpo_rl.config import ConfigError
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError
     from ddpo_rl.rewards.transform import RewardError
 
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, RewardError]
-    try:
-        from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
-
-        errors.append(PretrainedWeightsNotFoundError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (ConfigError, FileNotFoundError, RewardError, PretrainedWeightsNotFoundError)
 
 
 def main(argv=None, algorithm: str = "ddpo_is") -> dict:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
-import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,6 +41,10 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
+from ddpo_rl.cli import parse
+from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
+from ddpo_rl.loggers import LOGGERS, make_run_logger
+from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
 from ddpo_rl.policies import (
     BCConfig,
     DenoisingChainActor,
@@ -46,7 +52,6 @@ from ddpo_rl.policies import (
     ObservationScaler,
     fit_behaviour_cloning,
     make_action_scheduler,
-    make_dppo_loss,
     make_step_policy,
     make_value_mlp,
     ppo_update,
@@ -105,9 +110,9 @@ class DPPOGymConfig:
     bc_lr: float = 1e-3
     """Behaviour-cloning learning rate."""
     # -- PPO
-    ratio: str = "step"
+    ratio: Literal[RATIO_FORMS] = "step"
     """"step": DPPO's per-denoising-step ratios; "chain": one ratio per env step (whole chain)."""
-    chain_reduction: str = "sum"
+    chain_reduction: Literal[LOG_PROB_REDUCTIONS] = "sum"
     """Reduction of the K step log-probs into the chain log-prob ("sum" = joint density, or "mean")."""
     clip_epsilon: float = 0.2
     """PPO clip range: of per-step ratios ("step"), or of chain ratios ("chain": use ~K times less)."""
@@ -140,13 +145,21 @@ class DPPOGymConfig:
     """Evaluate every this many epochs (and always before the first and after the last)."""
     progress: bool = True
     """Show a rich progress bar."""
+    logger: Literal[LOGGERS] = "none"
+    """Also send metrics and returns.png to a torchrl logger: "csv", "tensorboard", "wandb" or "mlflow"
+    (files under output_dir/logs); "none": only the run directory's own files."""
+    logger_kwargs: dict = field(default_factory=dict)
+    """Options of the logger's constructor, e.g. {"project": "dppo", "offline": true} for W&B."""
 
     def validate(self) -> None:
-        if self.ratio not in ("step", "chain"):
-            raise ValueError(f"ratio={self.ratio!r}; expected 'step' or 'chain'")
+        """Raise ValueError, its message starting with the field's name, on a setting that cannot run."""
+        if self.ratio not in RATIO_FORMS:
+            raise ValueError(f"ratio: {self.ratio!r} is not one of {RATIO_FORMS}")
+        if self.chain_reduction not in LOG_PROB_REDUCTIONS:
+            raise ValueError(f"chain_reduction: {self.chain_reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
         for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
 
 
 def build_policy(cfg: DPPOGymConfig, env):
@@ -217,6 +230,7 @@ def run(cfg: DPPOGymConfig) -> dict:
     )
     history: list[dict] = []
     metrics_file = (out / "metrics.jsonl").open("w")
+    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, hparams=dataclasses.asdict(cfg))
     progress = Progress(
         TextColumn("[bold]DPPO {task.fields[env]}"),
         BarColumn(),
@@ -262,6 +276,8 @@ def run(cfg: DPPOGymConfig) -> dict:
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            if run_logger is not None:
+                run_logger.sync()
             progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
     metrics_file.close()
 
@@ -293,22 +309,32 @@ def run(cfg: DPPOGymConfig) -> dict:
         "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run_logger is not None:
+        run_logger.close()  # logs returns.png
     return summary
 
 
 def parse_args(argv=None) -> DPPOGymConfig:
-    """CLI flags for every config field (``--env``, ``--epochs``, ``--seed``, ``--output-dir``, ...)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DPPOGymConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default)
-    return DPPOGymConfig(**vars(parser.parse_args(argv)))
+    """A validated config from ``--FIELD VALUE`` pairs for any field (``--env``, ``--epochs``, ...)."""
+    cfg, _ = parse(DPPOGymConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    cfg.validate()
+    return cfg
+
+
+def main(argv=None) -> dict:
+    """Parse, run, print the summary; a bad command line is reported in one line (exit 2)."""
+    try:
+        cfg = parse_args(argv)
+    except ValueError as err:  # CLIError included
+        if os.environ.get("DDPO_RL_DEBUG"):
+            raise
+        print(f"error: {err}  (set DDPO_RL_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    summary = run(cfg)
+    print(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(run(parse_args()), indent=2))
+    main()

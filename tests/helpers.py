@@ -73,6 +73,27 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def build_tiny_sd_pipeline_dir(path, **kwargs) -> str:
+    """Save ``ddpo_rl.models.tiny.build_tiny_sd_pipeline(**kwargs)`` as a real diffusers pipeline
+    directory at ``path`` (``model_index.json`` + one folder per component) and return the path.
+
+    Tests load it back through :func:`ddpo_rl.models.stable_diffusion.load_sd_components`, the same
+    code that loads ``runwayml/stable-diffusion-v1-5``.
+    """
+    from ddpo_rl.models.tiny import build_tiny_sd_pipeline
+
+    path = os.fspath(path)
+    build_tiny_sd_pipeline(**kwargs).save_pretrained(path)
+    return path
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 CUDA matmuls may use TF32."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover
+
+
 def free_port() -> int:
     """A free TCP port on localhost (for torch.distributed rendezvous)."""
     with socket.socket() as sock:

@@ -101,8 +101,9 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             frozen=(encoder, vae),
         )
     from ddpo_rl.models.decoders import VaeDecoder
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError
     from ddpo_rl.models.sd3 import is_sd3_pipeline, load_sd3_components
-    from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, load_sd_components
+    from ddpo_rl.models.stable_diffusion import load_sd_components
 
     if is_sd3_pipeline(name):
         try:

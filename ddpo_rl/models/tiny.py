@@ -132,20 +132,6 @@ def build_tiny_sd_pipeline(
     )
 
 
-def build_tiny_sd_pipeline_dir(path, **kwargs) -> str:
-    """Save :func:`build_tiny_sd_pipeline` (``kwargs`` go to it) as a real diffusers pipeline
-    directory at ``path`` (``model_index.json`` + one folder per component) and return the path.
-
-    Tests load it back through :func:`ddpo_rl.models.stable_diffusion.load_sd_components`, the same
-    code that loads ``runwayml/stable-diffusion-v1-5``.
-    """
-    import os
-
-    path = os.fspath(path)
-    build_tiny_sd_pipeline(**kwargs).save_pretrained(path)
-    return path
-
-
 def tiny_sd3_transformer(sample_size: int = 8, in_channels: int = 4, context_dim: int = 64, seed: int = 0):
     """An ``SD3Transformer2DModel`` sized for tests (~80k parameters); ``context_dim`` is both the
     token-embedding width (``joint_attention_dim``) and the pooled width."""

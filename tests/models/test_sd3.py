@@ -23,7 +23,8 @@ from ddpo_rl.models.sd3 import (
     load_sd3_components,
 )
 from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
-from ddpo_rl.models.tiny import build_tiny_sd3_pipeline_dir, build_tiny_sd_pipeline_dir
+from ddpo_rl.models.tiny import build_tiny_sd3_pipeline_dir
+from tests.helpers import build_tiny_sd_pipeline_dir
 
 
 @pytest.fixture(scope="module")
