@@ -19,7 +19,7 @@ epoch:
 
 Outputs (``output_dir``): config.json, metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png,
 reward_curve.png, summary.json, checkpoints/checkpoint.pt, final/ and best/ (trained weights in
-diffusers format: the UNet, or the LoRA adapters).
+diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters).
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ class DDPORecipe:
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                 timestep_fraction=cfg.timestep_fraction,
                 max_grad_norm=cfg.max_grad_norm,
+                step_indices=getattr(self.policy, "trained_steps", None),  # the flow policy's SDE window
             ),
             params=self.params,
             autocast=lambda: precision.autocast(cfg.mixed_precision, self.device),
@@ -261,7 +262,13 @@ class DDPORecipe:
                 negative_prompt_embeds=negative,
                 pooled=KEYS.pooled_prompt_embeds in self.env.base_env.condition_keys,
                 log_prob_reduction=cfg.log_prob_reduction,
+                sde_window_size=cfg.sde_window_size,
+                sde_window_start=cfg.sde_window_start,
             )
+        if cfg.sde_window_size:
+            from ddpo_rl.config import ConfigError
+
+            raise ConfigError(f"sde_window_size: the SDE window is for flow-matching models; {cfg.model!r} samples with DDIM")
         return DiffusionPolicy(
             network,
             self.model.scheduler,
@@ -560,15 +567,9 @@ class DDPORecipe:
 
     def save_final_weights(self, name: str = "final") -> str:
         """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/)."""
-        path = os.path.join(self.out, name)
-        unet = self.policy.noise_model
-        if self.cfg.use_lora:
-            from ddpo_rl.lora import save_lora_weights
+        from ddpo_rl.checkpoint import save_trained_weights
 
-            save_lora_weights(unet, path)
-        elif hasattr(unet, "save_pretrained"):
-            unet.save_pretrained(os.path.join(path, "unet"))
-        return path
+        return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), self.cfg.use_lora)
 
     def cleanup(self) -> None:
         for sig, old in self._old_handlers.items():
@@ -600,14 +601,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, FileNotFoundError, RewardError, PretrainedWeightsNotFoundError)
 
 
-def main(argv=None, algorithm: str = "ddpo_is") -> dict:
-    """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line."""
+def main(argv=None, algorithm: str = "ddpo_is", preset: str | None = None) -> dict:
+    """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line.
+    ``preset``: the script's default preset (``--preset`` overrides it)."""
     import sys
 
     from ddpo_rl.config import parse_cli
 
     try:
-        return run(parse_cli(argv, algorithm=algorithm))
+        return run(parse_cli(argv, algorithm=algorithm, **({"preset": preset} if preset else {})))
     except (*user_errors(), ValueError) as err:  # ValueError: a bad value met while building components
         if os.environ.get("DDPO_RL_DEBUG"):
             raise
