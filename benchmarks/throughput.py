@@ -560,6 +560,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the FLOP/s fraction")
     ap.add_argument("--profile", action="store_true", help="cProfile one env.rollout and one plain loop (printed, and in the JSON)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--flow", action="store_true", help="also time the flow-matching sampler (benchmarks/flow_throughput.py)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.latent_size is None:
@@ -688,6 +689,13 @@ def main(argv=None) -> dict:
             "plain_policy_loop": profile_call(methods["plain_policy_loop"]),
         }
 
+    flow = None
+    if args.flow:  # the flow-matching family, same protocol (its own model: an SD3 transformer)
+        log("flow-matching collection: warm-up and timed rounds")
+        from flow_throughput import flow_collection
+
+        flow = flow_collection(args, device, PROMPTS, brightness, latent_to_images, time_interleaved, summarize, paired_overhead_pct)
+
     is_target_setting = (
         device.type == "cuda" and args.model == "sd15" and args.batch == 8 and args.steps == 50 and args.cfg != 1.0
     )
@@ -737,6 +745,7 @@ def main(argv=None) -> dict:
         "flops": flops,
         "targets": targets,
         "profile": profile,
+        "flow_collection": flow,
     }
     _print_tables(result)
     if profile:
@@ -823,6 +832,13 @@ def _print_tables(r: dict) -> None:
         CONSOLE.print(t2)
         CONSOLE.print(
             f"trainer overhead vs bare loop: {tr['trainer_overhead_pct']:.1f}% (paired median {tr['trainer_overhead_pct_paired_median']:.1f}%)"
+        )
+    if r.get("flow_collection"):
+        fl = r["flow_collection"]
+        CONSOLE.print(
+            "flow matching (SD3 transformer, SDE a=0.7): "
+            + ", ".join(f"{k} {v['median_s']:.3f} s ({v['ratio_to_baseline']:.2f}x (fa))" for k, v in fl["methods"].items())
+            + f"; env overhead {fl['env_overhead_pct']:.1f}%"
         )
     tg = r["targets"]
     CONSOLE.print(f"targets apply to this setting: {tg['applies']} ({tg['note']})")
