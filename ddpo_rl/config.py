@@ -56,8 +56,12 @@ class DDPOConfig:
     """LoRA rank r."""
     lora_alpha: float = 4.0
     """LoRA alpha (scale = alpha / r)."""
-    mixed_precision: str = "no"
-    """"no", "fp16" or "bf16": autocast for the UNet; trainable weights stay float32."""
+    mixed_precision: str = "auto"
+    """"auto" (bf16 on CUDA, "no" on CPU), "no", "fp16" or "bf16": autocast of the UNet in sampling
+    and training (both samplers); trainable weights and the optimizer state stay float32, and on
+    CUDA the frozen weights (text encoder, VAE, the UNet base under LoRA) are stored in this dtype
+    (SD-1.5 UNet base: 1.7 GB instead of 3.4 GB). "fp16" adds a GradScaler. Not measured: no GPU
+    was lent when this was written (benchmarks/gpu_check.sh measures it)."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs."""
     gradient_checkpointing: bool = False
@@ -137,6 +141,28 @@ class DDPOConfig:
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on."""
 
+    # --- speed and memory (measured effects: benchmarks/README.md) ---------------------------
+    sampler: str = "auto"
+    """How trajectories are sampled, for training and evaluation: "env" (the torchrl env stepped by
+    the policy: ddpo_rl.collector, the reference), "graphed" (ddpo_rl.sampling.FastSampler: the same
+    math and random draws on static buffers, the T-step loop replayed as one CUDA graph on CUDA,
+    run eagerly on CPU) or "auto" (graphed on CUDA, env on CPU). On CPU both give bitwise the same
+    run; the graphed one was 1.0x the env path's speed on the digits preset (CPU, no graph)."""
+    threads: int = 0
+    """CPU threads of torch's intra-op pool (torch.set_num_threads), set at the start of setup;
+    0 = torch's default (one per core). `import ddpo_rl` also makes OpenMP threads sleep rather
+    than spin while waiting (OMP_WAIT_POLICY=PASSIVE unless set), so a run on a shared machine
+    degrades gracefully (ddpo_rl/threads.py; the measured table: benchmarks/README.md)."""
+    channels_last: bool = False
+    """Store the UNet's conv weights and feed its inputs in channels_last (tensor-core convs on GPU).
+    On CPU it is slower (not a CPU option); on GPU not measured: no GPU was lent."""
+    sdpa_attention: bool = True
+    """Pin diffusers' SDPA attention processor (flash / memory-efficient kernels on GPU) on the UNet.
+    It is diffusers' default on torch 2 already, so on CPU it changes nothing (bitwise the same)."""
+    optimizer_impl: str = "auto"
+    """AdamW implementation: "fused" (one kernel), "foreach", "for-loop", or "auto" (fused on CUDA,
+    foreach on CPU). Not measured on GPU (no GPU was lent); a LoRA/digits step is a few % of an epoch."""
+
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 10
     """Evaluate (held-out reward, sample grid) every this many epochs, and at the first and last."""
@@ -177,7 +203,13 @@ class DDPOConfig:
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
         need(self.log_prob_reduction in ("mean", "sum"), "log_prob_reduction", 'must be "mean" or "sum"')
-        need(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", 'must be "no", "fp16" or "bf16"')
+        from ddpo_rl.precision import MIXED_PRECISION_MODES, OPTIMIZER_IMPLS
+        from ddpo_rl.sampling import SAMPLERS
+
+        need(self.mixed_precision in MIXED_PRECISION_MODES, "mixed_precision", f"must be one of {MIXED_PRECISION_MODES}")
+        need(self.sampler in SAMPLERS, "sampler", f"{self.sampler!r} is not one of {SAMPLERS}")
+        need(self.optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", f"{self.optimizer_impl!r} is not one of {OPTIMIZER_IMPLS}")
+        need(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
         need(self.on_invalid_reward in ("raise", "drop"), "on_invalid_reward", 'must be "raise" or "drop"')
         need(self.rwr_mode in ("exponential", "sparse"), "rwr_mode", 'must be "exponential" or "sparse"')
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
@@ -231,7 +263,7 @@ PRESETS: dict[str, dict] = {
 
 # The paper's Stable Diffusion settings (Black et al. 2024, appendix; one GPU: batch x accumulation).
 _SD15 = dict(
-    model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="fp16",
+    model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="auto",
     num_inference_steps=50, eta=1.0, guidance_scale=5.0, sample_batch_size=8, num_batches_per_epoch=32,
     minibatch_size=8, gradient_accumulation_steps=8, num_inner_epochs=1, timestep_fraction=1.0,
     learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,

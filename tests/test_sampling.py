@@ -17,7 +17,7 @@ from ddpo_rl.models.tiny import sd_ddim_scheduler
 from ddpo_rl.objectives import make_loss
 from ddpo_rl.precision import make_adamw
 from ddpo_rl.policy import inference_timesteps
-from ddpo_rl.sampling import FastSampler, FastSamplingConfig, SamplingNoise
+from ddpo_rl.sampling import EnvSampler, FastSampler, FastSamplingConfig, SamplingNoise, make_sampler, resolve_sampler
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from tests.helpers import make_env, make_policy, prompt_encoder
 
@@ -132,6 +132,83 @@ def test_bf16_autocast_stays_close_on_cpu():
     assert out[KEYS.log_prob].dtype == torch.float32 and torch.isfinite(out[KEYS.log_prob]).all()
     rel = (out[KEYS.action] - ref[KEYS.action]).abs().mean() / ref[KEYS.action].abs().mean()
     assert rel < 0.02, f"bf16 chain drifts {rel:.3f} (mean relative) from the float32 one"
+
+
+def _seeded(fn, env_seed=5, seed=6):
+    """Run ``fn`` with the env's and the global RNG seeded (what both samplers draw from)."""
+    def run(env):
+        env.set_seed(env_seed)
+        torch.manual_seed(seed)
+        return fn()
+    return run
+
+
+def test_an_optimizer_step_between_samplings_changes_the_samples_as_the_env_path():
+    """The graphed sampler is never stale: after an optimizer step (in place, as every trainer
+    step is) its samples are the env path's with the new weights, bitwise on CPU."""
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=4, steps=4, encoder=enc), make_policy(steps=4, encoder=enc)
+    sampler = make_sampler("graphed", env, policy)
+    assert isinstance(sampler, FastSampler)
+    before = _seeded(lambda: sampler.sample())(env)
+    traj = _seeded(lambda: sampler.sample(num_batches=2))(env)
+    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
+    optimizer = make_adamw(policy.parameters(), lr=1e-2)
+    DDPOTrainer(make_loss("ddpo_is", policy, clip_epsilon=1.0), optimizer, TrainConfig(minibatch_size=4)).train(
+        with_advantages(traj, adv)
+    )
+    after = _seeded(lambda: sampler.sample())(env)
+    reference = _seeded(lambda: collect_trajectories(env, policy))(env)
+    _assert_same_trajectories(reference, after)
+    assert not torch.equal(before[KEYS.action], after[KEYS.action])
+    assert sampler.rebuilds == 1  # in-place updates need no new graph
+
+
+def test_rebuilds_when_parameters_are_replaced_lora_is_merged_or_the_mode_changes():
+    """What a captured graph froze (storages, LoRA merge state, module modes; also the env's
+    shapes) is checked before each batch; a change rebuilds the buffers and the graph, and the
+    samples stay the env path's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ddpo_rl.lora import apply_lora
+
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=2, steps=3, encoder=enc), make_policy(steps=3, encoder=enc)
+    apply_lora(policy.noise_model, rank=2)
+    with torch.no_grad():  # a LoRA that changes the output, so merging it is visible
+        for name, p in policy.noise_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    sampler = FastSampler(env, policy)
+
+    def check(expected_rebuilds):
+        out = _seeded(lambda: sampler.sample())(env)
+        ref = _seeded(lambda: collect_trajectories(env, policy))(env)
+        torch.testing.assert_close(out[KEYS.action], ref[KEYS.action], rtol=0, atol=0)
+        assert sampler.rebuilds == expected_rebuilds
+
+    check(1)
+    check(1)  # nothing changed: no rebuild
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.data = p.data.clone()  # replaced storages (what .to(), load_state_dict(assign=True) do)
+    check(2)
+    for module in policy.noise_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    check(3)
+    policy.train(not policy.training)  # a module mode (dropout and the like are frozen at capture)
+    check(4)
+
+
+def test_make_sampler_resolves_auto_by_device():
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=2, steps=2, encoder=enc), make_policy(steps=2, encoder=enc)
+    assert resolve_sampler("auto", "cpu") == "env" and resolve_sampler("auto", "cuda") == "graphed"
+    assert isinstance(make_sampler("auto", env, policy), EnvSampler)
+    assert isinstance(make_sampler("graphed", env, policy), FastSampler)
+    with pytest.raises(ValueError, match="sampler"):
+        resolve_sampler("fast", "cpu")
 
 
 def test_refuses_an_env_it_cannot_replay():
