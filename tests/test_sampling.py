@@ -278,3 +278,27 @@ def test_cuda_graph_bf16_channels_last():
     eager = FastSampler(env, policy, FastSamplingConfig(autocast_dtype="bf16", channels_last=True, cuda_graph=False))
     noise = eager.draw_noise(torch.Generator("cuda").manual_seed(0))
     _assert_same_trajectories(eager.sample(noise=noise), fast.sample(noise=noise), atol=1e-3, rtol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_graph_after_an_optimizer_step_and_replaced_parameters():
+    """On CUDA the captured graph follows an optimizer step (in place) and is re-captured when
+    the parameters are replaced: its samples stay the env path's."""
+    env, policy = _cuda_env_policy()
+    sampler = FastSampler(env, policy)
+    traj = _seeded(lambda: sampler.sample(num_batches=2))(env)
+    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
+    optimizer = make_adamw(policy.parameters(), lr=1e-2)
+    DDPOTrainer(make_loss("ddpo_is", policy, clip_epsilon=1.0), optimizer, TrainConfig(minibatch_size=4)).train(
+        with_advantages(traj, adv)
+    )
+    after = _seeded(lambda: sampler.sample())(env)
+    _assert_same_trajectories(_seeded(lambda: collect_trajectories(env, policy))(env), after, atol=1e-4, rtol=1e-4)
+    assert sampler.rebuilds == 1
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.data = p.data * 1.01  # new storages: the old graph would read freed memory
+    replaced = _seeded(lambda: sampler.sample())(env)
+    assert sampler.rebuilds == 2
+    _assert_same_trajectories(_seeded(lambda: collect_trajectories(env, policy))(env), replaced, atol=1e-4, rtol=1e-4)
