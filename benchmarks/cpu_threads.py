@@ -72,12 +72,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--busy", type=int, default=1, help="spinning processes in the 'beside busy' conditions")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--conditions", default=None,
+                    help="comma-separated THREADS:POLICY:BUSY (BUSY 0/1), e.g. 2:ACTIVE:0,2:PASSIVE:0,1:PASSIVE:0")
     ap.add_argument("--json", default=None)
     ap.add_argument("extra", nargs="*", help="more recipe arguments (after --)")
     args = ap.parse_args(argv)
-    results = {f"threads={t} {p} {'busy' if b else 'as-is'}": [] for t, p, b in CONDITIONS}
+    conditions = CONDITIONS
+    if args.conditions:
+        conditions = [(int(t), p.upper(), bool(int(b))) for t, p, b in (c.split(":") for c in args.conditions.split(","))]
+    results = {f"threads={t} {p} {'busy' if b else 'as-is'}": [] for t, p, b in conditions}
     for r in range(args.repeats):
-        for t, p, b in CONDITIONS:
+        for t, p, b in conditions:
             key = f"threads={t} {p} {'busy' if b else 'as-is'}"
             res = run_once(t, p, args.busy if b else 0, args.epochs, args.extra)
             results[key].append(res)

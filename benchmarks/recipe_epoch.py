@@ -18,8 +18,10 @@ The paper's epoch (Black et al. 2024: 256 samples, 50 steps, CFG, LoRA, all time
 the reference implementation takes 144 s on eight A100s) is extrapolated linearly from the last
 epoch's seconds per sample, for one GPU and for eight (the same per-GPU 32 samples).
 
-``--compare-samplers`` runs the same configuration once per sampler ("env", "graphed"; order
-alternating over ``--repeats``) and reports their per-epoch sampling-time ratio.
+``--compare-samplers`` runs the same configuration once per sampler ("env", "graphed"), and each
+``--variant FIELD JSON`` once more with that field changed; runs are interleaved over
+``--repeats`` (order reversed every other repeat), and each variant's median sampling and
+training seconds per epoch are reported as ratios to the first run's (> 1: slower).
 """
 
 from __future__ import annotations
@@ -92,10 +94,10 @@ def save_pipeline(model: str, path: str) -> float:
     return time.perf_counter() - t
 
 
-def recipe_config(args, model_path: str | None, output_dir: str, sampler: str):
+def recipe_config(args, model_path: str | None, output_dir: str, overrides: dict):
     from ddpo_rl.config import preset_config
 
-    common = dict(output_dir=output_dir, progress=False, epochs=args.epochs, sampler=sampler, seed=0)
+    common = dict(output_dir=output_dir, progress=False, epochs=args.epochs, seed=0, **overrides)
     if args.device:
         common["device"] = args.device
     if args.preset:
@@ -190,13 +192,15 @@ def parse_args(argv=None):
     ap.add_argument("--mixed-precision", default="auto")
     ap.add_argument("--sampler", default="auto", help="auto, env or graphed")
     ap.add_argument("--compare-samplers", action="store_true", help="run env and graphed, report the ratio")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per sampler with --compare-samplers")
+    ap.add_argument("--variant", nargs=2, action="append", metavar=("FIELD", "JSON"), help="one more run with this field changed")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each variant (interleaved)")
     ap.add_argument("--set", nargs=2, action="append", metavar=("FIELD", "JSON"), help="another config field")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="where the pipeline and run outputs go (default: a temp dir)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.set = [(k, json.loads(v)) for k, v in (args.set or [])]
+    args.variant = [(k, json.loads(v)) for k, v in (args.variant or [])]
     return args
 
 
@@ -209,13 +213,15 @@ def main(argv=None) -> dict:
         if not args.preset:
             model_path = os.path.join(work, f"{args.model}-random")
             build_s = save_pipeline(args.model, model_path)
-        samplers = ["env", "graphed"] if args.compare_samplers else [args.sampler]
-        runs = {s: [] for s in samplers}
+        variants = [("sampler=env", {"sampler": "env"}), ("sampler=graphed", {"sampler": "graphed"})] if args.compare_samplers \
+            else [(f"sampler={args.sampler}", {"sampler": args.sampler})]
+        variants += [(f"{k}={json.dumps(v)}", {"sampler": args.sampler, k: v}) for k, v in args.variant]
+        runs = {label: [] for label, _ in variants}
         load = [os.getloadavg()[0]]
-        for r in range(args.repeats if args.compare_samplers else 1):
-            for s in samplers if r % 2 == 0 else samplers[::-1]:
-                cfg = recipe_config(args, model_path, os.path.join(work, f"run-{s}-{r}"), s)
-                runs[s].append(run_recipe(cfg))
+        for r in range(args.repeats):
+            for i, (label, overrides) in enumerate(variants if r % 2 == 0 else variants[::-1]):
+                cfg = recipe_config(args, model_path, os.path.join(work, f"run-{r}-{i}"), overrides)
+                runs[label].append(run_recipe(cfg))
                 load.append(os.getloadavg()[0])
         samples = cfg.samples_per_epoch
     result = {
@@ -223,7 +229,7 @@ def main(argv=None) -> dict:
         "config": {
             "model": args.preset or args.model, "epochs": args.epochs, "samples_per_epoch": samples,
             "steps": cfg.num_inference_steps, "cfg": cfg.guidance_scale, "lora": cfg.use_lora,
-            "mixed_precision": cfg.mixed_precision, "device": cfg.device, "set": dict(args.set),
+            "mixed_precision": cfg.mixed_precision, "device": cfg.device, "set": dict(args.set), "repeats": args.repeats,
         },
         "machine": {
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -233,19 +239,20 @@ def main(argv=None) -> dict:
         "pipeline_build_and_save_seconds": build_s,
         "runs": runs,
     }
-    main_run = runs[samplers[0]][0]
+    main_run = runs[variants[0][0]][0]
     result["per_epoch"] = main_run["epochs"]
     result["peak_gpu_memory_bytes"] = main_run["peak_gpu_memory_bytes"]
     result["paper_epoch"] = extrapolate_paper_epoch(main_run, samples)
-    if args.compare_samplers:
-        med = {s: statistics.median(e["sampling_seconds"] for run in runs[s] for e in run["epochs"]) for s in samplers}
-        result["sampler_comparison"] = {
-            "median_sampling_seconds": med,
-            "graphed_speedup_over_env": med["env"] / med["graphed"],
-            "paired_speedups": [
-                statistics.median(a["sampling_seconds"] / b["sampling_seconds"] for a, b in zip(ra["epochs"], rb["epochs"]))
-                for ra, rb in zip(runs["env"], runs["graphed"])
-            ],
+    if len(variants) > 1:
+        med = {
+            label: {part: statistics.median(e[f"{part}_seconds"] for run in rs for e in run["epochs"]) for part in ("sampling", "training")}
+            for label, rs in runs.items()
+        }
+        base = variants[0][0]
+        result["comparison"] = {
+            "base": base,
+            "median_seconds_per_epoch": med,
+            "ratio_to_base": {label: {part: m[part] / med[base][part] for part in m} for label, m in med.items()},
         }
     print(summary_lines(result))
     if args.json:
@@ -267,8 +274,8 @@ def summary_lines(r: dict) -> str:
     pe = r["paper_epoch"]
     lines.append(f"  paper epoch (256 samples) extrapolated: {pe['one_gpu_seconds']:.1f} s on one GPU, "
                  f"{pe['eight_gpus_seconds_ideal']:.1f} s on eight (reference: 144 s on 8x A100)")
-    if "sampler_comparison" in r:
-        lines.append(f"  graphed vs env sampling: x{r['sampler_comparison']['graphed_speedup_over_env']:.3f}")
+    for label, ratio in (r.get("comparison") or {}).get("ratio_to_base", {}).items():
+        lines.append(f"  {label}: sampling x{ratio['sampling']:.3f}, training x{ratio['training']:.3f} the time of {r['comparison']['base']}")
     return "\n".join(lines)
 
 

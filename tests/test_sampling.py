@@ -143,6 +143,16 @@ def _seeded(fn, env_seed=5, seed=6):
     return run
 
 
+def _train_on_samples(sampler, env, policy):
+    """One DDPO-IS epoch's update (optimizer steps update the weights in place) on fresh samples."""
+    traj = _seeded(lambda: sampler.sample(num_batches=2))(env)
+    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
+    optimizer = make_adamw(policy.parameters(), lr=1e-2)
+    DDPOTrainer(make_loss("ddpo_is", policy, clip_epsilon=1.0), optimizer, TrainConfig(minibatch_size=4)).train(
+        with_advantages(traj, adv)
+    )
+
+
 def test_an_optimizer_step_between_samplings_changes_the_samples_as_the_env_path():
     """The graphed sampler is never stale: after an optimizer step (in place, as every trainer
     step is) its samples are the env path's with the new weights, bitwise on CPU."""
@@ -151,12 +161,7 @@ def test_an_optimizer_step_between_samplings_changes_the_samples_as_the_env_path
     sampler = make_sampler("graphed", env, policy)
     assert isinstance(sampler, FastSampler)
     before = _seeded(lambda: sampler.sample())(env)
-    traj = _seeded(lambda: sampler.sample(num_batches=2))(env)
-    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
-    optimizer = make_adamw(policy.parameters(), lr=1e-2)
-    DDPOTrainer(make_loss("ddpo_is", policy, clip_epsilon=1.0), optimizer, TrainConfig(minibatch_size=4)).train(
-        with_advantages(traj, adv)
-    )
+    _train_on_samples(sampler, env, policy)
     after = _seeded(lambda: sampler.sample())(env)
     reference = _seeded(lambda: collect_trajectories(env, policy))(env)
     _assert_same_trajectories(reference, after)
@@ -287,12 +292,7 @@ def test_cuda_graph_after_an_optimizer_step_and_replaced_parameters():
     the parameters are replaced: its samples stay the env path's."""
     env, policy = _cuda_env_policy()
     sampler = FastSampler(env, policy)
-    traj = _seeded(lambda: sampler.sample(num_batches=2))(env)
-    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
-    optimizer = make_adamw(policy.parameters(), lr=1e-2)
-    DDPOTrainer(make_loss("ddpo_is", policy, clip_epsilon=1.0), optimizer, TrainConfig(minibatch_size=4)).train(
-        with_advantages(traj, adv)
-    )
+    _train_on_samples(sampler, env, policy)
     after = _seeded(lambda: sampler.sample())(env)
     _assert_same_trajectories(_seeded(lambda: collect_trajectories(env, policy))(env), after, atol=1e-4, rtol=1e-4)
     assert sampler.rebuilds == 1

@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(e["sampling_seconds"] > 0 and e["training_seconds"] > 0 for e in epochs)
     recipe = report["steps"]["recipe_epochs"]["result"]
-    (run,) = recipe["runs"]["auto"]
+    (run,) = recipe["runs"]["sampler=auto"]
     assert run["sampler_class"] == "EnvSampler" and run["mixed_precision"] == "no"  # "auto" on CPU
     assert recipe["config"]["samples_per_epoch"] == 4 and recipe["config"]["lora"] is True
     assert targets["paper_epoch_seconds"]["one_gpu"] > 0
