@@ -70,7 +70,7 @@ def run_step(step: dict, out: str) -> dict:
             result["result"] = json.load(f)
     with open(log_path) as f:
         tail = f.read().strip().splitlines()
-    result["last_line"] = tail[-1] if tail else ""
+    result["last_line"] = " ".join(tail[-1].split()) if tail else ""
     return result
 
 

@@ -4,6 +4,7 @@ the script cannot rot while no GPU is around. No timing is asserted."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +16,7 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     out = tmp_path / "check"
     res = subprocess.run(
         ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--dry-run"],
-        env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(PYTHON=sys.executable), cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
