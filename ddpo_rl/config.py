@@ -147,21 +147,24 @@ class DDPOConfig:
     the policy: ddpo_rl.collector, the reference), "graphed" (ddpo_rl.sampling.FastSampler: the same
     math and random draws on static buffers, the T-step loop replayed as one CUDA graph on CUDA,
     run eagerly on CPU) or "auto" (graphed on CUDA, env on CPU). On CPU both give bitwise the same
-    run; the graphed one was 1.0x the env path's speed on the digits preset (CPU, no graph)."""
+    run, and the graphed one is no faster there (1.05x the env path's sampling time, paired rounds,
+    tiny UNet batch 32 x 10 steps), hence auto = env on CPU. GPU: not measured (no GPU was lent)."""
     threads: int = 0
-    """CPU threads of torch's intra-op pool (torch.set_num_threads), set at the start of setup;
-    0 = torch's default (one per core). `import ddpo_rl` also makes OpenMP threads sleep rather
-    than spin while waiting (OMP_WAIT_POLICY=PASSIVE unless set), so a run on a shared machine
-    degrades gracefully (ddpo_rl/threads.py; the measured table: benchmarks/README.md)."""
+    """CPU threads of torch's intra-op pool (torch.set_num_threads), set first thing in setup;
+    0 = torch's default (one per core). `import ddpo_rl` also makes waiting OpenMP threads sleep
+    rather than spin (OMP_WAIT_POLICY=PASSIVE unless set; ddpo_rl/threads.py). Measured, digits run
+    on 2 cores, s/epoch alone / at load 7: 2 threads passive (the default) 5.4 / 30; 2 spinning
+    4.9 / 167; 1 thread 8.5 / 19 (benchmarks/README.md, "CPU threads"). Use 1 on a crowded machine."""
     channels_last: bool = False
     """Store the UNet's conv weights and feed its inputs in channels_last (tensor-core convs on GPU).
-    On CPU it is slower (not a CPU option); on GPU not measured: no GPU was lent."""
+    On CPU (digits run) within the noise: 0.96x sampling, 0.97x training time. GPU: not measured."""
     sdpa_attention: bool = True
     """Pin diffusers' SDPA attention processor (flash / memory-efficient kernels on GPU) on the UNet.
     It is diffusers' default on torch 2 already, so on CPU it changes nothing (bitwise the same)."""
     optimizer_impl: str = "auto"
     """AdamW implementation: "fused" (one kernel), "foreach", "for-loop", or "auto" (fused on CUDA,
-    foreach on CPU). Not measured on GPU (no GPU was lent); a LoRA/digits step is a few % of an epoch."""
+    foreach on CPU). On CPU (digits run) fused vs foreach: 0.99x training time (noise; the update
+    is a small part of a step). GPU: not measured."""
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 10

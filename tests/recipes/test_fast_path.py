@@ -105,3 +105,16 @@ def test_graphed_and_env_samplers_agree_on_cuda(tmp_path):
     a, b = (read_jsonl(out / "metrics.jsonl") for out in runs.values())
     for ma, mb in zip(a, b):
         assert ma["reward_mean"] == pytest.approx(mb["reward_mean"], rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.parametrize("mode, scaled", [("fp16", True), ("bf16", False), ("auto", False)])
+def test_fp16_training_gets_a_grad_scaler(mode, scaled, tmp_path):
+    from ddpo_rl.config import preset_config
+    from recipes.ddpo_recipe import DDPORecipe
+
+    recipe = DDPORecipe(preset_config("tiny", output_dir=str(tmp_path / mode), progress=False, mixed_precision=mode)).setup()
+    try:
+        scaler = recipe.trainer.grad_scaler
+        assert (scaler is not None and scaler.is_enabled()) == scaled
+    finally:
+        recipe.cleanup()
