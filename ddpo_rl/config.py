@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -147,7 +149,11 @@ class DDPOConfig:
     save_every: int = 10
     """Write a checkpoint every this many epochs (and at the end, and on SIGINT/SIGTERM)."""
     resume: str | None = None
-    """A run directory (or its checkpoint) to continue from."""
+    """A run directory (or its checkpoint) to continue from; the run continues in that directory
+    (output_dir follows it). Fields outside CHANGEABLE_ON_RESUME must stay as the run had them."""
+    overwrite: bool = False
+    """Replace an earlier run found in output_dir (its config, logs, samples, checkpoints, weights).
+    Without it a fresh run into a directory holding a run stops with an error."""
     progress: bool = True
     """Show the rich progress display."""
 
@@ -163,6 +169,19 @@ class DDPOConfig:
             if not cond:
                 raise ConfigError(f"{field_name}: {msg}")
 
+        check_finite_floats(self)
+        expand_user_paths(self)
+        if self.resume is not None:  # a resumed run continues in its own directory
+            from ddpo_rl.checkpoint import run_dir_of
+
+            run_dir = run_dir_of(self.resume)
+            default_out = PRESETS.get(self.preset, {}).get("output_dir", DDPOConfig.output_dir)
+            if os.path.abspath(self.output_dir) not in (run_dir, os.path.abspath(default_out)):
+                raise ConfigError(
+                    f"output_dir: --resume continues the run in its own directory ({run_dir}), not in "
+                    f"{self.output_dir}; drop --output-dir (or give that same directory)"
+                )
+            self.output_dir = run_dir
         need(self.algorithm in ALGORITHMS, "algorithm", f"{self.algorithm!r} is not one of {ALGORITHMS}")
         for name in (
             "epochs", "num_inference_steps", "sample_batch_size", "num_batches_per_epoch", "minibatch_size",
@@ -200,11 +219,41 @@ class DDPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DDPOConfig:
+        """A config from a dict of fields (a config.json's ``history`` entry is not a field: ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != "history"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{unknown[0]}: {_unknown_field_message(unknown[0])}")
         return cls(**d)
+
+
+# Fields that may differ when a run is resumed; each is applied for real and recorded in config.json's
+# history. ANY OTHER FIELD IS FIXED ON RESUME (a new field is fixed until it is added here): the
+# algorithm, model, LoRA, sizes the optimizer or the reward statistics depend on, seed, reward, prompts...
+CHANGEABLE_ON_RESUME = frozenset({
+    "epochs", "eval_every", "save_every", "eval_num_samples", "grid_samples_per_prompt",  # cadence
+    "learning_rate",  # set on the optimizer's param groups after its state is loaded
+    "max_grad_norm", "on_invalid_reward", "reward_async", "progress", "device",  # execution only
+    "output_dir", "resume", "overwrite",  # where the run lives (output_dir follows resume)
+})
+
+
+def check_finite_floats(cfg) -> None:
+    """ConfigError naming the first float field of dataclass ``cfg`` holding NaN or +-inf."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "float" in str(hints.get(f.name)) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+
+
+def expand_user_paths(cfg) -> None:
+    """Expand a leading ``~`` in every string field of dataclass ``cfg`` (paths; other values never start with it)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, f.name, os.path.expanduser(value))
 
 
 def _unknown_field_message(name: str) -> str:
