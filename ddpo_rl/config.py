@@ -191,7 +191,8 @@ class DDPOConfig:
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         need(self.eta > 0, "eta", f"eta={self.eta}: DDPO's log-probs need eta > 0 (the paper uses 1.0)")
         need(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1.0 (1.0 disables guidance)")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(0 < self.learning_rate <= 1, "learning_rate",
+             f"must be in (0, 1], got {self.learning_rate}: an AdamW step moves each weight by about the learning rate")
         need(self.clip_range > 0, "clip_range", "must be positive")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")

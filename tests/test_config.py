@@ -82,3 +82,47 @@ def test_sf_with_several_inner_epochs_is_refused():
     with pytest.raises(ConfigError, match="num_inner_epochs: DDPO-SF is on-policy"):
         parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_sf")
     assert parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_is").num_inner_epochs == 2
+
+
+def _float_fields():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(DDPOConfig)
+    return [f.name for f in dataclasses.fields(DDPOConfig) if "float" in str(hints[f.name])]
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_every_float_field_refuses_non_finite_values(bad):
+    names = _float_fields()
+    assert "learning_rate" in names and len(names) >= 10
+    for name in names:
+        with pytest.raises(ConfigError, match=f"^{name}: must be a finite number"):
+            parse_cli(["--" + name, bad])
+
+
+def test_tilde_is_expanded_in_path_fields(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_cli(["--output-dir", "~/runs/x", "--prompts", "~/p.txt"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x") and cfg.prompts == str(tmp_path / "p.txt")
+
+
+def test_resume_writes_into_the_resumed_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for resume in (run, run / "checkpoints", run / "checkpoints" / "checkpoint.pt"):
+        assert parse_cli(["--preset", "tiny", "--resume", str(resume)]).output_dir == str(run)
+    assert parse_cli(["--preset", "tiny", "--resume", str(run), "--output-dir", str(run)]).output_dir == str(run)
+    with pytest.raises(ConfigError, match="^output_dir: --resume continues the run in its own directory"):
+        parse_cli(["--preset", "tiny", "--resume", str(run), "--output-dir", str(tmp_path / "other")])
+
+
+def test_changeable_on_resume_names_real_fields():
+    import dataclasses
+
+    from ddpo_rl.config import CHANGEABLE_ON_RESUME
+
+    names = {f.name for f in dataclasses.fields(DDPOConfig)}
+    assert CHANGEABLE_ON_RESUME <= names
+    for fixed in ("algorithm", "model", "use_lora", "lora_rank", "seed", "reward", "prompts", "sample_batch_size"):
+        assert fixed not in CHANGEABLE_ON_RESUME
