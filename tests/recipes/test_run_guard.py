@@ -88,7 +88,7 @@ def test_resume_continues_in_the_resumed_directory_and_applies_and_records_chang
     assert (cfg["epochs"], cfg["learning_rate"], cfg["output_dir"]) == (3, 0.01, str(run_dir))
     assert [h["event"] for h in cfg["history"]] == ["start", "resume"]
     assert cfg["history"][1]["epoch"] == 2
-    changed = cfg["history"][1]["changed"]
+    changed = dict(cfg["history"][1]["changed"])
     assert changed.pop("output_dir")["to"] == str(run_dir)  # the run was copied here from the fixture's directory
     assert changed == {"epochs": {"from": 2, "to": 3}, "learning_rate": {"from": 3e-4, "to": 0.01}}
     ckpt = torch.load(run_dir / "checkpoints" / "checkpoint.pt", weights_only=False)
