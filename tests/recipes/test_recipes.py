@@ -127,6 +127,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     stopped_at = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"]
     assert 2 <= stopped_at < 4, "the signal should stop the run before its end"
     assert not (part / "final").exists()
+    assert not (part / ".lock").exists(), "a stopped run must release its directory"
 
     res = run_recipe("ddpo_is.py", *common, "--output-dir", str(part), "--resume", str(part))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -275,14 +276,17 @@ def test_compare_algorithms_runs_reuses_and_refuses(tmp_path):
     assert res.returncode == 2 and "learning_rate" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
+def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path, capsys):
+    from recipes.ddpo_recipe import main
+
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"epoch": 7, "reward_mean": 0.0}) + "\n")
     (out / "eval.jsonl").write_text(json.dumps({"epoch": 0, "eval_reward_mean": 0.0}) + "\n")
     args = ["--preset", "tiny", "--epochs", "1", "--output-dir", str(out), "--progress", "false"]
-    res = run_recipe("ddpo_is.py", *args)  # refused: the directory holds an earlier run
-    assert res.returncode == 2 and "--overwrite true" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(SystemExit) as exc:  # refused: the directory holds an earlier run
+        main(args)
+    assert exc.value.code == 2 and "--overwrite true" in capsys.readouterr().err
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [7]
     res = run_recipe("ddpo_is.py", *args, "--overwrite", "true")
     assert res.returncode == 0, res.stderr[-3000:]
