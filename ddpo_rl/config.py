@@ -375,8 +375,35 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
         if key not in fields:
             raise ConfigError(f"{key}: {_unknown_field_message(key)}")
         values[key] = _convert(key, raw, hints[key])
+    base = resume_base(values["resume"]) if values.get("resume") else None
+    if base is not None:  # --resume RUN_DIR: the run's own config, then what this command sets
+        explicit = {**defaults, **values, **({"preset": preset} if "preset" in dict(pairs) else {})}
+        return DDPOConfig.from_dict({**base, **explicit}).validate()
     cfg = preset_config(preset, **{**defaults, **values})
     return cfg.validate()
+
+
+def resume_base(resume: str) -> dict | None:
+    """The fields a resumed run ran with (its config.json), or None when it has none readable.
+
+    A resumed command starts from these, not from a preset: ``--resume RUN_DIR`` alone continues the
+    run as it was, and only the fields the command sets explicitly may differ (then checked against
+    CHANGEABLE_ON_RESUME). ``output_dir`` is RUN_DIR; fields unknown to this version are dropped.
+    """
+    from ddpo_rl.checkpoint import run_dir_of
+
+    run_dir = run_dir_of(os.path.expanduser(resume))
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not {"algorithm", "model", "reward"} <= set(stored):
+        return None  # not a DDPO run's config (e.g. dppo_gym's): the checkpoint check will say what it is
+    names = {f.name for f in dataclasses.fields(DDPOConfig)} - {"resume", "overwrite"}
+    base = {k: v for k, v in stored.items() if k in names}
+    base["output_dir"] = run_dir
+    return base
 
 
 def cli_help() -> str:

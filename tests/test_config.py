@@ -126,3 +126,14 @@ def test_changeable_on_resume_names_real_fields():
     assert CHANGEABLE_ON_RESUME <= names
     for fixed in ("algorithm", "model", "use_lora", "lora_rank", "seed", "reward", "prompts", "sample_batch_size"):
         assert fixed not in CHANGEABLE_ON_RESUME
+
+
+def test_resume_starts_from_the_runs_config_and_applies_only_what_the_command_sets(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = parse_cli(["--preset", "tiny", "--seed", "3", "--epochs", "2", "--output-dir", "/old/place"]).to_dict()
+    (run / "config.json").write_text(json.dumps({**stored, "history": [{"event": "start", "epoch": 0}]}))
+    cfg = parse_cli(["--resume", str(run), "--epochs", "5"], algorithm="ddpo_is")
+    assert (cfg.preset, cfg.model, cfg.seed, cfg.epochs, cfg.output_dir) == ("tiny", "tiny", 3, 5, str(run))
+    assert parse_cli(["--resume", str(run)], algorithm="rwr").algorithm == "rwr"  # the script's choice: checked on resume
+    assert parse_cli(["--resume", str(run), "--preset", "digits"]).preset == "digits"

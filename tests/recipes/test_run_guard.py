@@ -3,6 +3,7 @@ one-line errors (tiny model, in-process: seconds each)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,7 +81,7 @@ def test_resume_continues_in_the_resumed_directory_and_applies_and_records_chang
     from recipes.ddpo_recipe import main
 
     monkeypatch.chdir(tmp_path)  # the preset's default output_dir (outputs/tiny) would be here
-    main([*TINY, "--resume", str(run_dir), "--epochs", "3", "--learning-rate", "0.01"])
+    main(["--resume", str(run_dir), "--epochs", "3", "--learning-rate", "0.01"])  # the run's own config otherwise
     assert "learning_rate: 0.0003 -> 0.01" in capsys.readouterr().out
     assert not (tmp_path / "outputs").exists(), "resume wrote outside the resumed run"
     assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
@@ -155,7 +156,9 @@ def test_damaged_checkpoints_without_fallback_are_one_line_and_change_nothing(ru
 def test_resuming_a_dppo_gym_directory_is_refused_as_foreign(tmp_path, capsys, no_model_load, with_trailer):
     out = tmp_path / "gym"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"env": "Pendulum-v1", "epochs": 3}))
+    from recipes.dppo_gym import DPPOGymConfig
+
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(DPPOGymConfig(output_dir=str(out)))))
     state = {"noise_model": {"w": torch.zeros(2)}, "critic": {}, "optimizer": {}}
     if with_trailer:
         atomic_torch_save(state, str(out / "checkpoint.pt"), kind="dppo_gym")
