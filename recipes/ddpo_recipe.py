@@ -156,7 +156,6 @@ class DDPORecipe:
             self.history = [history_entry("start", 0)]
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-            self.run_dir.write_config(cfg.to_dict(), self.history)
 
         # 4. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
@@ -245,6 +244,8 @@ class DDPORecipe:
         self.eval_history: list[EvalResult] = []
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
+            self.run_dir.write_config(cfg.to_dict(), self.history)
         return self
 
     def _read_resume_state(self) -> dict:
