@@ -22,16 +22,11 @@ EXIT_USER_ERROR = 2
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", reported in one line."""
     from ddpo_rl.config import ConfigError
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError
     from ddpo_rl.rewards.transform import RewardError
 
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, RewardError, ValueError]
-    try:
-        from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
-
-        errors.append(PretrainedWeightsNotFoundError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    # ValueError: a bad value met while building components (CLIError, CheckpointError included)
+    return (ConfigError, FileNotFoundError, RewardError, PretrainedWeightsNotFoundError, ValueError)
 
 
 @contextlib.contextmanager

@@ -33,11 +33,6 @@ def low_precision_dtype(mixed_precision: str | None) -> torch.dtype | None:
     return _DTYPES[_check_mode(mixed_precision)]
 
 
-def weight_dtype(mixed_precision: str | None) -> torch.dtype:
-    """The dtype frozen weights may be stored in: the mode's low dtype, or float32 for ``"no"``."""
-    return low_precision_dtype(mixed_precision) or torch.float32
-
-
 def autocast(mixed_precision: str | None, device: torch.device | str = "cuda"):
     """An autocast context for ``device`` in the given mode (a no-op context for ``"no"``).
 
@@ -79,17 +74,6 @@ def cast_frozen_params(modules: nn.Module | Iterable[nn.Module], dtype: torch.dt
                     setattr(buf_module, name, buf.to(dtype))
 
 
-def cast_trainable_params(modules: nn.Module | Iterable[nn.Module], dtype: torch.dtype = torch.float32) -> None:
-    """Upcast the trainable parameters to ``dtype`` (float32), leaving frozen ones as they are.
-
-    diffusers' ``training_utils.cast_training_params``, which LoRA training scripts call after
-    casting the whole model to fp16.
-    """
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params(list([modules] if isinstance(modules, nn.Module) else modules), dtype=dtype)
-
-
 def set_tf32(enabled: bool = True) -> None:
     """Allow (or forbid) TF32 for float32 matmuls and convolutions on Ampere+ GPUs.
 
@@ -103,13 +87,6 @@ def set_tf32(enabled: bool = True) -> None:
     else:  # pragma: no cover - older torch
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
-
-
-def tf32_enabled() -> bool:
-    """Whether float32 CUDA matmuls may use TF32."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:

@@ -148,7 +148,7 @@ def _unwrap_env(env):
         )
     if len(reward) > 1:
         raise NotImplementedError("FastSampler supports one RewardTransform")
-    for name in ("num_inference_steps", "latent_shape", "timesteps", "prompt_embeds_table", "latent_dtype"):
+    for name in ("num_inference_steps", "latent_shape", "timesteps", "embed_prompts", "latent_dtype"):
         if not hasattr(base, name):
             raise TypeError(f"FastSampler needs a DenoisingEnv (or a TransformedEnv of one); got {type(base).__name__}")
     return base, (reward[0] if reward else None)
@@ -188,6 +188,11 @@ class FastSampler:
         head = getattr(policy, "head", None)
         if head is None:
             raise TypeError("FastSampler needs a ddpo_rl.policy.DiffusionPolicy (an actor with .head)")
+        if not hasattr(head, "coeffs"):  # e.g. ddpo_rl.flow_policy.FlowMatchingPolicy
+            raise NotImplementedError(
+                f"FastSampler replays DDIM steps; {type(policy).__name__} is not a DDIM policy: use "
+                "ddpo_rl.collector.collect_trajectories for it"
+            )
         self.head = head
         kw = {}
         for m in policy.modules():
@@ -222,8 +227,8 @@ class FastSampler:
     def _alloc_buffers(self) -> None:
         env, dev = self.base_env, self.device
         B, T, shape = self.batch_size, self.num_steps, tuple(self.base_env.latent_shape)
-        emb_shape = tuple(env.prompt_embeds_table.shape[1:])
-        emb_dtype = env.prompt_embeds_table.dtype
+        emb_spec = env.observation_spec[KEYS.prompt_embeds]
+        emb_shape, emb_dtype = tuple(emb_spec.shape[1:]), emb_spec.dtype
         self._k = torch.zeros(1, dtype=torch.int64, device=dev)
         ts = env.timesteps.to(dev).long()
         self._t_table = ts[:, None].expand(T, B).contiguous()  # [T, B]
@@ -318,7 +323,7 @@ class FastSampler:
         ids = noise.prompt_ids.to(self.device)
         self._noise.copy_(noise.step_noise)
         self._x.copy_(noise.init_latents)
-        self._cond_emb.copy_(env.prompt_embeds_table[ids])
+        self._cond_emb.copy_(env.embed_prompts(ids)[KEYS.prompt_embeds])
         self._k.zero_()
         if self.graphed:
             if self._graph is None:

@@ -21,19 +21,20 @@ eval_return_mean, the return on a reseeded eval env (same initial states each ti
 return before/after fine-tuning), returns.png,
 bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer;
 checksummed, see ddpo_rl.checkpoint). The directory is guarded like the DDPO recipes' (ddpo_rl.run_dir):
-locked while the run lives, and an earlier run in it is replaced only with ``--overwrite``.
+locked while the run lives, and an earlier run in it is replaced only with ``--overwrite true``.
 """
 
 from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
-import argparse
 import dataclasses
 import json
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,6 +45,10 @@ from torchrl.objectives.value import GAE
 from ddpo_rl.checkpoint import atomic_torch_save
 from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
+from ddpo_rl.cli import parse
+from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
+from ddpo_rl.loggers import LOGGERS, make_run_logger
+from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
 from ddpo_rl.policies import (
     BCConfig,
     DenoisingChainActor,
@@ -51,7 +56,6 @@ from ddpo_rl.policies import (
     ObservationScaler,
     fit_behaviour_cloning,
     make_action_scheduler,
-    make_dppo_loss,
     make_step_policy,
     make_value_mlp,
     ppo_update,
@@ -112,9 +116,9 @@ class DPPOGymConfig:
     bc_lr: float = 1e-3
     """Behaviour-cloning learning rate."""
     # -- PPO
-    ratio: str = "step"
+    ratio: Literal[RATIO_FORMS] = "step"
     """"step": DPPO's per-denoising-step ratios; "chain": one ratio per env step (whole chain)."""
-    chain_reduction: str = "sum"
+    chain_reduction: Literal[LOG_PROB_REDUCTIONS] = "sum"
     """Reduction of the K step log-probs into the chain log-prob ("sum" = joint density, or "mean")."""
     clip_epsilon: float = 0.2
     """PPO clip range: of per-step ratios ("step"), or of chain ratios ("chain": use ~K times less)."""
@@ -147,6 +151,11 @@ class DPPOGymConfig:
     """Evaluate every this many epochs (and always before the first and after the last)."""
     progress: bool = True
     """Show a rich progress bar."""
+    logger: Literal[LOGGERS] = "none"
+    """Also send metrics and returns.png to a torchrl logger: "csv", "tensorboard", "wandb" or "mlflow"
+    (files under output_dir/logs); "none": only the run directory's own files."""
+    logger_kwargs: dict = field(default_factory=dict)
+    """Options of the logger's constructor, e.g. {"project": "dppo", "offline": true} for W&B."""
     overwrite: bool = False
     """Replace an earlier run found in output_dir; without it such a directory is refused."""
 
@@ -154,10 +163,10 @@ class DPPOGymConfig:
         """ConfigError (one line, naming the field) on any setting that cannot run, before anything is written."""
         check_finite_floats(self)
         expand_user_paths(self)
-        if self.ratio not in ("step", "chain"):
-            raise ConfigError(f"ratio: {self.ratio!r}; expected 'step' or 'chain'")
-        if self.chain_reduction not in ("sum", "mean"):
-            raise ConfigError(f"chain_reduction: {self.chain_reduction!r}; expected 'sum' or 'mean'")
+        if self.ratio not in RATIO_FORMS:
+            raise ConfigError(f"ratio: {self.ratio!r} is not one of {RATIO_FORMS}")
+        if self.chain_reduction not in LOG_PROB_REDUCTIONS:
+            raise ConfigError(f"chain_reduction: {self.chain_reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
         for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size",
                      "num_train_timesteps", "hidden_dim", "num_layers", "demo_rollouts", "bc_batch_size",
                      "eval_episodes", "eval_every"):
@@ -189,9 +198,9 @@ class DPPOGymConfig:
                               f"available: {', '.join(CONTROL_TASKS)}")
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "returns.png", "bc.pt", "checkpoint.pt",
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "returns.png", "bc.pt", "checkpoint.pt", "logs",
              "checkpoint.prev.pt")
-"""What a run writes in its output_dir (what ``--overwrite`` removes; nothing else is touched)."""
+"""What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
 
 
 def build_policy(cfg: DPPOGymConfig, env):
@@ -233,7 +242,7 @@ def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
 def run(cfg: DPPOGymConfig) -> dict:
     """Run BC then DPPO; returns the summary (also written to summary.json)."""
     cfg.validate()
-    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite", resumable=False)
+    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
     run_dir.open(overwrite=cfg.overwrite)
     try:
         return _run(cfg, run_dir)
@@ -270,6 +279,7 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     )
     history: list[dict] = []
     metrics_file = (out / "metrics.jsonl").open("w")
+    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, hparams=dataclasses.asdict(cfg))
     progress = Progress(
         TextColumn("[bold]DPPO {task.fields[env]}"),
         BarColumn(),
@@ -315,6 +325,8 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            if run_logger is not None:
+                run_logger.sync()
             progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
     metrics_file.close()
 
@@ -347,20 +359,16 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
         "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run_logger is not None:
+        run_logger.close()  # logs returns.png
     return summary
 
 
 def parse_args(argv=None) -> DPPOGymConfig:
-    """CLI flags for every config field (``--env``, ``--epochs``, ``--seed``, ``--output-dir``, ...)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DPPOGymConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default)
-    return DPPOGymConfig(**vars(parser.parse_args(argv)))
+    """A validated config from ``--FIELD VALUE`` pairs for any field (``--env``, ``--epochs``, ...)."""
+    cfg, _ = parse(DPPOGymConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    cfg.validate()
+    return cfg
 
 
 def main(argv=None) -> dict:

@@ -44,6 +44,10 @@ def test_recipe_default_algorithm_is_overridable():
         (["--algorithm", "ppo"], "algorithm"),
         (["--use-lora", "maybe"], "use_lora"),
         (["--epochs"], "epochs"),
+        (["--group-size", "5"], "group_size"),  # does not divide sample_batch_size=32
+        (["--group-size", "-2"], "group_size"),
+        (["--noise-level", "0"], "noise_level"),
+        (["--prompt-cache-size", "0"], "prompt_cache_size"),
     ],
 )
 def test_bad_input_names_the_field(argv, field):
@@ -82,6 +86,53 @@ def test_sf_with_several_inner_epochs_is_refused():
     with pytest.raises(ConfigError, match="num_inner_epochs: DDPO-SF is on-policy"):
         parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_sf")
     assert parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_is").num_inner_epochs == 2
+
+
+def test_defaults_that_belong_to_a_field_follow_it():
+    # the digits preset's JPEG resize belongs to its reward: switching the reward drops it
+    cfg = parse_cli(["--reward", "alignment"])
+    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity"]
+    assert parse_cli(["--reward", "jpeg_incompressibility"]).reward_kwargs == {"resize": 32}
+    assert parse_cli(["--reward", "jpeg_incompressibility"]).monitor_rewards == ["digit_alignment"]
+    assert parse_cli(["--preset", "digits-alignment", "--reward", "compressibility"]).reward_kwargs == {"resize": 32}
+    # the model too: SD-sized JPEG, SD monitors; the tiny plumbing model has none
+    sd = preset_config("digits", model="/some/sd/pipeline")
+    assert sd.monitor_rewards == ["aesthetic"] and sd.reward_kwargs == {"resize": 512}
+    assert preset_config("sd15-aesthetic", reward="jpeg_compressibility").monitor_rewards == ["aesthetic"]
+    assert preset_config("sd15-compressibility", reward="aesthetic").monitor_rewards == ["vlm_alignment"]
+    assert preset_config("digits", model="tiny").monitor_rewards == []
+    # monitor kwargs belong to the monitors
+    cfg = preset_config("digits", monitor_reward_kwargs={"digit_alignment": {"C": 1.0}})
+    assert cfg.monitor_reward_kwargs == {"digit_alignment": {"C": 1.0}}
+    # values given explicitly are kept as given (the reward checks them when the run is set up)
+    cfg = parse_cli(["--reward", "alignment", "--reward-kwargs", '{"C": 1.0}', "--monitor-rewards", "digit_alignment"])
+    assert cfg.reward_kwargs == {"C": 1.0} and cfg.monitor_rewards == ["digit_alignment"]
+    # an unchanged reward keeps the preset's values
+    assert parse_cli(["--reward", "jpeg_compressibility"]).reward_kwargs == {"resize": 32}
+
+
+def test_monitor_fields_from_the_command_line():
+    assert parse_cli(["--monitor-rewards", "digit_alignment,sample_diversity"]).monitor_rewards == [
+        "digit_alignment", "sample_diversity"]
+    assert parse_cli(["--monitor-rewards", '["sample_diversity"]']).monitor_rewards == ["sample_diversity"]
+    assert parse_cli(["--monitor-rewards", ""]).monitor_rewards == []
+    cfg = parse_cli(["--kl-coef", "0.5", "--monitor-tolerance", "1", "--stop-on-monitor-drop", "true"])
+    assert (cfg.kl_coef, cfg.monitor_tolerance, cfg.stop_on_monitor_drop) == (0.5, 1.0, True)
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--kl-coef", "-1"], "kl_coef"),
+        (["--monitor-tolerance", "0"], "monitor_tolerance"),
+        (["--monitor-rewards", "", "--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
+        (["--monitor-reward-kwargs", '{"aesthetic": {}}'], "monitor_reward_kwargs"),
+        (["--monitor-rewards", "digit_alignment,digit_alignment"], "monitor_rewards"),
+    ],
+)
+def test_bad_kl_and_monitor_settings_name_the_field(argv, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        parse_cli(argv)
 
 
 def _float_fields():

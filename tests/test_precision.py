@@ -6,21 +6,18 @@ from torch import nn
 from ddpo_rl.precision import (
     autocast,
     cast_frozen_params,
-    cast_trainable_params,
     enable_gradient_checkpointing,
     grad_scaler,
     low_precision_dtype,
     set_tf32,
-    tf32_enabled,
-    weight_dtype,
 )
+from tests.helpers import tf32_enabled
 
 
 def test_modes():
     assert low_precision_dtype("no") is None and low_precision_dtype(None) is None
     assert low_precision_dtype("fp16") == torch.float16
     assert low_precision_dtype("bf16") == torch.bfloat16
-    assert weight_dtype("no") == torch.float32 and weight_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="mixed_precision"):
         low_precision_dtype("fp8")
 
@@ -44,13 +41,6 @@ def test_cast_frozen_keeps_trainable_fp32():
     assert model[2].weight.dtype == torch.float32 and model[2].weight is trainable
     cast_frozen_params(model, None)  # no-op
     assert model[0].weight.dtype == torch.float16
-
-
-def test_cast_trainable_after_whole_model_cast():
-    model = nn.Linear(3, 3).to(torch.bfloat16)
-    model.bias.requires_grad_(False)
-    cast_trainable_params(model)
-    assert model.weight.dtype == torch.float32 and model.bias.dtype == torch.bfloat16
 
 
 def test_tf32_switch():

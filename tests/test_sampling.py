@@ -81,7 +81,7 @@ def test_matches_a_hand_computed_ddim_scheduler_reference():
     sched = sd_ddim_scheduler()
     sched.set_timesteps(T)
     unet = policy.noise_model
-    cond = env.base_env.prompt_embeds_table[noise.prompt_ids]
+    cond = env.base_env.embed_prompts(noise.prompt_ids)[KEYS.prompt_embeds]
     uncond = enc.negative_embeds().expand(B, -1, -1)
     x = noise.init_latents.clone()
     ac = sched.alphas_cumprod.double()
