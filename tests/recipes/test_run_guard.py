@@ -232,7 +232,7 @@ def test_dppo_gym_user_errors_are_one_line(tmp_path, capsys, argv, field):
     (tmp_path / "file").write_text("x")
     argv = [a.replace("{FILE}", str(tmp_path / "file")) for a in argv]
     with pytest.raises(SystemExit) as exc:
-        main(["--output-dir", str(tmp_path / "out"), "--no-progress", *argv])
+        main(["--output-dir", str(tmp_path / "out"), "--progress", "false", *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: " + field), err
@@ -242,7 +242,7 @@ def test_dppo_gym_rerun_is_refused_unless_overwrite(tmp_path, capsys):
     from recipes.dppo_gym import main
 
     out = tmp_path / "gym"
-    small = ["--output-dir", str(out), "--no-progress", "--epochs", "1", "--num-envs", "2", "--rollout-steps", "10",
+    small = ["--output-dir", str(out), "--progress", "false", "--epochs", "1", "--num-envs", "2", "--rollout-steps", "10",
              "--demo-rollouts", "1", "--bc-steps", "5", "--eval-episodes", "2", "--minibatch-size", "20"]
     main(small)
     assert json.loads((out / "config.json").read_text())["history"][0]["event"] == "start"
@@ -253,7 +253,7 @@ def test_dppo_gym_rerun_is_refused_unless_overwrite(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a finished run (1 of 1 epochs)" in err and "--overwrite" in err and "--resume" not in err
     assert _digest(out) == before
-    main([*small, "--overwrite"])
+    main([*small, "--overwrite", "true"])
 
 
 def test_compare_algorithms_output_dir_under_a_file_is_one_line(tmp_path, capsys):
