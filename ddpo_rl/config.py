@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -194,7 +196,11 @@ class DDPOConfig:
     save_every: int = 10
     """Write a checkpoint every this many epochs (and at the end, and on SIGINT/SIGTERM)."""
     resume: str | None = None
-    """A run directory (or its checkpoint) to continue from."""
+    """A run directory (or its checkpoint) to continue from; the run continues in that directory
+    (output_dir follows it). Fields outside CHANGEABLE_ON_RESUME must stay as the run had them."""
+    overwrite: bool = False
+    """Replace an earlier run found in output_dir (its config, logs, samples, checkpoints, weights).
+    Without it a fresh run into a directory holding a run stops with an error."""
     progress: bool = True
     """Show the rich progress display."""
     logger: LoggerKind = "none"
@@ -215,6 +221,19 @@ class DDPOConfig:
             if not cond:
                 raise ConfigError(f"{field_name}: {msg}")
 
+        check_finite_floats(self)
+        expand_user_paths(self)
+        if self.resume is not None:  # a resumed run continues in its own directory
+            from ddpo_rl.checkpoint import run_dir_of
+
+            run_dir = run_dir_of(self.resume)
+            default_out = PRESETS.get(self.preset, {}).get("output_dir", DDPOConfig.output_dir)
+            if os.path.abspath(self.output_dir) not in (run_dir, os.path.abspath(default_out)):
+                raise ConfigError(
+                    f"output_dir: --resume continues the run in its own directory ({run_dir}), not in "
+                    f"{self.output_dir}; drop --output-dir (or give that same directory)"
+                )
+            self.output_dir = run_dir
         for name, choices in _choice_fields(type(self)).items():
             need(getattr(self, name) in choices, name, f"{getattr(self, name)!r} is not one of {choices}")
         for name in (
@@ -225,7 +244,8 @@ class DDPOConfig:
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         need(self.eta > 0, "eta", f"eta={self.eta}: DDPO's log-probs need eta > 0 (the paper uses 1.0)")
         need(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1.0 (1.0 disables guidance)")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(0 < self.learning_rate <= 1, "learning_rate",
+             f"must be in (0, 1], got {self.learning_rate}: an AdamW step moves each weight by about the learning rate")
         need(self.clip_range > 0, "clip_range", "must be positive")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
@@ -265,13 +285,44 @@ class DDPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DDPOConfig:
+        """A config from a dict of fields (a config.json's ``history`` entry is not a field: ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != "history"}
         unknown = sorted(set(d) - names)
         if unknown:
             from ddpo_rl.cli import unknown_field_message
 
             raise ConfigError(f"{unknown[0]}: {unknown_field_message(cls, unknown[0])}")
         return cls(**d)
+
+
+# Fields that may differ when a run is resumed; each is applied for real and recorded in config.json's
+# history. ANY OTHER FIELD IS FIXED ON RESUME (a new field is fixed until it is added here): the
+# algorithm, model, LoRA, sizes the optimizer or the reward statistics depend on, seed, reward, prompts...
+CHANGEABLE_ON_RESUME = frozenset({
+    "epochs", "eval_every", "save_every", "eval_num_samples", "grid_samples_per_prompt",  # cadence
+    "learning_rate",  # set on the optimizer's param groups after its state is loaded
+    "max_grad_norm", "on_invalid_reward", "reward_async", "progress", "device", "prompt_cache_size",  # execution
+    "logger", "logger_kwargs", "stop_on_monitor_drop",  # reporting
+    "output_dir", "resume", "overwrite",  # where the run lives (output_dir follows resume)
+})
+
+
+def check_finite_floats(cfg) -> None:
+    """ConfigError naming the first float field of dataclass ``cfg`` holding NaN or +-inf."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "float" in str(hints.get(f.name)) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+
+
+def expand_user_paths(cfg) -> None:
+    """Expand a leading ``~`` in every string field of dataclass ``cfg`` (paths; other values never start with it)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, f.name, os.path.expanduser(value))
 
 
 def _choice_fields(cls: type) -> dict[str, tuple]:
@@ -434,7 +485,11 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
         parsed, given = cli.parse(DDPOConfig, argv, description=_cli_description())
     except cli.CLIError as err:
         raise ConfigError(str(err)) from None
-    given.pop("preset", None)
+    preset_given = given.pop("preset", None) is not None
+    base = resume_base(given["resume"]) if given.get("resume") else None
+    if base is not None:  # --resume RUN_DIR: the run's own config, then what this command sets
+        explicit = {**defaults, **given, **({"preset": parsed.preset} if preset_given else {})}
+        return DDPOConfig.from_dict({**base, **explicit}).validate()
     return preset_config(parsed.preset, **{**defaults, **given}).validate()
 
 
@@ -443,6 +498,29 @@ def _cli_description() -> str:
         "A DDPO run: --preset NAME, then --FIELD VALUE for any field below (the defaults shown are the "
         f"digits preset's). Presets: {', '.join(PRESETS)}."
     )
+
+
+def resume_base(resume: str) -> dict | None:
+    """The fields a resumed run ran with (its config.json), or None when it has none readable.
+
+    A resumed command starts from these, not from a preset: ``--resume RUN_DIR`` alone continues the
+    run as it was, and only the fields the command sets explicitly may differ (then checked against
+    CHANGEABLE_ON_RESUME). ``output_dir`` is RUN_DIR; fields unknown to this version are dropped.
+    """
+    from ddpo_rl.checkpoint import run_dir_of
+
+    run_dir = run_dir_of(os.path.expanduser(resume))
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not {"algorithm", "model", "reward"} <= set(stored):
+        return None  # not a DDPO run's config (e.g. dppo_gym's): the checkpoint check will say what it is
+    names = {f.name for f in dataclasses.fields(DDPOConfig)} - {"resume", "overwrite"}
+    base = {k: v for k, v in stored.items() if k in names}
+    base["output_dir"] = run_dir
+    return base
 
 
 def cli_help() -> str:
