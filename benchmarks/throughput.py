@@ -252,7 +252,7 @@ class Setup:
         base = DenoisingEnv(PROMPTS, self.encode, self.scheduler, self.T, self.latent_shape, self.B, device=device)
         self.env = TransformedEnv(base, RewardTransform(brightness, latent_to_images))
         self.env.set_seed(0)
-        self.table = base.prompt_embeds_table
+        self.table = table.to(device)  # what the env's encoder returns for each prompt
 
 
 # -- collection methods --------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def make_plain_policy_loop(s: Setup):
     def run():
         ids = base.prompt_source.sample(s.B, generator=base._rng, device=s.device)
         x = torch.randn(s.B, *s.latent_shape, generator=base._rng, device=s.device) * base.init_noise_sigma
-        emb = base.prompt_embeds_table[ids]
+        emb = s.table[ids]
         latents, actions, log_probs = [], [], []
         for k in range(s.T):
             t = timesteps[k].expand(s.B)

@@ -27,7 +27,7 @@ from ddpo_rl.rewards.transform import RewardTransform  # noqa: E402
 from ddpo_rl.text import PromptEncoder  # noqa: E402
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig  # noqa: E402
 
-__version__ = "0.1.0"
+from ddpo_rl._version import __version__  # noqa: E402
 __all__ = [
     "KEYS",
     "DDPOKeys",

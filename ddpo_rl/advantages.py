@@ -1,4 +1,4 @@
-"""Advantages for DDPO: per-prompt reward normalisation, then clipping.
+"""Advantages for DDPO: per-prompt (or GRPO group-relative) reward normalisation, then clipping.
 
 DDPO has no critic. The advantage of a trajectory is its terminal reward standardised
 against other samples of the SAME prompt (Black et al. 2024, appendix; the reference
@@ -71,11 +71,6 @@ class PerPromptStatTracker:
         adv = torch.where(finite, adv, torch.zeros_like(adv))
         return adv.to(dtype=rewards.dtype, device=rewards.device).reshape(rewards.shape)
 
-    def stats(self) -> dict[str, float]:
-        """Summary for logs: number of prompts tracked and mean buffer fill."""
-        n = len(self.buffers)
-        return {"prompts_tracked": n, "mean_buffer": sum(len(b) for b in self.buffers.values()) / max(n, 1)}
-
     def state_dict(self) -> dict:
         return {
             "buffer_size": self.buffer_size,
@@ -88,9 +83,6 @@ class PerPromptStatTracker:
         self.min_count = int(state["min_count"])
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
-    def clear(self) -> None:
-        self.buffers.clear()
-
 
 def batch_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Whole-batch normalisation (no per-prompt statistics); NaN rewards get 0."""
@@ -100,21 +92,62 @@ def batch_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, adv, torch.zeros_like(adv))
 
 
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-relative advantages (GRPO; Flow-GRPO sec. 4.1): each reward standardised within its group.
+
+    The rewards come in consecutive groups of ``group_size`` samples of one prompt (the env's
+    ``group_size`` prompt order puts them there, and each rank's batch holds whole groups, so the
+    all-gathered batch does too)::
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)
+
+    with the population std, as every statistic of this module. Samples whose reward is NaN get
+    advantage 0 and are left out of their group's statistics; a group with one finite reward gives 0.
+    On the rewards' device, no host sync.
+
+    Why not torchrl's ``MCAdvantage`` (torchrl.objectives.llm): it is a replay-buffer write
+    transform built for LLM trajectories. Given a DDPO batch [N, T] it returns the trajectories
+    flattened to [N * T] and regrouped by group id (checked with torchrl 0.14.1), where
+    DDPOTrainer needs the [N, T] layout in the collection order (it shuffles trajectories and
+    their steps, and each rank takes back its own slice of the gathered advantages); it copies
+    every key of the trajectories (the latents) to compute a scalar per trajectory; it keeps
+    incomplete groups queued across calls; it uses the Bessel-corrected std and has no notion of
+    a dropped (NaN) reward. Here the advantage is a function of the [N] terminal rewards only.
+    """
+    group_size = int(group_size)
+    n = rewards.numel()
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size: {n} rewards do not split into groups of {group_size} (it must divide the batch)")
+    r = rewards.detach().reshape(-1, group_size).double()
+    finite = torch.isfinite(r)
+    count = finite.sum(1, keepdim=True).clamp(min=1)
+    mean = torch.where(finite, r, torch.zeros_like(r)).sum(1, keepdim=True) / count
+    var = torch.where(finite, (r - mean) ** 2, torch.zeros_like(r)).sum(1, keepdim=True) / count
+    adv = torch.where(finite, (r - mean) / (var.sqrt() + EPS), torch.zeros_like(r))
+    return adv.to(rewards.dtype).reshape(rewards.shape)
+
+
 def compute_advantages(
     rewards: torch.Tensor,
     prompts: Sequence[Hashable] | None = None,
     tracker: PerPromptStatTracker | None = None,
     clip: float | None = 5.0,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """Advantages [B] from terminal rewards [B]: per-prompt (with a tracker) or batch normalised, then clipped.
+    """Advantages [B] from terminal rewards [B]: group-relative, per-prompt (with a tracker) or batch
+    normalised, then clipped.
 
     Args:
         rewards: terminal rewards, one per trajectory.
         prompts: the prompt (or prompt id) of each trajectory; required with ``tracker``.
         tracker: a :class:`PerPromptStatTracker`, or None for batch statistics.
         clip: A_max of the advantage clipping (5 in the paper); None disables it.
+        group_size: G > 1: GRPO's group-relative advantages over consecutive groups of G
+            (:func:`group_advantages`), used instead of the tracker; None, 0 or 1: off.
     """
-    if tracker is not None:
+    if group_size is not None and group_size > 1:
+        adv = group_advantages(rewards, group_size)
+    elif tracker is not None:
         if prompts is None:
             raise ValueError("per-prompt advantages need the prompt of each reward")
         adv = tracker.update(prompts, rewards)

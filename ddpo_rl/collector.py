@@ -45,6 +45,18 @@ def _num_steps(env) -> int:
     return int(base.num_inference_steps)
 
 
+def check_same_horizon(env, policy) -> int:
+    """T of ``env``, after checking that ``policy`` (when it says) was built for the same T; one-line error."""
+    T = _num_steps(env)
+    policy_T = getattr(policy, "num_inference_steps", None)
+    if policy_T is not None and int(policy_T) != T:
+        raise ValueError(
+            f"num_inference_steps: the env runs T={T} steps but the policy's schedule has T={policy_T}; "
+            "build both from the same num_inference_steps"
+        )
+    return T
+
+
 def _rollout_fixed_horizon(env, policy, T: int) -> TensorDictBase:
     """``env.rollout(T, policy, break_when_any_done=False)`` for an MDP whose chains all end at T.
 
@@ -83,8 +95,10 @@ def collect_trajectories(env, policy, num_batches: int = 1, extra_keys=()) -> Te
     """
     if num_batches <= 0:
         raise ValueError(f"num_batches={num_batches} must be positive")
-    T = _num_steps(env)
-    keys = list(TRAJECTORY_KEYS) + list(extra_keys)
+    T = check_same_horizon(env, policy)
+    # what the policy reads (e.g. the flow policy's step index and pooled embeddings) is what its
+    # loss re-reads at training time
+    keys = list(dict.fromkeys([*TRAJECTORY_KEYS, *getattr(policy, "in_keys", ()), *extra_keys]))
     batches = []
     async_transforms = _async_reward_transforms(env)
     for transform in async_transforms:  # futures left by a rollout run outside this function

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from ddpo_rl.checkpoint import CHECKPOINT_NAME
 from ddpo_rl.config import ConfigError, DDPOConfig, parse_cli
 from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.run_dir import describe_run
 
 # config fields that may differ between a stored run and the planned one without changing it
-_RUN_INDEPENDENT_FIELDS = ("progress", "resume")
+# ("history" is config.json's record of starts and resumes, not a field)
+_RUN_INDEPENDENT_FIELDS = ("progress", "resume", "overwrite", "history", "logger", "logger_kwargs")
 # fields the comparison sets per run itself
-_PER_RUN_FLAGS = ("--algorithm", "--seed", "--output-dir", "--resume")
+_PER_RUN_FLAGS = ("--algorithm", "--seed", "--output-dir", "--resume", "--overwrite")
 
 
 @dataclass
@@ -51,7 +53,11 @@ class PlannedRun:
     def cli_args(self, overrides: list[str]) -> list[str]:
         """Arguments of the recipe script that runs (or resumes) this run."""
         args = [*overrides, "--seed", str(self.seed), "--output-dir", self.out, "--progress", "false"]
-        return args + (["--resume", self.out] if self.status == "resume" else [])
+        if self.status == "resume":
+            return args + ["--resume", self.out]
+        if describe_run(self.out) is not None:  # started but never checkpointed: start it again
+            return args + ["--overwrite", "true"]
+        return args
 
 
 def _differences(stored: dict, planned: dict) -> list[str]:
@@ -189,3 +195,83 @@ def training_curves(runs: list[PlannedRun]) -> dict[str, tuple[list[float], list
         ys = [statistics.fmean(m[i]["reward_mean"] for m in logs) for i in range(n)]
         curves[algo] = (xs, ys)
     return curves
+
+
+# --- the reward / monitor trade-off over KL coefficients (recipes/kl_front.py) ----------------------
+FRONT_MONITOR_RATIO = 0.85
+"""A run keeps the model "still good" when each monitor's final mean is >= this fraction of its base mean
+(on the training and on the held-out prompts)."""
+FRONT_REWARD_GAIN = 2.0
+"""... and "reward up" when its training-prompt reward gained >= this many base std."""
+
+
+def front_row(summary: dict, metrics: list[dict]) -> dict:
+    """One run of a KL front: reward gains, each monitor's final/base ratio, alarm, best epoch, seconds."""
+    row = {
+        "kl_coef": summary.get("kl_coef", 0.0), "seed": summary["seed"], "epochs": summary["final"]["epoch"],
+        "train_gain": summary["train_prompts_gain_in_base_std"], "eval_gain": summary["eval_prompts_gain_in_base_std"],
+        "monitors": {}, "alarm_epoch": (summary.get("monitor_alarm") or {}).get("epoch"),
+        "best_epoch": summary.get("best_epoch"), "seconds": sum(m.get("seconds") or 0.0 for m in metrics),
+        "final_kl_to_reference": metrics[-1].get("kl_to_reference") if metrics else None,
+    }
+    for name, sets in summary.get("monitors", {}).items():
+        row["monitors"][name] = {
+            s: {"base": v["base_mean"], "final": v["final_mean"], "ratio": v["final_over_base"]} for s, v in sets.items()
+        }
+    ratios = [v["ratio"] for sets in row["monitors"].values() for v in sets.values()]
+    row["min_monitor_ratio"] = min(ratios) if ratios and None not in ratios else None
+    row["passes"] = (
+        row["train_gain"] is not None and row["train_gain"] >= FRONT_REWARD_GAIN
+        and row["min_monitor_ratio"] is not None and row["min_monitor_ratio"] >= FRONT_MONITOR_RATIO
+    )
+    return row
+
+
+def front_table(rows: list[dict]) -> dict:
+    """Per kl_coef: mean ± std over seeds of the gains and the smallest monitor ratio, and how many seeds pass."""
+    by_kl: dict[float, list[dict]] = {}
+    for r in rows:
+        by_kl.setdefault(r["kl_coef"], []).append(r)
+    table = {}
+    for kl, rs in sorted(by_kl.items()):
+        table[str(kl)] = {
+            "train_gain": _mean_std([r["train_gain"] for r in rs]),
+            "eval_gain": _mean_std([r["eval_gain"] for r in rs]),
+            "min_monitor_ratio": _mean_std([r["min_monitor_ratio"] for r in rs]),
+            "seconds": _mean_std([r["seconds"] for r in rs]),
+            "passing_seeds": sum(r["passes"] for r in rs), "seeds": sorted(r["seed"] for r in rs),
+        }
+    return {"criteria": {"train_gain_in_base_std": FRONT_REWARD_GAIN, "monitor_final_over_base": FRONT_MONITOR_RATIO},
+            "rows": rows, "by_kl_coef": table}
+
+
+def front_markdown(front: dict, header: str = "") -> str:
+    """Per-run rows and the per-kl_coef summary as markdown."""
+    rows = front["rows"]
+    names = list(rows[0]["monitors"]) if rows else []
+    cols = [f"{n} final/base (train / held-out)" for n in names]
+    lines = [header, "" if header else None,
+             "| kl_coef | seed | reward gain, train / held-out (base std) | " + " | ".join(cols)
+             + " | alarm epoch | best epoch | KL at end | seconds | passes |",
+             "|---" * (8 + len(cols)) + "|"]
+    lines = [ln for ln in lines if ln is not None]
+    for r in sorted(rows, key=lambda r: (r["kl_coef"], r["seed"])):
+        mons = [f"{m['training prompts']['final']:.3f}/{m['training prompts']['base']:.3f} = "
+                f"{m['training prompts']['ratio']:.2f} / {m['held-out prompts']['ratio']:.2f}" for m in r["monitors"].values()]
+        kl_end = "-" if r["final_kl_to_reference"] is None else f"{r['final_kl_to_reference']:.3g}"
+        lines.append(
+            f"| {r['kl_coef']:g} | {r['seed']} | {r['train_gain']:+.2f} / {r['eval_gain']:+.2f} | " + " | ".join(mons)
+            + f" | {r['alarm_epoch'] if r['alarm_epoch'] is not None else '-'} | {r['best_epoch']} | {kl_end} "
+            f"| {r['seconds']:.0f} | {'yes' if r['passes'] else 'no'} |"
+        )
+    lines += ["", "| kl_coef | reward gain, train (base std) | held-out | smallest monitor final/base | seeds passing |",
+              "|---|---|---|---|---|"]
+    for kl, t in front["by_kl_coef"].items():
+        g, e, m = t["train_gain"], t["eval_gain"], t["min_monitor_ratio"]
+        lines.append(f"| {float(kl):g} | {g['mean']:+.2f} ± {g['std']:.2f} | {e['mean']:+.2f} ± {e['std']:.2f} "
+                     f"| {m['mean']:.3f} ± {m['std']:.3f} | {t['passing_seeds']}/{len(t['seeds'])} |")
+    c = front["criteria"]
+    lines.append(f"\npasses: training-prompt reward >= +{c['train_gain_in_base_std']:g} base std AND every monitor's final "
+                 f"mean >= {c['monitor_final_over_base']:g} x its base mean on the training and the held-out prompts; "
+                 "mean ± std over seeds.\n")
+    return "\n".join(lines)

@@ -19,6 +19,8 @@ al. 2024, "Training Diffusion Models with Reinforcement Learning", sec. 4.2)::
                                       + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
     next latent            x_{t-1} ~ N(mu_theta, sigma_t^2 I)   (the MDP action)
     log_prob               log pi_theta(x_{t-1} | x_t, c), reduced over the latent dims
+    ref_mean               mu_ref, the same step's mean under the reference (pre-fine-tuning) model
+    kl                     KL(pi_theta(. | x_t, c) || pi_ref(. | x_t, c)), reduced over the latent dims
 
 ``mean + std * z`` is exactly ``DDIMScheduler.step(model_output, t, x_t, eta, variance_noise=z)``
 (tests/test_ddim.py checks it at every step of several scheduler configs).
@@ -28,6 +30,7 @@ reference implementation takes the MEAN of the per-dim log-densities, not their 
 PPO clip range of the paper (1e-4) is calibrated on that scale. ``reduction="mean"`` is
 therefore the default everywhere in ddpo_rl; ``"sum"`` gives the true joint log-density
 (the ratio exp(sum) is then far more sensitive: scale the clip range accordingly).
+The KL to the reference policy (:func:`gaussian_kl`) is reduced the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ import torch
 LOG_PROB_REDUCTIONS = ("mean", "sum")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def check_ddim_scheduler(scheduler, field: str = "scheduler") -> None:
+    """Raise a one-line ValueError naming ``field`` unless ``scheduler`` has DDIM's alphas."""
+    if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "final_alpha_cumprod"):
+        raise ValueError(
+            f"{field}: {type(scheduler).__name__} is not a DDIM-family scheduler (no alphas_cumprod / "
+            "final_alpha_cumprod); DiffusionPolicy needs a DDIMScheduler (for a flow-matching scheduler use "
+            "ddpo_rl.flow_policy.FlowMatchingPolicy)"
+        )
+
+
+def ddim_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
+    """The T integer timesteps a DDIM scheduler visits (int64 [T]), without changing the scheduler passed in."""
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps)
+    return sched.timesteps.clone().long()
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,7 @@ class DDIMCoefficients:
     @classmethod
     def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> DDIMCoefficients:
         """Read the coefficients of a diffusers ``DDIMScheduler`` (or one sharing its config)."""
+        check_ddim_scheduler(scheduler)
         cfg = scheduler.config
         if getattr(cfg, "thresholding", False):
             raise NotImplementedError(
@@ -85,16 +106,6 @@ class DDIMCoefficients:
             clip_sample_range=float(getattr(cfg, "clip_sample_range", 1.0)),
         )
 
-    def to(self, device) -> DDIMCoefficients:
-        return DDIMCoefficients(
-            self.alphas_cumprod.to(device),
-            self.final_alpha_cumprod.to(device),
-            self.step_ratio,
-            self.prediction_type,
-            self.clip_sample,
-            self.clip_sample_range,
-        )
-
 
 def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] matching ``like``'s number of dims."""
@@ -111,11 +122,15 @@ def alpha_bars(coeffs: DDIMCoefficients, timestep: torch.Tensor) -> tuple[torch.
     return alpha_prod_t, alpha_prod_prev
 
 
-def ddim_std(coeffs: DDIMCoefficients, timestep: torch.Tensor, eta: float) -> torch.Tensor:
-    """sigma_t (DDIM eq. 16 times eta) for timesteps [B] -> [B] float32."""
-    alpha_prod_t, alpha_prod_prev = alpha_bars(coeffs, timestep)
+def ddim_std_from_alpha_bars(alpha_prod_t: torch.Tensor, alpha_prod_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t-1}) (DDIM eq. 16)."""
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
     return eta * variance.clamp(min=0).sqrt()
+
+
+def ddim_std(coeffs: DDIMCoefficients, timestep: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t (DDIM eq. 16 times eta) for timesteps [B] -> [B] float32."""
+    return ddim_std_from_alpha_bars(*alpha_bars(coeffs, timestep), eta)
 
 
 def ddim_step_gaussian(
@@ -164,8 +179,7 @@ def ddim_step_gaussian(
         pred_x0 = pred_x0.clamp(-coeffs.clip_sample_range, coeffs.clip_sample_range)
 
     # 4. sigma_t (DDIM eq. 16)
-    variance = (1 - alpha_prod_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    std = ddim_std_from_alpha_bars(alpha_prod_t, alpha_prod_prev, eta)
 
     # 5. mean: sqrt(alpha_bar_{t-1}) x_0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
     direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
@@ -200,6 +214,33 @@ def gaussian_log_prob(
         event_dim = value.dim() - 1
     value, mean, std = value.float(), mean.float(), std.float()
     elementwise = -((value - mean) ** 2) / (2 * std**2) - std.log() - _HALF_LOG_2PI
+    return reduce_log_prob(elementwise, event_dim, reduction)
+
+
+def gaussian_kl(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    event_dim: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per latent dim, reduced over the latent dims.
+
+    Two DDIM steps from the same state x_t share sigma_t (it depends on t and eta only), so the
+    KL between the fine-tuned and the reference policy at a state is, per latent dim::
+
+        KL = (mu_theta - mu_ref)^2 / (2 sigma_t^2)
+
+    (the log-det and trace terms of the Gaussian KL cancel). It is reduced over the trailing
+    ``event_dim`` dims exactly as :func:`gaussian_log_prob` reduces the log-density ("mean" by
+    default, "sum" for the joint KL), so its scale matches the log-probs' and the gradient with
+    respect to ``mean`` is (mu_theta - mu_ref) / sigma_t^2, divided by the number of latent dims
+    for "mean". ``event_dim`` defaults to all dims but the first. Computed in float32.
+    """
+    if event_dim is None:
+        event_dim = mean.dim() - 1
+    mean, ref_mean, std = mean.float(), ref_mean.float(), std.float()
+    elementwise = (mean - ref_mean) ** 2 / (2 * std**2)
     return reduce_log_prob(elementwise, event_dim, reduction)
 
 

@@ -26,16 +26,23 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Where this process stands in a ``torchrun`` job (the defaults: a single-process run)."""
+
     rank: int = 0
+    """Global index of this process, 0 .. world_size - 1 (``RANK``)."""
     world_size: int = 1
+    """Number of processes (``WORLD_SIZE``)."""
     local_rank: int = 0
+    """Index of this process on its machine (``LOCAL_RANK``): the CUDA device it uses."""
 
     @property
     def enabled(self) -> bool:
+        """True when there is more than one process (the collective helpers then communicate)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes logs, evaluations and checkpoints."""
         return self.rank == 0
 
 

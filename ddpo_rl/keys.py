@@ -2,7 +2,8 @@
 
 One denoising step of the MDP, as the env and the policy see it::
 
-    state s_t  = (x_t, t, c)    -> KEYS.latents, KEYS.timestep, KEYS.prompt_embeds
+    state s_t  = (x_t, t, c)    -> KEYS.latents, KEYS.timestep (and KEYS.step_index), KEYS.prompt_embeds
+                                   (+ KEYS.pooled_prompt_embeds for SD3-style models)
     action a_t = x_{t-1}        -> KEYS.action
     pi(a_t|s_t)                 -> KEYS.loc, KEYS.scale (the DDIM Gaussian), KEYS.log_prob
     reward r(x_0, c)            -> ("next", KEYS.reward), non-zero at the last step only
@@ -23,11 +24,14 @@ class DDPOKeys:
     latents: str = "latents"
     """x_t, the noisy latent the step starts from: [B, C, H, W]."""
     timestep: str = "timestep"
-    """t, the scheduler's (training) timestep of x_t: int64 [B]."""
+    """t, the scheduler's timestep of x_t: int64 [B] for DDIM; float32 [B] (sigma * 1000) for flow matching."""
     step_index: str = "step_index"
     """Position k of the step in the sampling chain, 0..T-1 (T when done): int64 [B]."""
     prompt_embeds: str = "prompt_embeds"
     """c, the text encoder's embedding of the prompt: [B, L, D]."""
+    pooled_prompt_embeds: str = "pooled_prompt_embeds"
+    """The text encoders' pooled embedding of the prompt, [B, D_pooled]: SD3's ``pooled_projections``
+    (its two CLIP encoders' pooled outputs, concatenated). Present only when the encoder returns it."""
     prompt_id: str = "prompt_id"
     """Index of the prompt in the env's prompt list, for per-prompt statistics: int64 [B]."""
     action: str = "action"
@@ -42,7 +46,6 @@ class DDPOKeys:
     """Scalar reward [B, 1]; written in ("next", reward) by the reward transform."""
     done: str = "done"
     terminated: str = "terminated"
-    truncated: str = "truncated"
     advantage: str = "advantage"
     """Per-sample advantage [B, 1] (broadcast over steps), after per-prompt normalisation."""
     images: str = "images"

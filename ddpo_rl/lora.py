@@ -1,27 +1,39 @@
-"""LoRA fine-tuning of a diffusers UNet, through peft.
+"""LoRA fine-tuning of a diffusers UNet or SD3 transformer, through peft.
 
-The DDPO reference fine-tunes Stable Diffusion with LoRA on the UNet's attention projections.
-This module does it the way diffusers' own training scripts do:
+The DDPO reference fine-tunes Stable Diffusion with LoRA on the UNet's attention projections;
+Flow-GRPO fine-tunes SD3.5's transformer with LoRA on its joint-attention projections. This
+module does it the way diffusers' own training scripts do:
 
-- :func:`apply_lora` adds a peft adapter with ``unet.add_adapter(LoraConfig(...))`` and freezes
+- :func:`apply_lora` adds a peft adapter with ``model.add_adapter(LoraConfig(...))`` and freezes
   every other parameter;
 - :func:`lora_parameters` returns what the optimizer should train;
 - :func:`save_lora_weights` writes the diffusers LoRA format
-  (``pytorch_lora_weights.safetensors`` with ``unet.``-prefixed keys and the adapter config as
-  metadata), which ``StableDiffusionPipeline.load_lora_weights(directory)`` loads;
-- :func:`load_lora_weights` loads such a directory back into a UNet (to resume training).
+  (``pytorch_lora_weights.safetensors`` and the adapter config as metadata) of the model's
+  pipeline: ``unet.``-prefixed keys that ``StableDiffusionPipeline.load_lora_weights(directory)``
+  loads, or, for an ``SD3Transformer2DModel``, ``transformer.``-prefixed keys (peft's key names, as
+  diffusers' SD3 LoRA training script saves them) that ``StableDiffusion3Pipeline.load_lora_weights``
+  loads;
+- :func:`load_lora_weights` loads such a directory back into the model (to resume training).
+
+The functions' ``unet`` argument is the denoising network either way.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 DEFAULT_SD_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 """Stable Diffusion's attention projections (self- and cross-attention), as in the DDPO reference."""
+
+DEFAULT_SD3_LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
+"""SD3's joint-attention projections: the image stream's and the text (context) stream's, as in
+Flow-GRPO's SD3.5 LoRA."""
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """File name diffusers writes and looks for (``diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE``)."""
@@ -62,7 +74,7 @@ def apply_lora(
     unet: nn.Module,
     rank: int = 4,
     alpha: float | None = None,
-    target_modules: Sequence[str] = DEFAULT_SD_LORA_TARGETS,
+    target_modules: Sequence[str] | None = None,
     dropout: float = 0.0,
     init_lora_weights: bool | str = "gaussian",
     adapter_name: str = "default",
@@ -71,8 +83,9 @@ def apply_lora(
     """Freeze ``unet`` and add a trainable LoRA adapter to it (in place; returns ``unet``).
 
     Args:
-        unet: a diffusers model with peft support (``UNet2DConditionModel``).
-        rank, alpha, target_modules, dropout, init_lora_weights: see :func:`lora_config`.
+        unet: a diffusers model with peft support (``UNet2DConditionModel``, ``SD3Transformer2DModel``).
+        rank, alpha, target_modules, dropout, init_lora_weights: see :func:`lora_config`;
+            ``target_modules=None`` takes the model's default (:func:`default_lora_targets`).
         adapter_name: peft adapter name.
         config: a ready ``peft.LoraConfig``; overrides the other LoRA arguments.
 
@@ -82,7 +95,8 @@ def apply_lora(
     if not hasattr(unet, "add_adapter"):
         raise TypeError(f"{type(unet).__name__} has no add_adapter(); LoRA needs a diffusers model with peft support")
     if config is None:
-        config = lora_config(rank, alpha, target_modules, dropout, init_lora_weights)
+        targets = target_modules if target_modules is not None else default_lora_targets(unet)
+        config = lora_config(rank, alpha, targets, dropout, init_lora_weights)
     unet.requires_grad_(False)
     unet.add_adapter(config, adapter_name=adapter_name)
     n = 0
@@ -109,23 +123,15 @@ def lora_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn
     return [p for n, p in unet.named_parameters() if p.requires_grad and _is_lora_param(n, adapter_name)]
 
 
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Every parameter with ``requires_grad`` (LoRA or full fine-tuning alike)."""
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
-
-
 def get_lora_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights in the diffusers key format (no ``unet.`` prefix)."""
+    """The adapter's weights in the key format of the model's pipeline (no ``unet.`` /
+    ``transformer.`` prefix): diffusers' names for a UNet, peft's for an SD3 transformer."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     _require_adapter(unet, adapter_name)
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return convert_state_dict_to_diffusers(state)
+    return convert_state_dict_to_diffusers(state) if _lora_format(unet)[2] else state
 
 
 def save_lora_weights(
@@ -135,22 +141,25 @@ def save_lora_weights(
     safe_serialization: bool = True,
     weight_name: str | None = None,
 ) -> str:
-    """Write the UNet's LoRA adapter where ``StableDiffusionPipeline.load_lora_weights`` finds it.
+    """Write the model's LoRA adapter where its pipeline's ``load_lora_weights`` finds it.
 
-    Uses ``StableDiffusionPipeline.save_lora_weights`` with the adapter's ``LoraConfig`` as metadata
-    (so rank, alpha and target modules survive the round trip). Returns the directory.
+    Uses ``StableDiffusionPipeline.save_lora_weights`` (a UNet) or
+    ``StableDiffusion3Pipeline.save_lora_weights`` (an SD3 transformer) with the adapter's
+    ``LoraConfig`` as metadata (so rank, alpha and target modules survive the round trip).
+    Returns the directory.
     """
-    from diffusers import StableDiffusionPipeline
-
+    pipeline_cls, prefix, _ = _lora_format(unet)
     directory = os.fspath(directory)
     state = get_lora_state_dict(unet, adapter_name)
     metadata = unet.peft_config[adapter_name].to_dict()
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_cls.save_lora_weights(
         save_directory=directory,
-        unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
         safe_serialization=safe_serialization,
         weight_name=weight_name,
-        unet_lora_adapter_metadata=metadata,
+        **{
+            f"{prefix}_lora_layers": {k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+            f"{prefix}_lora_adapter_metadata": metadata,
+        },
     )
     return directory
 
@@ -162,7 +171,8 @@ def load_lora_weights(
     weight_name: str | None = None,
     trainable: bool = True,
 ) -> nn.Module:
-    """Load LoRA weights written by :func:`save_lora_weights` (or any diffusers SD LoRA) into ``unet``.
+    """Load LoRA weights written by :func:`save_lora_weights` (or any diffusers SD / SD3 LoRA) into
+    ``unet`` (a UNet or an SD3 transformer).
 
     If ``unet`` already has the adapter (from :func:`apply_lora` with the same config), its weights
     are overwritten in place, so an optimizer holding them stays valid. Otherwise the adapter is
@@ -173,7 +183,6 @@ def load_lora_weights(
         FileNotFoundError: no LoRA weights in ``directory``.
         ValueError: the saved keys do not match the adapter (different rank or target modules).
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
@@ -185,20 +194,22 @@ def load_lora_weights(
     elif not os.path.isfile(directory):
         raise FileNotFoundError(f"LoRA weights not found: '{directory}' does not exist")
 
+    pipeline_cls, prefix, diffusers_keys = _lora_format(unet)
     kwargs = {"weight_name": weight_name} if weight_name else {}
-    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        directory, return_lora_metadata=True, **kwargs
-    )
-    unet_state = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    loaded = pipeline_cls.lora_state_dict(directory, return_lora_metadata=True, **kwargs)
+    # StableDiffusionPipeline: (state, network_alphas, metadata); StableDiffusion3Pipeline: (state, metadata)
+    state_dict, metadata = loaded[0], loaded[-1]
+    network_alphas = loaded[1] if len(loaded) == 3 else None
+    unet_state = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
     if not unet_state:
-        raise ValueError(f"'{directory}' holds no UNet LoRA weights (no 'unet.' keys)")
+        raise ValueError(f"'{directory}' holds no {prefix} LoRA weights (no '{prefix}.' keys)")
 
     has_adapter = adapter_name in getattr(unet, "peft_config", {})
     if not has_adapter:
         unet.requires_grad_(False)
         unet.load_lora_adapter(
-            {f"unet.{k}": v for k, v in unet_state.items()},
-            prefix="unet",
+            {f"{prefix}.{k}": v for k, v in unet_state.items()},
+            prefix=prefix,
             adapter_name=adapter_name,
             network_alphas=network_alphas,
             metadata=metadata,
@@ -208,13 +219,13 @@ def load_lora_weights(
 
         config = unet.peft_config[adapter_name]
         for key in ("r", "lora_alpha"):
-            saved = (metadata or {}).get(f"unet.{key}", (metadata or {}).get(key))
+            saved = (metadata or {}).get(f"{prefix}.{key}", (metadata or {}).get(key))
             if saved is not None and saved != getattr(config, key):
                 raise ValueError(
                     f"LoRA weights in '{directory}' were saved with {key}={saved}, adapter '{adapter_name}' "
                     f"has {key}={getattr(config, key)}; call apply_lora with the saved config"
                 )
-        peft_state = convert_unet_state_dict_to_peft(unet_state)
+        peft_state = convert_unet_state_dict_to_peft(unet_state) if diffusers_keys else unet_state
         expected = set(get_peft_model_state_dict(unet, adapter_name=adapter_name))
         if set(peft_state) != expected:
             extra, missing = sorted(set(peft_state) - expected), sorted(expected - set(peft_state))
@@ -236,6 +247,21 @@ def load_lora_weights(
             if trainable and param.dtype != torch.float32:  # trainable weights stay fp32
                 param.data = param.data.float()
     return unet
+
+
+def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """:data:`DEFAULT_SD3_LORA_TARGETS` for an ``SD3Transformer2DModel`` (Flow-GRPO's), else
+    :data:`DEFAULT_SD_LORA_TARGETS` (the DDPO reference's)."""
+    return DEFAULT_SD3_LORA_TARGETS if _lora_format(model)[1] == "transformer" else DEFAULT_SD_LORA_TARGETS
+
+
+def _lora_format(model: nn.Module):
+    """``(pipeline class, key prefix, diffusers key names?)`` of the LoRA format ``model`` saves in."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if isinstance(model, SD3Transformer2DModel):
+        return StableDiffusion3Pipeline, "transformer", False
+    return StableDiffusionPipeline, "unet", True
 
 
 def _require_adapter(unet: nn.Module, adapter_name: str) -> None:

@@ -100,6 +100,32 @@ def save_curve_png(
     size: tuple[int, int] = (900, 420),
 ) -> str:
     """Line plot of named (xs, ys) series, with optional +-std bands (same xs), to a PNG."""
+    canvas = curve_image(series, title, xlabel, ylabel, bands, size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def save_curve_panels(path: str, panels: Sequence[Mapping], size: tuple[int, int] = (900, 420)) -> str:
+    """Several curve plots stacked vertically in one PNG; each panel holds :func:`curve_image`'s arguments."""
+    images = [curve_image(size=size, **panel) for panel in panels]
+    canvas = Image.new("RGB", (size[0], size[1] * len(images)), "white")
+    for k, image in enumerate(images):
+        canvas.paste(image, (0, k * size[1]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def curve_image(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    xlabel: str = "epoch",
+    ylabel: str = "reward",
+    bands: Mapping[str, Sequence[float]] | None = None,
+    size: tuple[int, int] = (900, 420),
+) -> Image.Image:
+    """The picture :func:`save_curve_png` saves."""
     W, H = size
     left, right, top, bottom = 70, 200, 50, 50  # the legend sits right of the axes
     canvas = Image.new("RGB", (W, H), "white")
@@ -154,6 +180,62 @@ def save_curve_png(
         draw.text((lx + 25, top + 8 + 16 * k), name, fill="black", font=font)
     draw.text((left, 6), title, fill="black", font=_font(14))
     draw.text(((W - left) // 2 + left - 20, H - 22), xlabel, fill="black", font=font)
+    draw.text((4, top - 18), ylabel, fill="black", font=font)
+    return canvas
+
+
+def save_scatter_png(
+    path: str,
+    groups: Mapping[str, Sequence[tuple[float, float]]],
+    title: str = "",
+    xlabel: str = "x",
+    ylabel: str = "y",
+    hlines: Sequence[float] = (),
+    vlines: Sequence[float] = (),
+    size: tuple[int, int] = (760, 480),
+) -> str:
+    """Scatter plot of named groups of (x, y) points (one colour each), with dashed threshold lines."""
+    W, H = size
+    left, right, top, bottom = 70, 170, 40, 50
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
+    pts = [p for ps in groups.values() for p in ps if all(v is not None and math.isfinite(v) for v in p)]
+    xs = [p[0] for p in pts] + list(vlines) or [0.0, 1.0]
+    ys = [p[1] for p in pts] + list(hlines) or [0.0, 1.0]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x0, x1 = (x0 - 0.5, x1 + 0.5) if x1 == x0 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 == y0 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+
+    for t in _nice_ticks(y0, y1):
+        draw.line([px(x0, t), px(x1, t)], fill=(230, 230, 230))
+        draw.text((4, px(x0, t)[1] - 7), f"{t:.4g}", fill="black", font=font)
+    for t in _nice_ticks(x0, x1):
+        draw.line([px(t, y0), px(t, y1)], fill=(240, 240, 240))
+        draw.text((px(t, y0)[0] - 8, H - bottom + 4), f"{t:g}", fill="black", font=font)
+    for y in hlines:
+        a, b = px(x0, y), px(x1, y)
+        for k in range(int(a[0]), int(b[0]), 12):
+            draw.line([(k, a[1]), (min(k + 6, b[0]), a[1])], fill=(120, 120, 120), width=1)
+    for x in vlines:
+        a, b = px(x, y1), px(x, y0)
+        for k in range(int(a[1]), int(b[1]), 12):
+            draw.line([(a[0], k), (a[0], min(k + 6, b[1]))], fill=(120, 120, 120), width=1)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k, (name, ps) in enumerate(groups.items()):
+        color = PALETTE[k % len(PALETTE)]
+        for p in ps:
+            if all(v is not None and math.isfinite(v) for v in p):
+                cx, cy = px(*p)
+                draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=color, outline="black")
+        lx, ly = W - right + 12, top + 8 + 16 * k
+        draw.ellipse([lx, ly + 2, lx + 8, ly + 10], fill=color, outline="black")
+        draw.text((lx + 14, ly), name, fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=_font(14))
+    draw.text(((W - left) // 2 + left - 60, H - 22), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)

@@ -19,7 +19,7 @@ digits UNet, or a small MLP conditioned on an observation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tensordict.nn import TensorDictModule
@@ -27,16 +27,10 @@ from torch import nn
 from torchrl.envs.utils import ExplorationType
 from torchrl.modules import ProbabilisticActor
 
-from ddpo_rl.ddim import DDIMCoefficients, check_log_prob_defined, ddim_step_gaussian
+from ddpo_rl.ddim import DDIMCoefficients, check_log_prob_defined, ddim_step_gaussian, ddim_timesteps
 from ddpo_rl.distributions import DDIMGaussian
 from ddpo_rl.keys import KEYS
-
-
-def inference_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
-    """The T timesteps a scheduler visits, without changing the scheduler passed in."""
-    sched = type(scheduler).from_config(scheduler.config)
-    sched.set_timesteps(num_inference_steps)
-    return sched.timesteps.clone().long()
+from ddpo_rl.schedules import inference_timesteps  # noqa: F401  (re-exported: its old home)
 
 
 def _prediction(out) -> torch.Tensor:
@@ -47,6 +41,33 @@ def _prediction(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"the noise model returned {type(out).__name__}; expected a tensor, a tuple, or .sample")
+
+
+def classifier_free_guidance(
+    call: Callable[..., torch.Tensor],
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    conditions: Sequence[torch.Tensor],
+    negative_conditions: Sequence[torch.Tensor] | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The guided prediction ``out_u + w (out_c - out_u)`` (Ho & Salimans 2022), or ``out_c`` when w = 1.
+
+    Shared by every policy head. ``call(latents, timestep, *conditions)`` runs the network on one
+    batch; with guidance, the unconditional and conditional halves run as ONE batch of 2B (the
+    unconditional first), each negative condition ([1, ...] or [B, ...]) expanded to the batch.
+    """
+    if guidance_scale == 1.0:
+        return call(latents, timestep, *conditions)
+    b = latents.shape[0]
+    both = []
+    for cond, neg in zip(conditions, negative_conditions):
+        neg = neg.to(cond.dtype)
+        neg = neg.expand(b, *neg.shape[1:]) if neg.shape[0] == 1 else neg
+        both.append(torch.cat([neg, cond]))
+    out = call(torch.cat([latents, latents]), torch.cat([timestep, timestep]), *both)
+    uncond, cond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 class DDIMGaussianHead(nn.Module):
@@ -86,7 +107,7 @@ class DDIMGaussianHead(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.num_inference_steps = int(num_inference_steps)
         coeffs = DDIMCoefficients.from_scheduler(scheduler, num_inference_steps)
-        check_log_prob_defined(coeffs, inference_timesteps(scheduler, num_inference_steps), eta)
+        check_log_prob_defined(coeffs, ddim_timesteps(scheduler, num_inference_steps), eta)
         self._coeff_meta = dict(
             step_ratio=coeffs.step_ratio,
             prediction_type=coeffs.prediction_type,
@@ -116,20 +137,14 @@ class DDIMGaussianHead(nn.Module):
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """The network's guided prediction for x_t: eps_u + w (eps_c - eps_u), or eps_c without CFG."""
-        if not self.uses_guidance:
-            return _prediction(self.noise_model(latents, timestep, encoder_hidden_states=prompt_embeds))
-        b = latents.shape[0]
-        neg = self.negative_prompt_embeds.to(prompt_embeds.dtype)
-        neg = neg.expand(b, *neg.shape[1:]) if neg.shape[0] == 1 else neg
-        out = _prediction(
-            self.noise_model(
-                torch.cat([latents, latents]),
-                torch.cat([timestep, timestep]),
-                encoder_hidden_states=torch.cat([neg, prompt_embeds]),
-            )
+        return classifier_free_guidance(
+            lambda x, t, c: _prediction(self.noise_model(x, t, encoder_hidden_states=c)),
+            latents,
+            timestep,
+            (prompt_embeds,),
+            (self.negative_prompt_embeds,),
+            self.guidance_scale,
         )
-        uncond, cond = out.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
 
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor
@@ -201,6 +216,11 @@ class DiffusionPolicy(ProbabilisticActor):
     @property
     def head(self) -> DDIMGaussianHead:
         return self.module[0].module
+
+    @property
+    def num_inference_steps(self) -> int:
+        """T, the chain length this policy's schedule was built for (checked against the env's)."""
+        return self.head.num_inference_steps
 
     @property
     def noise_model(self) -> nn.Module:

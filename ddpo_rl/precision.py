@@ -93,11 +93,6 @@ def low_precision_dtype(mixed_precision: str | None) -> torch.dtype | None:
     return autocast_dtype(mode)
 
 
-def weight_dtype(mixed_precision: str | None) -> torch.dtype:
-    """The dtype frozen weights may be stored in: the mode's low dtype, or float32 for ``"no"``."""
-    return low_precision_dtype(mixed_precision) or torch.float32
-
-
 def autocast(mixed_precision: str | None, device: torch.device | str = "cuda"):
     """An autocast context for ``device`` in the given mode (a no-op context for ``"no"``).
 
@@ -139,17 +134,6 @@ def cast_frozen_params(modules: nn.Module | Iterable[nn.Module], dtype: torch.dt
                     setattr(buf_module, name, buf.to(dtype))
 
 
-def cast_trainable_params(modules: nn.Module | Iterable[nn.Module], dtype: torch.dtype = torch.float32) -> None:
-    """Upcast the trainable parameters to ``dtype`` (float32), leaving frozen ones as they are.
-
-    diffusers' ``training_utils.cast_training_params``, which LoRA training scripts call after
-    casting the whole model to fp16.
-    """
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params(list([modules] if isinstance(modules, nn.Module) else modules), dtype=dtype)
-
-
 def set_tf32(enabled: bool = True) -> None:
     """Allow (or forbid) TF32 for float32 matmuls and convolutions on Ampere+ GPUs.
 
@@ -165,13 +149,6 @@ def set_tf32(enabled: bool = True) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
-def tf32_enabled() -> bool:
-    """Whether float32 CUDA matmuls may use TF32."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover
-
-
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Turn on activation checkpointing of a diffusers/transformers model (trades compute for memory)."""
     if not hasattr(model, "enable_gradient_checkpointing"):
@@ -181,20 +158,23 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
 
 
 
-def use_sdpa_attention(model: nn.Module) -> bool:
-    """Set diffusers' ``AttnProcessor2_0`` (``F.scaled_dot_product_attention``: flash /
-    memory-efficient kernels on GPU) on every attention layer of ``model``. Returns False if the
-    model has no diffusers attention processors.
+def use_sdpa_attention(model: nn.Module) -> int:
+    """Replace diffusers' classic ``AttnProcessor`` (explicit softmax(QK^T)V) with ``AttnProcessor2_0``
+    (``F.scaled_dot_product_attention``: flash / memory-efficient kernels on GPU) on every attention
+    layer of ``model`` that has it; other processors (already SDPA, joint attention of SD3, custom
+    ones) are left as they are. Returns how many were replaced (0 for a model without processors).
 
-    diffusers already defaults to it on torch 2; this pins it (a checkpoint or an earlier
-    ``set_attn_processor`` may have set the slower classic processor). Keeps a LoRA adapter's
-    processors: peft wraps the projections, not the processor."""
-    if not hasattr(model, "set_attn_processor"):
-        return False
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    diffusers already defaults to SDPA on torch 2; this pins it where a checkpoint or an earlier
+    ``set_attn_processor`` set the classic one."""
+    processors = getattr(model, "attn_processors", None)
+    if not processors:
+        return 0
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    model.set_attn_processor(AttnProcessor2_0())
-    return True
+    classic = [name for name, proc in processors.items() if type(proc) is AttnProcessor]
+    if classic:
+        model.set_attn_processor({n: AttnProcessor2_0() if n in classic else p for n, p in processors.items()})
+    return len(classic)
 
 
 def set_channels_last(model: nn.Module) -> nn.Module:

@@ -38,12 +38,28 @@ class RunProgress:
             parts.append(f"loss {record['loss']:.3g}")
         if record.get("clip_fraction") is not None:
             parts.append(f"clip {record['clip_fraction']:.2f}")
+        if record.get("kl_to_reference") is not None:
+            parts.append(f"KL {record['kl_to_reference']:.3g}")
         parts.append(f"{record['seconds']:.1f}s/ep")
         self.progress.update(self.task, completed=epoch, stats=" | ".join(parts))
 
     def log_eval(self, ev) -> None:
         if self.enabled:
+            monitors = "".join(
+                f"; {name} {m['train_mean']} / {m['eval_mean']}" if m["train_mean"] is None or m["eval_mean"] is None
+                else f"; {name} {m['train_mean']:.3g} / {m['eval_mean']:.3g}"
+                for name, m in getattr(ev, "monitors", {}).items()
+            )
             self.progress.console.log(
                 f"eval after {ev.epoch} epochs: train prompts {ev.train_mean:.4g}±{ev.train_std:.3g}, "
-                f"held-out {ev.eval_mean:.4g}±{ev.eval_std:.3g} (n={ev.n})"
+                f"held-out {ev.eval_mean:.4g}±{ev.eval_std:.3g} (n={ev.n}){monitors}"
             )
+
+    def log_alarm(self, message: str) -> None:
+        """An over-optimisation alarm: in the display when it is on, else on stderr (called once per run)."""
+        if self.enabled:
+            self.progress.console.log(f"[bold red]{message}[/]")
+        else:
+            import sys
+
+            print(message, file=sys.stderr, flush=True)

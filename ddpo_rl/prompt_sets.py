@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 from importlib import resources
-from typing import Iterator, Sequence
+from typing import Sequence
 
 _DATA_PACKAGE = "ddpo_rl"  # data files ship as package data of ddpo_rl (pyproject: data/**/*)
 _FILES = {
@@ -66,17 +65,6 @@ def with_article(noun: str) -> str:
 def noun_activity_prompts(nouns: Sequence[str], activities: Sequence[str]) -> list[str]:
     """Every "a(n) <noun> <activity>" prompt, nouns in the outer loop (a deterministic order)."""
     return [f"{with_article(n)} {a}" for n in nouns for a in activities]
-
-
-def iter_noun_activity_prompts(
-    nouns: Sequence[str], activities: Sequence[str], seed: int = 0
-) -> Iterator[str]:
-    """An endless stream of "a(n) <noun> <activity>" prompts, noun and activity drawn uniformly
-    and independently (as the reference's ``nouns_activities`` prompt function does), reproducible
-    from ``seed``."""
-    rng = random.Random(seed)
-    while True:
-        yield f"{with_article(rng.choice(nouns))} {rng.choice(activities)}"
 
 
 def list_prompt_sets() -> list[str]:

@@ -1,11 +1,17 @@
-"""End-of-run reports: the reward curve PNG and summary.json (base vs final, in base-std units)."""
+"""End-of-run reports: the reward curve PNG and summary.json (base vs final, in base-std units).
+
+Both include the monitor rewards (ddpo_rl.monitors): a second panel of the curve shows each
+monitor's change from its base value in base-std units, with the tolerance line; the summary gives
+each monitor's base and final values, the over-optimisation alarm, and the best evaluation's epoch.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
-from ddpo_rl.plotting import save_curve_png
+from ddpo_rl.monitors import PROMPT_SETS, best_evaluation, drop_in_base_std, first_alarm
+from ddpo_rl.plotting import save_curve_png, save_curve_panels
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -15,8 +21,9 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-def write_reward_curve(run_dir: str, title: str = "reward") -> str:
-    """reward_curve.png: training-batch reward (mean ± std) per epoch, and the fixed-seed evaluations."""
+def write_reward_curve(run_dir: str, title: str = "reward", tolerance: float | None = None) -> str:
+    """reward_curve.png: training-batch reward (mean ± std) per epoch, and the fixed-seed evaluations;
+    with monitors, a second panel: each monitor's change from base in base-std units (and -tolerance)."""
     metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     evals = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
     series = {
@@ -25,16 +32,37 @@ def write_reward_curve(run_dir: str, title: str = "reward") -> str:
         "eval: held-out prompts": ([e["epoch"] for e in evals], [e["eval_reward_mean"] for e in evals]),
     }
     bands = {"training batch": [m["reward_std"] for m in metrics]}
-    return save_curve_png(os.path.join(run_dir, "reward_curve.png"), series, title=title, bands=bands)
+    path = os.path.join(run_dir, "reward_curve.png")
+    names = list(evals[0].get("monitors", {})) if evals else []
+    if not names:
+        return save_curve_png(path, series, title=title, bands=bands)
+    base = evals[0]["monitors"]
+    monitor_series = {}
+    for name in names:
+        for s, label in PROMPT_SETS.items():
+            values = [(base[name][f"{s}_mean"], base[name][f"{s}_std"], e["monitors"][name][f"{s}_mean"]) for e in evals]
+            ys = [None if None in v else -drop_in_base_std(*v) for v in values]
+            monitor_series[f"{name}: {label}"] = ([e["epoch"] for e in evals], ys)
+    if tolerance is not None:
+        monitor_series["tolerance"] = ([evals[0]["epoch"], evals[-1]["epoch"]], [-tolerance, -tolerance])
+    panels = [
+        dict(series=series, title=title, bands=bands, ylabel="reward"),
+        dict(series=monitor_series, title="monitor rewards (never trained on)", ylabel="change from base, in base std"),
+    ]
+    return save_curve_panels(path, panels)
 
 
-def write_summary(run_dir: str, eval_history, cfg) -> dict:
-    """summary.json: the first and last evaluations and the change in units of the base std."""
-    summary = {"algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model, "seed": cfg.seed}
+def write_summary(run_dir: str, eval_history, cfg, stopped_on_monitor_drop: bool = False) -> dict:
+    """summary.json: the first and last evaluations and the change in units of the base std, for the
+    reward and every monitor; the over-optimisation alarm (or null) and the best evaluation's epoch."""
+    summary = {"algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model, "seed": cfg.seed,
+               "kl_coef": getattr(cfg, "kl_coef", 0.0)}
     if eval_history:
         base, final = eval_history[0], eval_history[-1]
 
         def gain(b_mean, b_std, f_mean):
+            if b_mean is None or b_std is None or f_mean is None:  # a monitor with nothing to measure
+                return None
             return (f_mean - b_mean) / b_std if b_std > 0 else None
 
         summary.update(
@@ -43,6 +71,30 @@ def write_summary(run_dir: str, eval_history, cfg) -> dict:
             train_prompts_gain_in_base_std=gain(base.train_mean, base.train_std, final.train_mean),
             eval_prompts_gain_in_base_std=gain(base.eval_mean, base.eval_std, final.eval_mean),
         )
+        tolerance = getattr(cfg, "monitor_tolerance", None)
+        records = [e.as_dict() for e in eval_history]
+        monitors = {}
+        for name, b in records[0].get("monitors", {}).items():
+            f = records[-1]["monitors"].get(name, {})
+            monitors[name] = {
+                label: dict(
+                    base_mean=b[f"{s}_mean"], base_std=b[f"{s}_std"], final_mean=f.get(f"{s}_mean"),
+                    final_std=f.get(f"{s}_std"),
+                    change_in_base_std=gain(b[f"{s}_mean"], b[f"{s}_std"], f.get(f"{s}_mean")),
+                    final_over_base=f[f"{s}_mean"] / b[f"{s}_mean"] if f.get(f"{s}_mean") is not None and b[f"{s}_mean"] else None,
+                )
+                for s, label in PROMPT_SETS.items()
+            }
+        if tolerance is not None:
+            best = best_evaluation(records, tolerance)
+            summary.update(
+                monitors=monitors,
+                monitor_tolerance=tolerance,
+                monitor_alarm=first_alarm(records, tolerance),
+                best_epoch=best["epoch"],
+                best_train_prompts_gain_in_base_std=gain(base.train_mean, base.train_std, best["train_prompts_reward_mean"]),
+                stopped_on_monitor_drop=stopped_on_monitor_drop,
+            )
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -104,7 +104,7 @@ def _unwrap_env(env):
         )
     if len(reward) > 1:
         raise NotImplementedError("FastSampler supports one RewardTransform")
-    for name in ("num_inference_steps", "latent_shape", "timesteps", "prompt_embeds_table", "latent_dtype"):
+    for name in ("num_inference_steps", "latent_shape", "timesteps", "embed_prompts", "latent_dtype"):
         if not hasattr(base, name):
             raise TypeError(f"FastSampler needs a DenoisingEnv (or a TransformedEnv of one); got {type(base).__name__}")
     return base, (reward[0] if reward else None)
@@ -141,6 +141,11 @@ class FastSampler:
         head = getattr(policy, "head", None)
         if head is None:
             raise TypeError("FastSampler needs a ddpo_rl.policy.DiffusionPolicy (an actor with .head)")
+        if not hasattr(head, "coeffs"):  # e.g. ddpo_rl.flow_policy.FlowMatchingPolicy
+            raise NotImplementedError(
+                f"FastSampler replays DDIM steps; {type(policy).__name__} is not a DDIM policy: use "
+                "ddpo_rl.collector.collect_trajectories for it"
+            )
         self.head = head
         kw = {}
         for m in policy.modules():
@@ -200,7 +205,8 @@ class FastSampler:
         scalars = (head.guidance_scale, head.eta, head.min_std, self.event_dim, self.reduction)
         shapes = (
             tuple(env.batch_size), env.num_inference_steps, tuple(env.latent_shape), env.latent_dtype,
-            tuple(env.prompt_embeds_table.shape[1:]), env.prompt_embeds_table.dtype, str(env.device),
+            tuple(env.observation_spec[KEYS.prompt_embeds].shape), env.observation_spec[KEYS.prompt_embeds].dtype,
+            str(env.device),
             env.timesteps.data_ptr(),
         )
         return tensors, modules, scalars, shapes, self.autocast_dtype, self.config.channels_last
@@ -217,7 +223,8 @@ class FastSampler:
     def _alloc_buffers(self) -> None:
         env, dev = self.base_env, self.device
         B, T, shape = self.batch_size, self.num_steps, tuple(self.base_env.latent_shape)
-        emb_shape = tuple(env.prompt_embeds_table.shape[1:])
+        emb_spec = env.observation_spec[KEYS.prompt_embeds]
+        emb_shape, emb_dtype = tuple(emb_spec.shape[1:]), emb_spec.dtype
         self._k = torch.zeros(1, dtype=torch.int64, device=dev)
         self._t_table = env.timesteps.to(dev).long()[:, None].expand(T, B).contiguous()  # [T, B]
         self._x = torch.zeros((B, *shape), dtype=env.latent_dtype, device=dev)
@@ -225,7 +232,7 @@ class FastSampler:
         self._traj_latents = torch.zeros((B, T, *shape), dtype=env.latent_dtype, device=dev)
         self._traj_actions = torch.zeros((B, T, *shape), dtype=torch.float32, device=dev)
         self._traj_log_prob = torch.zeros((B, T), dtype=torch.float32, device=dev)
-        self._cond_emb = torch.zeros((B, *emb_shape), dtype=env.prompt_embeds_table.dtype, device=dev)
+        self._cond_emb = torch.zeros((B, *emb_shape), dtype=emb_dtype, device=dev)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -296,7 +303,7 @@ class FastSampler:
         ids = noise.prompt_ids.to(self.device)
         self._noise.copy_(noise.step_noise)
         self._x.copy_(noise.init_latents)
-        self._cond_emb.copy_(env.prompt_embeds_table[ids])
+        self._cond_emb.copy_(env.embed_prompts(ids)[KEYS.prompt_embeds])
         self._k.zero_()
         if self.graphed:
             if self._graph is None:
@@ -401,8 +408,13 @@ def make_sampler(
     channels_last: bool = False,
     graph_pool=None,
 ) -> EnvSampler | FastSampler:
-    """The sampler a config's ``sampler`` field names (:data:`SAMPLERS`), on ``env``'s device."""
+    """The sampler a config's ``sampler`` field names (:data:`SAMPLERS`), on ``env``'s device.
+
+    "auto" is the env path for a policy FastSampler cannot replay (not a DDIM policy); "graphed"
+    refuses one."""
     kind = resolve_sampler(name, getattr(env, "device", None) or "cpu")
+    if name == "auto" and not hasattr(getattr(policy, "head", None), "coeffs"):
+        kind = "env"  # FastSampler replays DDIM steps only (a flow-matching policy samples on the env path)
     if kind == "env":
         return EnvSampler(env, policy, autocast_dtype)
     config = FastSamplingConfig(autocast_dtype=autocast_dtype, channels_last=channels_last)

@@ -61,13 +61,13 @@ class DenoisingGymEnv(gym.Env):
         self._env, self._base_env = env, base
         shape = tuple(base.latent_shape)
         latent_dtype = np.float32 if base.latent_dtype == torch.float32 else np.float16
-        embeds = base.prompt_embeds_table
+        embeds_shape = tuple(base.observation_spec[KEYS.prompt_embeds].shape[1:])
         self.observation_space = spaces.Dict(
             {
                 KEYS.latents: spaces.Box(-np.inf, np.inf, shape, dtype=latent_dtype),
                 KEYS.timestep: spaces.Box(0, np.iinfo(np.int64).max, (), dtype=np.int64),
                 KEYS.step_index: spaces.Discrete(base.num_inference_steps + 1),
-                KEYS.prompt_embeds: spaces.Box(-np.inf, np.inf, tuple(embeds.shape[1:]), dtype=np.float32),
+                KEYS.prompt_embeds: spaces.Box(-np.inf, np.inf, embeds_shape, dtype=np.float32),
                 KEYS.prompt_id: spaces.Discrete(len(base.prompt_source)),
             }
         )

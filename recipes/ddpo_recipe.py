@@ -7,16 +7,24 @@ the three algorithms (DDPO-IS, DDPO-SF, RWR) share this loop and differ only in 
 epoch:
 
 1. sample ``samples_per_epoch`` trajectories with the current policy (env + reward transform);
-2. turn terminal rewards into per-prompt normalised, clipped advantages;
+2. turn terminal rewards into per-prompt (or, with ``group_size``, group-relative) normalised,
+   clipped advantages;
 3. train on the batch (inner epochs, minibatches, timestep accumulation);
 4. log one line to metrics.jsonl and the progress display;
 5. every ``eval_every`` epochs: sample fixed-seed batches on the training and held-out
-   prompts, log their rewards, save a sample grid;
+   prompts, log their rewards and the monitor rewards, save a sample grid; keep the weights of
+   the best evaluation whose monitors are within tolerance in best/; announce (once) the first
+   one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint.
 
-Outputs (``output_dir``): config.json, metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png,
-reward_curve.png, summary.json, checkpoints/checkpoint.pt, final/ (trained weights in
+Outputs (``output_dir``): config.json (the config that ran, and its ``history`` of starts and
+resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
+checkpoints/checkpoint.pt (and checkpoint.prev.pt, the one before), final/ and best/ (trained weights in
 diffusers format: the UNet, or the LoRA adapters).
+
+The directory is guarded (ddpo_rl.run_dir): locked while the run lives, never silently reused by
+a fresh run (``--overwrite true`` replaces an earlier run), and ``--resume RUN_DIR`` continues in
+RUN_DIR, refusing changes to fields outside ``CHANGEABLE_ON_RESUME`` and recording the others.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import json
 import math
 import os
 import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchrl.envs import TransformedEnv
@@ -37,26 +46,35 @@ from ddpo_rl.advantages import PerPromptStatTracker, compute_advantages
 from ddpo_rl.checkpoint import (
     CHECKPOINT_NAME,
     atomic_torch_save,
-    load_checkpoint,
+    read_checkpoint,
     rng_state,
     seed_everything,
     set_rng_state,
 )
 from ddpo_rl.collector import terminal_rewards, with_advantages
-from ddpo_rl.config import DDPOConfig
+from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.run_dir import RunDir, history_entry, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
+from ddpo_rl.loggers import make_run_logger
 from ddpo_rl.objectives import make_loss
 from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardTransform
 from ddpo_rl.sampling import make_sampler
+from ddpo_rl.schedules import is_flow_matching_scheduler
 from ddpo_rl.threads import set_threads
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from envs.denoising import DenoisingEnv
 
 EVAL_SEED_OFFSET = 1_000_003
+CHECKPOINT_KIND = "ddpo"
+"""Written into every checkpoint's trailer: another recipe's checkpoint is refused on resume."""
+RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "samples", "checkpoints", "final", "best", "logs",
+             "summary.json", "reward_curve.png")
+"""What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
     return dev
 
 
@@ -76,6 +94,8 @@ class EvalResult:
     eval_mean: float
     eval_std: float
     n: int
+    monitors: dict = field(default_factory=dict)
+    """{monitor: {"train_mean", "train_std", "eval_mean", "eval_std"}} (see ddpo_rl.monitors)."""
 
     def as_dict(self) -> dict:
         return dict(
@@ -85,6 +105,7 @@ class EvalResult:
             eval_reward_mean=self.eval_mean,
             eval_reward_std=self.eval_std,
             num_samples=self.n,
+            monitors=self.monitors,
         )
 
 
@@ -94,6 +115,9 @@ class DDPORecipe:
     def __init__(self, cfg: DDPOConfig):
         self.cfg = cfg.validate()
         self.start_epoch = 0
+        self.history: list[dict] = []
+        self.run_dir: RunDir | None = None
+        self._newest_checkpoint_damaged = False
         self._stop_requested = False
         self._old_handlers = {}
 
@@ -101,9 +125,10 @@ class DDPORecipe:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> DDPORecipe:
+        """Build everything the run needs, cheapest checks first: prompts and reward, device and
+        processes, model, envs, policy, loss, optimizer and trainer; then load ``cfg.resume``."""
         cfg = self.cfg
         set_threads(cfg.threads)  # first: before torch runs any parallel work (ddpo_rl/threads.py)
-        from ddpo_rl.config import ConfigError
         from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
 
         # 1. prompts and reward: cheap, checked before any model is loaded
@@ -118,12 +143,14 @@ class DDPORecipe:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
-            from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
+            from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
-        resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
+        from ddpo_rl.monitors import build_monitors
 
-        # 2. device, processes, seeds, precision, output directory
+        self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
+
+        # 2. device, processes, seeds, precision
         self.device = resolve_device(cfg.device)
         self.dist = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -136,15 +163,22 @@ class DDPORecipe:
         self.mixed_precision = precision.resolve_mixed_precision(cfg.mixed_precision, self.device)  # "auto" resolved
         self.out = cfg.output_dir
         self.is_main = self.dist.is_main
+
+        # 3. the run directory (rank 0 owns it) and the checkpoint to resume: verified, and its
+        #    config compared with this one, before any model is loaded; an error changes nothing
+        if self.is_main:
+            self.run_dir = RunDir(self.out, RUN_FILES).open(resume=bool(cfg.resume), overwrite=cfg.overwrite)
+        resume_state = self._read_resume_state() if cfg.resume else None
+        if resume_state is None:
+            self.history = [history_entry("start", 0)]
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-            cfg.to_json(os.path.join(self.out, "config.json"))
-            if resume_state is None:  # a fresh run: an earlier run's logs in this directory must not mix in
-                for name in ("metrics.jsonl", "eval.jsonl"):
-                    if os.path.exists(os.path.join(self.out, name)):
-                        os.remove(os.path.join(self.out, name))
+        # mirrors metrics.jsonl, eval.jsonl and the images into a torchrl logger (cfg.logger)
+        self.run_logger = make_run_logger(
+            cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
+        ) if self.is_main else None
 
-        # 3. model: noise network, scheduler, frozen text encoder and decoder
+        # 4. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
 
         frozen_dtype = precision.low_precision_dtype(self.mixed_precision) if self.device.type == "cuda" else None
@@ -171,8 +205,8 @@ class DDPORecipe:
         if cfg.channels_last:
             precision.set_channels_last(unet)
 
-        # 4. envs: training (random prompts) and evaluation (fixed prompts and seeds)
-        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random")
+        # 5. envs: training (random prompts) and evaluation (fixed prompts and seeds)
+        self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", group_size=cfg.group_size)
         self.rank_seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own prompts and noise
         self.env.set_seed(self.rank_seed)
         self.eval_envs = {
@@ -184,25 +218,23 @@ class DDPORecipe:
             type(self.train_prompts)(grid_prompts), len(grid_prompts) * cfg.grid_samples_per_prompt, "cycle"
         )
 
-        # 5. policy, loss, optimizer, trainer, advantage statistics
-        self.policy = DiffusionPolicy(
-            unet,
-            self.model.scheduler,
-            cfg.num_inference_steps,
-            eta=cfg.eta,
-            guidance_scale=cfg.guidance_scale,
-            negative_prompt_embeds=self.model.negative_prompt_embeds() if cfg.guidance_scale != 1.0 else None,
-            log_prob_reduction=cfg.log_prob_reduction,
-        ).to(self.device)
+        # 6. policy, loss, optimizer, trainer, advantage statistics
+        self.policy = self._make_policy(unet).to(self.device)
         loss_kwargs = {
             "ddpo_is": dict(clip_epsilon=cfg.clip_range),
             "ddpo_sf": {},
             "rwr": dict(mode=cfg.rwr_mode, temperature=cfg.rwr_temperature, quantile=cfg.rwr_quantile),
         }[cfg.algorithm]
         self.loss = make_loss(cfg.algorithm, self.policy, **loss_kwargs)
+        if cfg.kl_coef > 0:  # built before a resume loads weights: the reference is the pretrained model
+            from ddpo_rl.objectives import KLToReferenceLoss
+
+            self.loss = KLToReferenceLoss(
+                self.loss, self.policy.head, cfg.kl_coef, reduction=cfg.log_prob_reduction
+            ).to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
-            raise RuntimeError("the policy has no trainable parameters")
+            raise ConfigError("use_lora: the policy has no trainable parameters")
         distributed.broadcast_parameters(self.params)
         torch.manual_seed(self.rank_seed)  # sampling noise: per rank
         self.optimizer = precision.make_adamw(
@@ -240,6 +272,8 @@ class DDPORecipe:
         self.eval_history: list[EvalResult] = []
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
+            self.run_dir.write_config(cfg.to_dict(), self.history)
         return self
 
     def _sample(self, env, num_batches: int):
@@ -258,7 +292,54 @@ class DDPORecipe:
             )
         return sampler.sample(num_batches)
 
-    def _make_env(self, prompts, batch_size: int, order: str) -> TransformedEnv:
+    def _read_resume_state(self) -> dict:
+        """The verified checkpoint of ``cfg.resume``; refuses changes to fields fixed on resume."""
+        cfg = self.cfg
+        loaded = read_checkpoint(
+            cfg.resume, kind=CHECKPOINT_KIND, required=("epoch", "config", "trainable", "optimizer", "rng")
+        )
+        state = loaded.state
+        changes = resume_changes(state["config"], cfg.to_dict(), CHANGEABLE_ON_RESUME, DDPOConfig().to_dict())
+        self._newest_checkpoint_damaged = loaded.fell_back
+        self.history = list(state.get("history", [])) + [
+            history_entry("resume", state["epoch"], changes, checkpoint=os.path.relpath(loaded.path, self.out))
+        ]
+        if self.is_main:
+            for note in loaded.notes:
+                print(f"note: resume: {note}", file=sys.stderr, flush=True)
+            changed = "; ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items()) or "no config change"
+            print(f"resume: continuing {self.out} after epoch {state['epoch']} ({changed})", flush=True)
+        return state
+
+    def _make_policy(self, network):
+        """The policy family follows the model's scheduler: DDIM -> DiffusionPolicy, flow matching ->
+        FlowMatchingPolicy (Flow-GRPO's SDE; pooled embeddings if the env's encoder returns them)."""
+        cfg = self.cfg
+        negative = self.model.negative_prompt_embeds() if cfg.guidance_scale != 1.0 else None
+        if is_flow_matching_scheduler(self.model.scheduler):
+            from ddpo_rl.flow_policy import FlowMatchingPolicy
+
+            return FlowMatchingPolicy(
+                network,
+                self.model.scheduler,
+                cfg.num_inference_steps,
+                noise_level=cfg.noise_level,
+                guidance_scale=cfg.guidance_scale,
+                negative_prompt_embeds=negative,
+                pooled=KEYS.pooled_prompt_embeds in self.env.base_env.condition_keys,
+                log_prob_reduction=cfg.log_prob_reduction,
+            )
+        return DiffusionPolicy(
+            network,
+            self.model.scheduler,
+            cfg.num_inference_steps,
+            eta=cfg.eta,
+            guidance_scale=cfg.guidance_scale,
+            negative_prompt_embeds=negative,
+            log_prob_reduction=cfg.log_prob_reduction,
+        )
+
+    def _make_env(self, prompts, batch_size: int, order: str, group_size: int | None = None) -> TransformedEnv:
         base = DenoisingEnv(
             prompts,
             self.model.encode_prompts,
@@ -268,6 +349,8 @@ class DDPORecipe:
             batch_size,
             device=self.device,
             prompt_order=order,
+            group_size=group_size,
+            prompt_cache_size=self.cfg.prompt_cache_size,
         )
         return TransformedEnv(
             base, RewardTransform(self.reward_fn, self.model.decode, on_invalid=self.cfg.on_invalid_reward)
@@ -287,13 +370,14 @@ class DDPORecipe:
             "rng": distributed.all_gather_objects(rng_state(self.env.base_env._rng, self.train_rng)),
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
+            "history": self.history,
         }
 
     def load_state_dict(self, state: dict) -> None:
         named = dict(self.policy.named_parameters())
         missing = [n for n in state["trainable"] if n not in named]
         if missing:
-            raise RuntimeError(
+            raise ConfigError(
                 f"resume: the checkpoint has weights this model lacks ({missing[0]}, ...): "
                 "resume with the same model and LoRA settings"
             )
@@ -301,10 +385,12 @@ class DDPORecipe:
             for n, v in state["trainable"].items():
                 named[n].copy_(v.to(named[n].device))
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # learning_rate may change on resume: this run's value
+            group["lr"] = self.cfg.learning_rate
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
         if len(state["rng"]) != self.dist.world_size:
-            raise RuntimeError(
+            raise ConfigError(
                 f"resume: the checkpoint was written by {len(state['rng'])} process(es), this run has "
                 f"{self.dist.world_size}; resume with the same --nproc-per-node"
             )
@@ -312,7 +398,7 @@ class DDPORecipe:
         self.eval_history = [
             EvalResult(
                 e["epoch"], e["train_prompts_reward_mean"], e["train_prompts_reward_std"],
-                e["eval_reward_mean"], e["eval_reward_std"], e["num_samples"],
+                e["eval_reward_mean"], e["eval_reward_std"], e["num_samples"], e.get("monitors", {}),
             )
             for e in state["eval_history"]
         ]
@@ -336,7 +422,13 @@ class DDPORecipe:
         state = self.state_dict(epoch)  # collective (gathers every rank's RNG state)
         if not self.is_main:
             return None
-        return atomic_torch_save(state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME))
+        # after resuming from checkpoint.prev.pt because checkpoint.pt was damaged, the damaged file
+        # is replaced and the sound previous one kept
+        keep = not self._newest_checkpoint_damaged
+        self._newest_checkpoint_damaged = False
+        return atomic_torch_save(
+            state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME), kind=CHECKPOINT_KIND, keep_previous=keep
+        )
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -349,21 +441,52 @@ class DDPORecipe:
             return self._sample(env, num_batches)  # the training samples' sampler and precision
 
     def evaluate(self, epoch: int) -> EvalResult:
-        """Rewards of fixed-seed samples on the training and held-out prompts, and a sample grid."""
+        """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,
+        and a sample grid; writes best/ when this evaluation is the best within tolerance."""
+        from ddpo_rl.monitors import best_evaluation, first_alarm, summarize
+
         cfg = self.cfg
-        stats = {}
+        stats, monitors = {}, {name: {} for name in self.monitors}
         for name, env in self.eval_envs.items():
             n_batches = math.ceil(cfg.eval_num_samples / cfg.sample_batch_size)
-            r = terminal_rewards(self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET))
+            traj = self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET)
+            r = terminal_rewards(traj)
             r = r[torch.isfinite(r)]
             stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
+            for monitor, values in self._monitor_values(env, traj).items():
+                monitors[monitor][f"{name}_mean"], monitors[monitor][f"{name}_std"] = summarize(values)
         traj = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
         self._save_grid(traj, epoch)
-        result = EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2])
+        result = EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors)
+        history = [e.as_dict() for e in self.eval_history]
         self.eval_history.append(result)
+        record = result.as_dict()
+        alarm = first_alarm(history + [record], cfg.monitor_tolerance)
+        self.new_alarm = alarm if alarm is not None and first_alarm(history, cfg.monitor_tolerance) is None else None
+        if self.new_alarm is not None:
+            record["monitor_alarm"] = self.new_alarm
+        if best_evaluation(history + [record], cfg.monitor_tolerance)["epoch"] == epoch:
+            self.save_final_weights("best")
         with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(result.as_dict()) + "\n")
+            f.write(json.dumps(record) + "\n")
         return result
+
+    @torch.no_grad()
+    def _monitor_values(self, env, traj) -> dict[str, torch.Tensor]:
+        """Each monitor's values on a rollout's final images, scored batch by batch as sampled."""
+        from ddpo_rl.monitors import score_monitors
+
+        values: dict[str, list[torch.Tensor]] = {name: [] for name in self.monitors}
+        if not self.monitors:
+            return {}
+        bs = self.cfg.sample_batch_size
+        for start in range(0, traj.shape[0], bs):
+            part = traj[start : start + bs]
+            images = self.model.decode(part[KEYS.action][:, -1])  # x_0 is the last action
+            prompts = env.base_env.prompts_of(part[KEYS.prompt_id][:, 0])
+            for name, v in score_monitors(self.monitors, images, prompts).items():
+                values[name].append(v)
+        return {name: torch.cat(v) for name, v in values.items()}
 
     def _save_grid(self, traj, epoch: int) -> str:
         ncol = self.cfg.grid_samples_per_prompt
@@ -397,6 +520,8 @@ class DDPORecipe:
                 pass
 
     def train(self) -> dict:
+        """Run the epochs (sample, advantages, update, log, evaluate, checkpoint; see the module
+        docstring) until ``cfg.epochs`` or a SIGINT/SIGTERM, then :meth:`finish`; returns the summary."""
         cfg = self.cfg
         from ddpo_rl.progress import RunProgress
 
@@ -404,6 +529,7 @@ class DDPORecipe:
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         epoch = self.start_epoch
         show = cfg.progress and self.is_main
+        self.stopped_on_monitor_drop = False
         with RunProgress(cfg.epochs, start=self.start_epoch, enabled=show, title=f"{cfg.algorithm} {cfg.reward}") as progress:
             if epoch == 0 and not self.eval_history and self.is_main:
                 base = self.evaluate(0)
@@ -424,7 +550,7 @@ class DDPORecipe:
                 local = terminal_rewards(traj)
                 rewards = distributed.all_gather_cat(local)
                 prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
-                adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max)
+                adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max, group_size=cfg.group_size)
                 n = local.numel()
                 with_advantages(traj, adv[self.dist.rank * n : (self.dist.rank + 1) * n])
                 finite = torch.isfinite(local)
@@ -447,8 +573,12 @@ class DDPORecipe:
                     "train_prompts_reward_mean": None,
                     "clip_fraction": None,
                     "kl_approx": None,
+                    "kl_to_reference": None,
                 }
                 record.update({k: v.item() for k, v in train_metrics.items()})
+                if record.get("skipped_steps") and self.is_main:
+                    print(f"warning: epoch {epoch}: {record['skipped_steps']:.0f} optimizer step(s) undone "
+                          "(non-finite loss, gradient or updated weights)", file=sys.stderr, flush=True)
                 record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1)
                 # 5. evaluate
                 if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
@@ -458,15 +588,29 @@ class DDPORecipe:
                         train_prompts_reward_mean=ev.train_mean,
                     )
                     progress.log_eval(ev)
+                    if self.new_alarm is not None:
+                        from ddpo_rl.monitors import alarm_message
+
+                        progress.log_alarm(alarm_message(self.new_alarm))
+                        record["monitor_alarm"] = self.new_alarm
+                        self.stopped_on_monitor_drop = cfg.stop_on_monitor_drop
                 record["seconds"] = time.perf_counter() - t0
                 if self.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    if self.run_logger is not None:
+                        self.run_logger.sync()
                     progress.update(epoch, record)
                 # 6. checkpoint
                 stop = distributed.any_true(self._stop_requested)
-                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop:
+                monitor_stop = cfg.stop_on_monitor_drop and distributed.any_true(self.stopped_on_monitor_drop)
+                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop or monitor_stop:
                     self.save_checkpoint(epoch)
+                if monitor_stop:
+                    self.stopped_on_monitor_drop = True
+                    if self.is_main:
+                        print(f"stop_on_monitor_drop: run ended at epoch {epoch}; checkpoint and final/ saved")
+                    break
         self.last_epoch = epoch
         self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
         if self._stop_requested and self.is_main:
@@ -480,14 +624,22 @@ class DDPORecipe:
         """Curves, summary.json and the final weights in diffusers format."""
         from ddpo_rl.reporting import write_reward_curve, write_summary
 
-        write_reward_curve(self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})")
-        summary = write_summary(self.out, self.eval_history, self.cfg)
+        if not self.trainer.params_finite():  # the trainer undoes such steps: this is a bug, not an input
+            raise RuntimeError("the trained weights are not finite; the final weights are not written")
+        write_reward_curve(
+            self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
+            tolerance=self.cfg.monitor_tolerance,
+        )
+        summary = write_summary(
+            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False)
+        )
         if not self._stop_requested:
             self.save_final_weights()
         return summary
 
-    def save_final_weights(self) -> str:
-        path = os.path.join(self.out, "final")
+    def save_final_weights(self, name: str = "final") -> str:
+        """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/)."""
+        path = os.path.join(self.out, name)
         unet = self.policy.noise_model
         if self.cfg.use_lora:
             from ddpo_rl.lora import save_lora_weights
@@ -501,8 +653,12 @@ class DDPORecipe:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
+        if getattr(self, "run_logger", None) is not None:
+            self.run_logger.close()  # logs what is left: the reward curve
         if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool
             self.reward_fn.shutdown()
+        if self.run_dir is not None:
+            self.run_dir.close()  # releases the lock
         distributed.destroy()
 
 
@@ -516,31 +672,9 @@ def run(cfg: DDPOConfig) -> dict:
         recipe.cleanup()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: reported on one line, without a traceback."""
-    from ddpo_rl.config import ConfigError
-    from ddpo_rl.rewards.transform import RewardError
-
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, RewardError]
-    try:
-        from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
-
-        errors.append(PretrainedWeightsNotFoundError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
 def main(argv=None, algorithm: str = "ddpo_is") -> dict:
     """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line."""
-    import sys
-
     from ddpo_rl.config import parse_cli
 
-    try:
+    with report_user_errors():
         return run(parse_cli(argv, algorithm=algorithm))
-    except (*user_errors(), ValueError) as err:  # ValueError: a bad value met while building components
-        if os.environ.get("DDPO_RL_DEBUG"):
-            raise
-        print(f"error: {err}  (set DDPO_RL_DEBUG=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -19,19 +19,22 @@ update), loss, clip_fraction, kl_approx, seconds, ...; every ``eval_every`` epoc
 eval_return_mean, the return on a reseeded eval env (same initial states each time); then a final
 ``"epoch": epochs`` record with the evaluation of the fine-tuned policy), summary.json (evaluation
 return before/after fine-tuning), returns.png,
-bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer).
+bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer;
+checksummed, see ddpo_rl.checkpoint). The directory is guarded like the DDPO recipes' (ddpo_rl.run_dir):
+locked while the run lives, and an earlier run in it is replaced only with ``--overwrite true``.
 """
 
 from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
-import argparse
 import dataclasses
 import json
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,6 +42,13 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
+from ddpo_rl.checkpoint import atomic_torch_save
+from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.cli import parse
+from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
+from ddpo_rl.loggers import LOGGERS, make_run_logger
+from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
 from ddpo_rl.policies import (
     BCConfig,
     DenoisingChainActor,
@@ -46,14 +56,15 @@ from ddpo_rl.policies import (
     ObservationScaler,
     fit_behaviour_cloning,
     make_action_scheduler,
-    make_dppo_loss,
     make_step_policy,
     make_value_mlp,
     ppo_update,
     training_batch,
 )
 from ddpo_rl.plotting import save_curve_png
+from ddpo_rl.run_dir import RunDir, history_entry
 from envs.gym_control import (
+    CONTROL_TASKS,
     action_bounds,
     collect_demonstrations,
     completed_episode_returns,
@@ -105,9 +116,9 @@ class DPPOGymConfig:
     bc_lr: float = 1e-3
     """Behaviour-cloning learning rate."""
     # -- PPO
-    ratio: str = "step"
+    ratio: Literal[RATIO_FORMS] = "step"
     """"step": DPPO's per-denoising-step ratios; "chain": one ratio per env step (whole chain)."""
-    chain_reduction: str = "sum"
+    chain_reduction: Literal[LOG_PROB_REDUCTIONS] = "sum"
     """Reduction of the K step log-probs into the chain log-prob ("sum" = joint density, or "mean")."""
     clip_epsilon: float = 0.2
     """PPO clip range: of per-step ratios ("step"), or of chain ratios ("chain": use ~K times less)."""
@@ -140,13 +151,56 @@ class DPPOGymConfig:
     """Evaluate every this many epochs (and always before the first and after the last)."""
     progress: bool = True
     """Show a rich progress bar."""
+    logger: Literal[LOGGERS] = "none"
+    """Also send metrics and returns.png to a torchrl logger: "csv", "tensorboard", "wandb" or "mlflow"
+    (files under output_dir/logs); "none": only the run directory's own files."""
+    logger_kwargs: dict = field(default_factory=dict)
+    """Options of the logger's constructor, e.g. {"project": "dppo", "offline": true} for W&B."""
+    overwrite: bool = False
+    """Replace an earlier run found in output_dir; without it such a directory is refused."""
 
     def validate(self) -> None:
-        if self.ratio not in ("step", "chain"):
-            raise ValueError(f"ratio={self.ratio!r}; expected 'step' or 'chain'")
-        for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size"):
+        """ConfigError (one line, naming the field) on any setting that cannot run, before anything is written."""
+        check_finite_floats(self)
+        expand_user_paths(self)
+        if self.ratio not in RATIO_FORMS:
+            raise ConfigError(f"ratio: {self.ratio!r} is not one of {RATIO_FORMS}")
+        if self.chain_reduction not in LOG_PROB_REDUCTIONS:
+            raise ConfigError(f"chain_reduction: {self.chain_reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
+        for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size",
+                     "num_train_timesteps", "hidden_dim", "num_layers", "demo_rollouts", "bc_batch_size",
+                     "eval_episodes", "eval_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("bc_steps", "critic_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("eta", "min_std", "bc_lr", "actor_lr", "critic_lr", "clip_epsilon", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        self.check_env()
+
+    def check_env(self) -> None:
+        """The env id exists, has continuous actions and a scripted demonstrator."""
+        import gymnasium as gym
+
+        try:
+            probe = gym.make(self.env)
+        except gym.error.Error as err:
+            raise ConfigError(f"env: {self.env!r} is not a gymnasium env id ({err}); e.g. {', '.join(CONTROL_TASKS)}") from None
+        space = probe.action_space
+        probe.close()
+        if not isinstance(space, gym.spaces.Box):
+            raise ConfigError(f"env: {self.env} has a {type(space).__name__} action space; DPPO here needs continuous "
+                              f"(Box) actions, e.g. {', '.join(CONTROL_TASKS)}")
+        if self.env not in CONTROL_TASKS:
+            raise ConfigError(f"env: no scripted demonstrator for {self.env} (behaviour cloning needs one); "
+                              f"available: {', '.join(CONTROL_TASKS)}")
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "returns.png", "bc.pt", "checkpoint.pt", "logs",
+             "checkpoint.prev.pt")
+"""What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
 
 
 def build_policy(cfg: DPPOGymConfig, env):
@@ -188,10 +242,18 @@ def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
 def run(cfg: DPPOGymConfig) -> dict:
     """Run BC then DPPO; returns the summary (also written to summary.json)."""
     cfg.validate()
+    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
+    run_dir.open(overwrite=cfg.overwrite)
+    try:
+        return _run(cfg, run_dir)
+    finally:
+        run_dir.close()
+
+
+def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
     gen = torch.Generator().manual_seed(cfg.seed)
     env = make_control_env(cfg.env, cfg.num_envs, seed=cfg.seed)
     actor, critic, scheduler = build_policy(cfg, env)
@@ -217,6 +279,7 @@ def run(cfg: DPPOGymConfig) -> dict:
     )
     history: list[dict] = []
     metrics_file = (out / "metrics.jsonl").open("w")
+    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, hparams=dataclasses.asdict(cfg))
     progress = Progress(
         TextColumn("[bold]DPPO {task.fields[env]}"),
         BarColumn(),
@@ -262,6 +325,8 @@ def run(cfg: DPPOGymConfig) -> dict:
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            if run_logger is not None:
+                run_logger.sync()
             progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
     metrics_file.close()
 
@@ -277,9 +342,10 @@ def run(cfg: DPPOGymConfig) -> dict:
         xlabel="epoch",
         ylabel="return",
     )
-    torch.save(
+    atomic_torch_save(
         {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict()},
-        out / "checkpoint.pt",
+        str(out / "checkpoint.pt"),
+        kind="dppo_gym",
     )
     summary = {
         "env": cfg.env,
@@ -293,22 +359,26 @@ def run(cfg: DPPOGymConfig) -> dict:
         "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run_logger is not None:
+        run_logger.close()  # logs returns.png
     return summary
 
 
 def parse_args(argv=None) -> DPPOGymConfig:
-    """CLI flags for every config field (``--env``, ``--epochs``, ``--seed``, ``--output-dir``, ...)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DPPOGymConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default)
-    return DPPOGymConfig(**vars(parser.parse_args(argv)))
+    """A validated config from ``--FIELD VALUE`` pairs for any field (``--env``, ``--epochs``, ...)."""
+    cfg, _ = parse(DPPOGymConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    cfg.validate()
+    return cfg
+
+
+def main(argv=None) -> dict:
+    """Command-line entry point: parse, run, and report input errors in one line (exit 2)."""
+    with report_user_errors():
+        summary = run(parse_args(argv))
+    print(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(run(parse_args()), indent=2))
+    main()

@@ -77,8 +77,94 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def build_tiny_sd_pipeline_dir(path, **kwargs) -> str:
+    """Save ``ddpo_rl.models.tiny.build_tiny_sd_pipeline(**kwargs)`` as a real diffusers pipeline
+    directory at ``path`` (``model_index.json`` + one folder per component) and return the path.
+
+    Tests load it back through :func:`ddpo_rl.models.stable_diffusion.load_sd_components`, the same
+    code that loads ``runwayml/stable-diffusion-v1-5``.
+    """
+    from ddpo_rl.models.tiny import build_tiny_sd_pipeline
+
+    path = os.fspath(path)
+    build_tiny_sd_pipeline(**kwargs).save_pretrained(path)
+    return path
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 CUDA matmuls may use TF32."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover
+
+
 def free_port() -> int:
     """A free TCP port on localhost (for torch.distributed rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# -- flow matching (SD3-style): a tiny transformer, its scheduler, a stand-in for SD3's encoders -----
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """An SD3Transformer2DModel of ~80k parameters (sizes from /work/shared/STACK.md), 8x8x4 latents."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+
+
+def flow_scheduler(**overrides):
+    """SD3's scheduler config: FlowMatchEulerDiscreteScheduler with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **overrides})
+
+
+class HashEncoder:
+    """A stand-in for SD3's text encoders: each prompt gets fixed random prompt embeddings [L, 64] and a
+    pooled embedding [64] (seeded by the prompt's CRC32); counts the prompts it encodes."""
+
+    def __init__(self, length: int = 6, dim: int = 64, pooled: bool = True):
+        self.length, self.dim, self.pooled = length, dim, pooled
+        self.calls: list[int] = []
+
+    def __call__(self, prompts):
+        import zlib
+
+        from ddpo_rl.keys import KEYS
+
+        self.calls.append(len(prompts))
+        rows = [torch.randn(self.length + 1, self.dim, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                for p in prompts]
+        emb = torch.stack([r[:-1] for r in rows])
+        if not self.pooled:
+            return emb
+        return {KEYS.prompt_embeds: emb, KEYS.pooled_prompt_embeds: torch.stack([r[-1] for r in rows])}
+
+    def negative(self):
+        return self([""])
+
+
+def make_flow_env(batch_size=4, steps=4, reward=brightness, prompts=PROMPTS, encoder=None, **kw):
+    base = DenoisingEnv(prompts, encoder or HashEncoder(), flow_scheduler(), steps, (4, 8, 8), batch_size, **kw)
+    return TransformedEnv(base, RewardTransform(reward, to_images))
+
+
+def make_flow_policy(steps=4, guidance=3.0, encoder=None, seed=0, transformer=None, **kw):
+    from ddpo_rl.flow_policy import FlowMatchingPolicy
+
+    encoder = encoder or HashEncoder()
+    return FlowMatchingPolicy(
+        transformer if transformer is not None else tiny_sd3_transformer(seed),
+        flow_scheduler(),
+        steps,
+        guidance_scale=guidance,
+        negative_prompt_embeds=encoder.negative() if guidance != 1.0 else None,
+        **kw,
+    )

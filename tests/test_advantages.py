@@ -56,3 +56,32 @@ def test_errors():
         compute_advantages(torch.zeros(2), tracker=PerPromptStatTracker())
     with pytest.raises(ValueError):
         PerPromptStatTracker().update(["a"], torch.zeros(2))
+
+
+def test_group_advantages_by_hand():
+    from ddpo_rl.advantages import group_advantages
+
+    # groups of 3: [1, 2, 6] (mean 3, population std sqrt(14/3)) and [5, 5, 5] (std 0 -> 0)
+    r = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    s = (14 / 3) ** 0.5
+    expected = torch.tensor([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(r, 3), expected, atol=1e-5, rtol=0)
+    # the same through compute_advantages (which ignores the tracker then), clipped
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=1)
+    got = compute_advantages(r, ["p"] * 6, tracker, clip=1.0, group_size=3)
+    torch.testing.assert_close(got, expected.clamp(-1, 1), atol=1e-5, rtol=0)
+    assert not tracker.buffers  # GRPO groups replace the per-prompt statistics
+    # group_size None / 1: the previous behaviour (batch statistics)
+    torch.testing.assert_close(compute_advantages(r, clip=None, group_size=1), batch_advantages(r))
+
+
+def test_group_advantages_skip_nan_and_name_the_field():
+    from ddpo_rl.advantages import group_advantages
+
+    r = torch.tensor([0.0, 2.0, float("nan"), 7.0, float("nan"), 3.0])
+    # groups of 2: [0, 2] -> -1, 1; [nan, 7] -> 0, 0 (one finite reward); [nan, 3] -> 0, 0
+    torch.testing.assert_close(
+        group_advantages(r, 2), torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"^group_size: 6 rewards do not split into groups of 4"):
+        group_advantages(r, 4)

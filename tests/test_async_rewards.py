@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpo_rl.collector import collect_trajectories, terminal_rewards
-from ddpo_rl.rewards.alignment import AsyncReward
+from ddpo_rl.rewards.async_reward import AsyncReward
 from ddpo_rl.rewards.transform import RewardError
 from tests.helpers import brightness, make_env, make_policy, prompt_encoder
 

@@ -44,6 +44,10 @@ def test_recipe_default_algorithm_is_overridable():
         (["--algorithm", "ppo"], "algorithm"),
         (["--use-lora", "maybe"], "use_lora"),
         (["--epochs"], "epochs"),
+        (["--group-size", "5"], "group_size"),  # does not divide sample_batch_size=32
+        (["--group-size", "-2"], "group_size"),
+        (["--noise-level", "0"], "noise_level"),
+        (["--prompt-cache-size", "0"], "prompt_cache_size"),
     ],
 )
 def test_bad_input_names_the_field(argv, field):
@@ -82,3 +86,105 @@ def test_sf_with_several_inner_epochs_is_refused():
     with pytest.raises(ConfigError, match="num_inner_epochs: DDPO-SF is on-policy"):
         parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_sf")
     assert parse_cli(["--num-inner-epochs", "2"], algorithm="ddpo_is").num_inner_epochs == 2
+
+
+def test_defaults_that_belong_to_a_field_follow_it():
+    # the digits preset's JPEG resize belongs to its reward: switching the reward drops it
+    cfg = parse_cli(["--reward", "alignment"])
+    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity"]
+    assert parse_cli(["--reward", "jpeg_incompressibility"]).reward_kwargs == {"resize": 32}
+    assert parse_cli(["--reward", "jpeg_incompressibility"]).monitor_rewards == ["digit_alignment"]
+    assert parse_cli(["--preset", "digits-alignment", "--reward", "compressibility"]).reward_kwargs == {"resize": 32}
+    # the model too: SD-sized JPEG, SD monitors; the tiny plumbing model has none
+    sd = preset_config("digits", model="/some/sd/pipeline")
+    assert sd.monitor_rewards == ["aesthetic"] and sd.reward_kwargs == {"resize": 512}
+    assert preset_config("sd15-aesthetic", reward="jpeg_compressibility").monitor_rewards == ["aesthetic"]
+    assert preset_config("sd15-compressibility", reward="aesthetic").monitor_rewards == ["vlm_alignment"]
+    assert preset_config("digits", model="tiny").monitor_rewards == []
+    # monitor kwargs belong to the monitors
+    cfg = preset_config("digits", monitor_reward_kwargs={"digit_alignment": {"C": 1.0}})
+    assert cfg.monitor_reward_kwargs == {"digit_alignment": {"C": 1.0}}
+    # values given explicitly are kept as given (the reward checks them when the run is set up)
+    cfg = parse_cli(["--reward", "alignment", "--reward-kwargs", '{"C": 1.0}', "--monitor-rewards", "digit_alignment"])
+    assert cfg.reward_kwargs == {"C": 1.0} and cfg.monitor_rewards == ["digit_alignment"]
+    # an unchanged reward keeps the preset's values
+    assert parse_cli(["--reward", "jpeg_compressibility"]).reward_kwargs == {"resize": 32}
+
+
+def test_monitor_fields_from_the_command_line():
+    assert parse_cli(["--monitor-rewards", "digit_alignment,sample_diversity"]).monitor_rewards == [
+        "digit_alignment", "sample_diversity"]
+    assert parse_cli(["--monitor-rewards", '["sample_diversity"]']).monitor_rewards == ["sample_diversity"]
+    assert parse_cli(["--monitor-rewards", ""]).monitor_rewards == []
+    cfg = parse_cli(["--kl-coef", "0.5", "--monitor-tolerance", "1", "--stop-on-monitor-drop", "true"])
+    assert (cfg.kl_coef, cfg.monitor_tolerance, cfg.stop_on_monitor_drop) == (0.5, 1.0, True)
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--kl-coef", "-1"], "kl_coef"),
+        (["--monitor-tolerance", "0"], "monitor_tolerance"),
+        (["--monitor-rewards", "", "--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
+        (["--monitor-reward-kwargs", '{"aesthetic": {}}'], "monitor_reward_kwargs"),
+        (["--monitor-rewards", "digit_alignment,digit_alignment"], "monitor_rewards"),
+    ],
+)
+def test_bad_kl_and_monitor_settings_name_the_field(argv, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        parse_cli(argv)
+
+
+def _float_fields():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(DDPOConfig)
+    return [f.name for f in dataclasses.fields(DDPOConfig) if "float" in str(hints[f.name])]
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_every_float_field_refuses_non_finite_values(bad):
+    names = _float_fields()
+    assert "learning_rate" in names and len(names) >= 10
+    for name in names:
+        with pytest.raises(ConfigError, match=f"^{name}: must be a finite number"):
+            parse_cli(["--" + name, bad])
+
+
+def test_tilde_is_expanded_in_path_fields(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_cli(["--output-dir", "~/runs/x", "--prompts", "~/p.txt"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x") and cfg.prompts == str(tmp_path / "p.txt")
+
+
+def test_resume_writes_into_the_resumed_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for resume in (run, run / "checkpoints", run / "checkpoints" / "checkpoint.pt"):
+        assert parse_cli(["--preset", "tiny", "--resume", str(resume)]).output_dir == str(run)
+    assert parse_cli(["--preset", "tiny", "--resume", str(run), "--output-dir", str(run)]).output_dir == str(run)
+    with pytest.raises(ConfigError, match="^output_dir: --resume continues the run in its own directory"):
+        parse_cli(["--preset", "tiny", "--resume", str(run), "--output-dir", str(tmp_path / "other")])
+
+
+def test_changeable_on_resume_names_real_fields():
+    import dataclasses
+
+    from ddpo_rl.config import CHANGEABLE_ON_RESUME
+
+    names = {f.name for f in dataclasses.fields(DDPOConfig)}
+    assert CHANGEABLE_ON_RESUME <= names
+    for fixed in ("algorithm", "model", "use_lora", "lora_rank", "seed", "reward", "prompts", "sample_batch_size"):
+        assert fixed not in CHANGEABLE_ON_RESUME
+
+
+def test_resume_starts_from_the_runs_config_and_applies_only_what_the_command_sets(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = parse_cli(["--preset", "tiny", "--seed", "3", "--epochs", "2", "--output-dir", "/old/place"]).to_dict()
+    (run / "config.json").write_text(json.dumps({**stored, "history": [{"event": "start", "epoch": 0}]}))
+    cfg = parse_cli(["--resume", str(run), "--epochs", "5"], algorithm="ddpo_is")
+    assert (cfg.preset, cfg.model, cfg.seed, cfg.epochs, cfg.output_dir) == ("tiny", "tiny", 3, 5, str(run))
+    assert parse_cli(["--resume", str(run)], algorithm="rwr").algorithm == "rwr"  # the script's choice: checked on resume
+    assert parse_cli(["--resume", str(run), "--preset", "digits"]).preset == "digits"

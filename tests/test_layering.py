@@ -23,3 +23,19 @@ def test_library_imports_neither_envs_nor_recipes():
     }
     assert {k: v for k, v in offenders.items() if v} == {}
     assert len(offenders) > 30  # the scan did find the package
+
+
+def test_library_modules_do_not_import_the_package_top_level():
+    """``from ddpo_rl import NAME`` inside ddpo_rl must name a submodule: the package's __init__
+    imports the whole pipeline, so taking a name from it runs back up the layers."""
+    package = ROOT / "ddpo_rl"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "ddpo_rl":
+                for alias in node.names:
+                    if not ((package / f"{alias.name}.py").exists() or (package / alias.name).is_dir()):
+                        offenders.append(f"{path.relative_to(ROOT)}: {alias.name}")
+    assert offenders == []

@@ -13,10 +13,9 @@ from ddpo_rl.lora import (
     load_lora_weights,
     lora_parameters,
     save_lora_weights,
-    trainable_parameters,
 )
 from ddpo_rl.models.stable_diffusion import load_sd_components
-from ddpo_rl.models.tiny import build_tiny_sd_pipeline_dir
+from tests.helpers import build_tiny_sd_pipeline_dir
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +51,7 @@ def test_only_lora_parameters_train(pipeline_dir):
     before = _eps(unet)
     apply_lora(unet, rank=4)
     lora = lora_parameters(unet)
-    trainable = trainable_parameters(unet)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
     assert len(lora) > 0 and {id(p) for p in lora} == {id(p) for p in trainable}
     assert all(p.dtype == torch.float32 for p in lora)
     # every trainable parameter is a LoRA factor of a targeted attention projection
@@ -106,7 +105,7 @@ def test_resume_into_adapted_and_fresh_unet(pipeline_dir, tmp_path):
     fresh = load_lora_weights(load_sd_components(pipeline_dir).unet, tmp_path)
     assert fresh.peft_config["default"].lora_alpha == 2.0
     assert len(lora_parameters(fresh)) == len(params_before)
-    assert {id(p) for p in trainable_parameters(fresh)} == {id(p) for p in lora_parameters(fresh)}
+    assert {id(p) for p in fresh.parameters() if p.requires_grad} == {id(p) for p in lora_parameters(fresh)}
     torch.testing.assert_close(_eps(fresh), trained, rtol=1e-5, atol=1e-5)
 
 

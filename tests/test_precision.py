@@ -6,21 +6,18 @@ from torch import nn
 from ddpo_rl.precision import (
     autocast,
     cast_frozen_params,
-    cast_trainable_params,
     enable_gradient_checkpointing,
     grad_scaler,
     low_precision_dtype,
     set_tf32,
-    tf32_enabled,
-    weight_dtype,
 )
+from tests.helpers import tf32_enabled
 
 
 def test_modes():
     assert low_precision_dtype("no") is None and low_precision_dtype(None) is None
     assert low_precision_dtype("fp16") == torch.float16
     assert low_precision_dtype("bf16") == torch.bfloat16
-    assert weight_dtype("no") == torch.float32 and weight_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="mixed_precision"):
         low_precision_dtype("fp8")
 
@@ -46,13 +43,6 @@ def test_cast_frozen_keeps_trainable_fp32():
     assert model[0].weight.dtype == torch.float16
 
 
-def test_cast_trainable_after_whole_model_cast():
-    model = nn.Linear(3, 3).to(torch.bfloat16)
-    model.bias.requires_grad_(False)
-    cast_trainable_params(model)
-    assert model.weight.dtype == torch.float32 and model.bias.dtype == torch.bfloat16
-
-
 def test_tf32_switch():
     before = tf32_enabled()
     try:
@@ -71,3 +61,21 @@ def test_gradient_checkpointing():
     assert unet.is_gradient_checkpointing
     with pytest.raises(TypeError):
         enable_gradient_checkpointing(nn.Linear(2, 2))
+
+
+def test_use_sdpa_attention_replaces_only_the_classic_processor():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from ddpo_rl.models.tiny import tiny_unet
+    from ddpo_rl.precision import use_sdpa_attention
+
+    unet = tiny_unet()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=c).sample
+        unet.set_attn_processor(AttnProcessor())
+        assert use_sdpa_attention(unet) == len(unet.attn_processors) > 0
+        assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=c).sample, ref, atol=1e-5, rtol=1e-4)
+    assert use_sdpa_attention(unet) == 0  # nothing left to replace
+    assert use_sdpa_attention(nn.Linear(2, 2)) == 0

@@ -81,7 +81,7 @@ def test_matches_a_hand_computed_ddim_scheduler_reference():
     sched = sd_ddim_scheduler()
     sched.set_timesteps(T)
     unet = policy.noise_model
-    cond = env.base_env.prompt_embeds_table[noise.prompt_ids]
+    cond = env.base_env.embed_prompts(noise.prompt_ids)[KEYS.prompt_embeds]
     uncond = enc.negative_embeds().expand(B, -1, -1)
     x = noise.init_latents.clone()
     ac = sched.alphas_cumprod.double()
@@ -214,6 +214,11 @@ def test_make_sampler_resolves_auto_by_device():
     assert isinstance(make_sampler("graphed", env, policy), FastSampler)
     with pytest.raises(ValueError, match="sampler"):
         resolve_sampler("fast", "cpu")
+    not_ddim = torch.nn.Module()  # a policy FastSampler cannot replay (e.g. flow matching): auto samples on the env path
+    not_ddim.head = torch.nn.Module()
+    assert isinstance(make_sampler("auto", env, not_ddim), EnvSampler)
+    with pytest.raises(NotImplementedError, match="not a DDIM policy"):
+        make_sampler("graphed", env, not_ddim)
 
 
 def test_refuses_an_env_it_cannot_replay():

@@ -6,33 +6,14 @@ scikit-learn's bundled 8x8 handwritten digits (``sklearn.datasets.load_digits``)
 saved and loaded in the diffusers directory layout, so the main DDPO job has a real
 text-to-image model to fine-tune on a CPU with no model hub.
 
-Design choices:
+Pixel space, one channel, 8x8, values in [-1, 1]; prompts ``"a handwritten digit N"`` and ``""``
+(unconditional, for classifier-free guidance); a small CLIP text encoder trained with the UNet,
+then frozen; a ``DDIMScheduler`` with DDPM's linear betas and ``set_alpha_to_one=False``. Why each
+choice: docs/digits_model.md.
 
-* **Pixel space**, one channel, 8x8, values in [-1, 1] (the digits' native size; there is no
-  VAE: :meth:`DigitsModel.decode` only rescales to [0, 1] and repeats the channel to RGB).
-* **Prompts** ``"a handwritten digit N"`` (N = 0..9). The empty prompt ``""`` is the
-  unconditional embedding for classifier-free guidance; pretraining drops the prompt to ``""``
-  for ~10% of the samples.
-* **Text encoder**: a small ``CLIPTextModel`` (hidden size 16, 2 layers) with the real CLIP
-  vocabulary, *trained jointly* with the UNet during pretraining and frozen afterwards (as SD's
-  CLIP encoder is during fine-tuning). A randomly initialised frozen encoder does give the ten
-  prompts distinct embeddings (causal attention makes every token after the digit depend on
-  it), but in the same budget the UNet learned to follow them poorly (a classifier read the
-  prompted digit in only ~74% of CFG-3 samples); learning the embeddings fixes that at almost
-  no cost, since each step encodes only the 11 distinct prompts. Only the rows of the tokens
-  these prompts use receive gradients (no weight decay), so the rest of the vocabulary stays at
-  its random initialisation. Hidden size 16 keeps the checkpoint small: the 49408-row token
-  embedding is half of it.
-* **Scheduler**: ``DDIMScheduler`` with DDPM's linear betas (1e-4 .. 0.02, the usual choice for
-  pixel-space models, reaching alpha_bar_T ~ 4e-5 so sampling can start from pure noise), and
-  otherwise SD's settings: ``set_alpha_to_one=False`` (the last DDIM step keeps a small non-zero
-  std, so its log-probability is finite), ``steps_offset=1``, epsilon prediction and
-  ``clip_sample=False``. Clipping x0 would make ``scheduler.step`` differ from the plain DDIM
-  Gaussian that DDPO's log-probabilities are computed from; samples are clamped to [-1, 1] only
-  when decoded to images.
-* **Tokenizer**: not saved by default (it adds 3.6 MB); it is rebuilt offline with
-  :func:`ddpo_rl.models.tokenizer.build_clip_tokenizer`. A ``tokenizer/`` subfolder, when
-  present, is loaded with ``CLIPTokenizer.from_pretrained``.
+Modules: this one holds the model, its building, saving and loading, and the cache lookup
+(:func:`load_or_train_digits_model`); ``digits_data`` the dataset; ``digits_pretrain`` the
+pretraining loop and a reference sampler. Their public names are importable from here too.
 
 Directory layout (written by :func:`save_digits_model`)::
 
@@ -48,15 +29,22 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ddpo_rl._version import __version__
+from ddpo_rl.models.digits_data import load_digits_dataset
+from ddpo_rl.models.digits_pretrain import TrainResult, pretrain_loop, sample_digits, train_digits_model
+
+__all__ = [
+    "DigitsConfig", "DigitsModel", "TrainResult", "build_digits_model", "default_cache_dir", "is_digits_model_dir",
+    "load_digits_dataset", "load_digits_model", "load_or_train_digits_model", "packaged_model_dir", "pretrain_loop",
+    "sample_digits", "save_digits_model", "train_digits_model", "write_model_dir",
+]
 
 MODEL_NAME = "digits-v1"
 """Name of the cache subdirectory; bump it when the architecture or the data change."""
@@ -216,240 +204,15 @@ def build_digits_model(config: DigitsConfig | None = None, seed: int = 0) -> Dig
     )
 
 
-def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1797 digits as ``(images [N, 1, 8, 8] in [-1, 1], labels int64 [N])``."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    return images, torch.as_tensor(data.target, dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train_digits_model` returns besides the model."""
-
-    losses: torch.Tensor
-    """Per-step training loss (of the raw, non-EMA weights), float [steps]."""
-    seconds: float
-    """Wall-clock time of the loop."""
-    cpu_seconds: float = float("nan")
-    """CPU time of the process during the loop (all threads; a fairer figure on a shared machine)."""
-
-
-def train_digits_model(
-    model: DigitsModel | None = None,
-    *,
-    steps: int = 1000,
-    batch_size: int = 96,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 50,
-    prompt_dropout: float = 0.1,
-    ema_decay: float | None = 0.995,
-    train_text_encoder: bool = True,
-    seed: int = 0,
-    progress: bool = True,
-    log_every: int = 25,
-    callback: Callable[[int, float], None] | None = None,
-) -> tuple[DigitsModel, TrainResult]:
-    """Pretrain the digits model on sklearn's digits (epsilon prediction, MSE).
-
-    Each step encodes the 11 distinct prompts (10 digits and ``""``), draws ``batch_size``
-    images with replacement, replaces a sample's prompt by ``""`` with probability
-    ``prompt_dropout`` (for classifier-free guidance), and regresses the noise at a uniform
-    random timestep. AdamW with linear warm-up and cosine decay; with ``ema_decay`` the
-    returned weights are an exponential moving average. Afterwards both modules are in eval
-    mode and the text encoder is frozen (``requires_grad=False``).
-
-    Args:
-        model: the model to train; a fresh :func:`build_digits_model` (seeded) when None.
-        steps: optimisation steps (the recipe uses 1000 at batch 96).
-        train_text_encoder: learn the text encoder jointly (default); False keeps it at its
-            random initialisation and encodes the prompts once.
-        progress: show a rich progress bar with the running loss.
-        log_every: steps between loss read-outs (the only host syncs of the loop).
-        callback: called as ``callback(step, mean_loss)`` at each read-out.
-
-    Returns:
-        ``(model, TrainResult)``; the model's UNet is left in eval mode.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if model is None:
-        model = build_digits_model(seed=seed)
-    device = model.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    images, labels = load_digits_dataset()
-    images, labels = images.to(device), labels.to(device)
-    prompts = model.prompts + [model.unconditional_prompt]
-    tok = model.tokenizer
-    prompt_ids = tok(
-        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)  # [11, L]; row 10 is the unconditional prompt
-    uncond_index = len(prompts) - 1
-
-    sched = model.scheduler
-    alphas_cumprod = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
-    num_t = sched.config.num_train_timesteps
-
-    unet = model.unet
-    text_encoder = model.text_encoder
-    unet.train()
-    text_encoder.train(train_text_encoder).requires_grad_(train_text_encoder)
-    modules = [unet, text_encoder] if train_text_encoder else [unet]
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    if not train_text_encoder:
-        with torch.no_grad():
-            table = text_encoder(prompt_ids).last_hidden_state
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ema = None
-    if ema_decay is not None:
-        ema = [p.detach().clone() for p in params]
-
-    losses = torch.zeros(steps, device=device)
-    bar = _progress_bar(progress)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with bar:
-        task = bar.add_task("pretraining digits model", total=steps, loss=float("nan"))
-        for step in range(steps):
-            idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
-            x0, y = images[idx], labels[idx]
-            drop = torch.rand(batch_size, generator=gen).to(device) < prompt_dropout
-            if train_text_encoder:  # the 11 distinct prompts only, then gathered per sample
-                table = text_encoder(prompt_ids).last_hidden_state
-            cond = table[torch.where(drop, torch.full_like(y, uncond_index), y)]
-            t = torch.randint(num_t, (batch_size,), generator=gen).to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            pred = unet(xt, t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            lr_sched.step()
-            if ema is not None:
-                # warm-up of the EMA (as in common EMA implementations) so short runs are not stale
-                decay = min(ema_decay, (1 + step) / (10 + step))
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-            losses[step] = loss.detach()
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                mean_loss = losses[max(0, step + 1 - log_every) : step + 1].mean().item()
-                bar.update(task, completed=step + 1, loss=mean_loss)
-                if callback is not None:
-                    callback(step + 1, mean_loss)
-    if ema is not None:
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e)
-    unet.eval()
-    text_encoder.eval().requires_grad_(False)
-    model.source = "trained"
-    return model, TrainResult(
-        losses=losses.cpu(), seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start
-    )
-
-
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def update(self, *args, **kwargs):
-        pass
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return _NullProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def sample_digits(
-    model: DigitsModel,
-    prompts: Sequence[str],
-    *,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 3.0,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Plain DDIM sampling with classifier-free guidance (a reference sampler for checks).
-
-    Returns samples in [-1, 1] (unclamped), [B, channels, sample_size, sample_size]; pass them
-    to :meth:`DigitsModel.decode` for RGB images in [0, 1]. The DDPO policy has its own sampler.
-    """
-    device = model.device
-    sched = copy.deepcopy(model.scheduler)
-    sched.set_timesteps(num_inference_steps, device=device)
-    b = len(prompts)
-    cond = model.encode_prompts(prompts)
-    use_cfg = guidance_scale != 1.0
-    if use_cfg:
-        uncond = model.encode_prompts([model.unconditional_prompt]).expand(b, -1, -1)
-        context = torch.cat([uncond, cond])
-    else:
-        context = cond
-    shape = (b, model.channels, model.sample_size, model.sample_size)
-    x = torch.randn(shape, generator=generator, device="cpu").to(device)
-    for t in sched.timesteps:
-        inp = torch.cat([x, x]) if use_cfg else x
-        eps = model.unet(inp, t, encoder_hidden_states=context).sample
-        if use_cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        noise = torch.randn(shape, generator=generator, device="cpu").to(device) if eta > 0 else None
-        x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-    return x
-
-
 # ----------------------------------------------------------------------------- save / load
 
 
-def default_cache_dir() -> Path:
-    """``$DDPO_RL_CACHE/digits-v1``, or ``~/.cache/ddpo_rl/digits-v1`` when the variable is unset."""
+def default_cache_dir(name: str = MODEL_NAME) -> Path:
+    """``$DDPO_RL_CACHE/<name>``, or ``~/.cache/ddpo_rl/<name>`` when the variable is unset
+    (``name`` defaults to ``digits-v1``)."""
     root = os.environ.get(CACHE_ENV_VAR)
     base = Path(root).expanduser() if root else Path("~/.cache/ddpo_rl").expanduser()
-    return base / MODEL_NAME
+    return base / name
 
 
 def packaged_model_dir() -> Path | None:
@@ -483,39 +246,42 @@ def save_digits_model(
     if dtype is not None:
         unet = copy.deepcopy(unet).to(dtype)
         text_encoder = copy.deepcopy(text_encoder).to(dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    unet.save_pretrained(tmp / "unet")
-    text_encoder.save_pretrained(tmp / "text_encoder")
-    model.scheduler.save_pretrained(tmp / "scheduler")
     components = {
         "unet": ["diffusers", type(model.unet).__name__],
         "text_encoder": ["transformers", type(model.text_encoder).__name__],
         "scheduler": ["diffusers", type(model.scheduler).__name__],
     }
+    writers = {
+        "unet": unet.save_pretrained,
+        "text_encoder": text_encoder.save_pretrained,
+        "scheduler": model.scheduler.save_pretrained,
+    }
     if save_tokenizer:
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        writers["tokenizer"] = model.tokenizer.save_pretrained
         components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
     else:
         components["tokenizer"] = ["ddpo_rl", "build_clip_tokenizer"]
-    from ddpo_rl import __version__
+    index = {"_class_name": "DDPODigitsModel", "name": MODEL_NAME, **components, "metadata": model.metadata()}
+    return write_model_dir(path, writers, index)
 
-    index = {
-        "_class_name": "DDPODigitsModel",
-        "_ddpo_rl_version": __version__,
-        "name": MODEL_NAME,
-        **components,
-        "metadata": model.metadata(),
-    }
+
+def write_model_dir(path: str | os.PathLike, writers: dict[str, Callable[[Path], object]], index: dict) -> Path:
+    """Write a model directory atomically: ``writers[name](tmp / name)`` for each component, then
+    ``model_index.json`` (``index`` plus the package version), into a temporary sibling directory
+    that is then moved into place, so an interrupted save never leaves a half-written model."""
+    import shutil
+
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for name, write in writers.items():
+        write(tmp / name)
+    index = {"_class_name": index["_class_name"], "_ddpo_rl_version": __version__, **index}
     (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path

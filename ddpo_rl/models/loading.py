@@ -2,8 +2,18 @@
 
 - ``"digits"``: the embedded digits model (ddpo_rl.models.digits; trained on first use);
 - ``"tiny"``: a randomly initialised tiny Stable Diffusion (tests, smoke runs);
+- ``"flow-digits"``: the embedded flow-matching digits model (ddpo_rl.models.flow_digits; an
+  SD3-style transformer, trained on first use if the committed checkpoint is missing);
+- a Stable Diffusion 3 / 3.5 pipeline, by hub id or local directory (ddpo_rl.models.sd3),
+  recognised by its ``model_index.json`` or its hub id (:func:`ddpo_rl.models.sd3.is_sd3_pipeline`);
 - anything else: a Stable Diffusion pipeline, by hub id or local directory
   (ddpo_rl.models.stable_diffusion).
+
+Flow-matching models (``kind`` "flow-digits" or "sd3") have a ``FlowMatchEulerDiscreteScheduler``,
+a velocity network in ``unet`` called as SD3's transformer is
+(``unet(x, encoder_hidden_states=..., pooled_projections=..., timestep=1000 t).sample``), and an
+``encode_prompts`` that returns ``{KEYS.prompt_embeds: [N, L, D], KEYS.pooled_prompt_embeds: [N, P]}``
+(the env carries both keys; the flow policy passes the pooled one as ``pooled_projections``).
 """
 
 from __future__ import annotations
@@ -20,22 +30,25 @@ class DiffusionModel:
     """A text-to-image diffusion model, as DDPO sees it."""
 
     unet: nn.Module
-    """The noise-prediction network (the policy's trainable part)."""
+    """The denoising network (the policy's trainable part): a noise-prediction UNet, or for
+    flow-matching models a velocity-prediction SD3 transformer."""
     scheduler: object
-    """A diffusers DDIMScheduler."""
-    encode_prompts: Callable[[Sequence[str]], torch.Tensor]
-    """Prompts -> embeddings [N, L, D] (frozen text encoder)."""
+    """A diffusers DDIMScheduler, or a FlowMatchEulerDiscreteScheduler for flow-matching models."""
+    encode_prompts: Callable[[Sequence[str]], torch.Tensor | dict[str, torch.Tensor]]
+    """Prompts -> embeddings [N, L, D] (frozen text encoder); SD3-style models return
+    ``{KEYS.prompt_embeds: [N, L, D], KEYS.pooled_prompt_embeds: [N, P]}``."""
     decode: Callable[[torch.Tensor], torch.Tensor]
     """Final latents -> images [B, 3, H, W] in [0, 1]."""
     latent_shape: tuple[int, int, int]
     """(C, H, W) of one latent."""
     kind: str
-    """"digits", "tiny" or "sd"."""
+    """"digits", "tiny", "sd", or (flow matching) "flow-digits", "sd3"."""
     frozen: tuple[nn.Module, ...] = ()
     """Modules that are never trained (text encoder, VAE), for device/dtype moves."""
 
-    def negative_prompt_embeds(self) -> torch.Tensor:
-        """The empty prompt's embedding [1, L, D], the unconditional branch of CFG."""
+    def negative_prompt_embeds(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The empty prompt's embedding [1, L, D] (a mapping like ``encode_prompts``'s for SD3-style
+        models), the unconditional branch of CFG."""
         return self.encode_prompts([""])
 
 
@@ -57,6 +70,19 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             kind="digits",
             frozen=(m.text_encoder,),
         )
+    if name == "flow-digits":
+        from ddpo_rl.models.flow_digits import load_or_train_flow_digits_model
+
+        m = load_or_train_flow_digits_model().to(device)
+        return DiffusionModel(
+            unet=m.transformer,
+            scheduler=m.scheduler,
+            encode_prompts=m.encode_prompts,
+            decode=m.decode,
+            latent_shape=(m.channels, m.sample_size, m.sample_size),
+            kind="flow-digits",
+            frozen=(m.text_encoder,),
+        )
     if name == "tiny":
         from ddpo_rl.models.decoders import VaeDecoder
         from ddpo_rl.models.tiny import sd_ddim_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
@@ -75,8 +101,24 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             frozen=(encoder, vae),
         )
     from ddpo_rl.models.decoders import VaeDecoder
-    from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, load_sd_components
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError
+    from ddpo_rl.models.sd3 import is_sd3_pipeline, load_sd3_components
+    from ddpo_rl.models.stable_diffusion import load_sd_components
 
+    if is_sd3_pipeline(name):
+        try:
+            sd3 = load_sd3_components(name, revision=revision, device=device, dtype=frozen_dtype)
+        except PretrainedWeightsNotFoundError as err:
+            raise PretrainedWeightsNotFoundError(f"model: {err}") from err
+        return DiffusionModel(
+            unet=sd3.transformer,
+            scheduler=sd3.scheduler,
+            encode_prompts=sd3.encode_prompts,
+            decode=VaeDecoder(sd3.vae, batch_size=8),
+            latent_shape=tuple(sd3.latent_shape),
+            kind="sd3",
+            frozen=sd3.frozen,
+        )
     try:
         sd = load_sd_components(name, revision=revision, device=device, dtype=frozen_dtype)
     except PretrainedWeightsNotFoundError as err:

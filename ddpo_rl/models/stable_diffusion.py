@@ -20,42 +20,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from ddpo_rl.hub import PretrainedWeightsNotFoundError, looks_like_local_path
 
 DEFAULT_SD_MODEL = "runwayml/stable-diffusion-v1-5"
 """The pipeline the DDPO paper fine-tunes (v1.4 in the paper; v1.5 in the reference code)."""
 
 _PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class PretrainedWeightsNotFoundError(OSError):
-    """The weights of a pretrained pipeline or reward model could not be found or loaded.
-
-    A subclass of :class:`OSError`, as the errors of ``from_pretrained`` are, so existing
-    ``except OSError`` handlers keep working.
-    """
-
-
-@dataclass
-class SDSamplingDefaults:
-    """The DDPO paper's sampling settings for Stable Diffusion.
-
-    Attributes:
-        num_inference_steps: DDIM steps per sample (the MDP horizon T).
-        eta: DDIM stochasticity; 1.0 makes every step a Gaussian with non-zero variance,
-            which the policy-gradient needs.
-        guidance_scale: classifier-free guidance weight.
-        resolution: image side in pixels; ``None`` uses the UNet's native size,
-            ``unet.config.sample_size * vae_scale_factor`` (512 for SD v1), as diffusers does.
-    """
-
-    num_inference_steps: int = 50
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    resolution: int | None = None
 
 
 @dataclass
@@ -68,8 +43,9 @@ class SDComponents:
         text_encoder: the CLIP text encoder (frozen, eval).
         tokenizer: the CLIP tokenizer.
         scheduler: a DDIMScheduler with ``set_alpha_to_one=False``.
-        sampling: the paper's sampling settings.
         source: the hub id or directory the components came from.
+        image_size: image side in pixels; ``None`` uses the UNet's native size,
+            ``unet.config.sample_size * vae_scale_factor`` (512 for SD v1), as diffusers does.
     """
 
     unet: Any
@@ -77,8 +53,8 @@ class SDComponents:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
-    sampling: SDSamplingDefaults = field(default_factory=SDSamplingDefaults)
     source: str | None = None
+    image_size: int | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -87,9 +63,9 @@ class SDComponents:
 
     @property
     def resolution(self) -> int:
-        """Image side in pixels: ``sampling.resolution`` or the UNet's native size."""
-        if self.sampling.resolution is not None:
-            return int(self.sampling.resolution)
+        """Image side in pixels: ``image_size`` or the UNet's native size."""
+        if self.image_size is not None:
+            return int(self.image_size)
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
@@ -107,15 +83,6 @@ class SDComponents:
         return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` is meant as a filesystem path rather than a hub id."""
-    if os.path.exists(name):
-        return True
-    # hub ids are "name" or "org/name": a leading "/", "." or "~", a backslash or a second "/"
-    # can only be a path.
-    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
-
-
 def _fix_hint(pretrained: str) -> str:
     return (
         f"download it with `hf download {pretrained} --local-dir <dir>` and pass that "
@@ -124,21 +91,29 @@ def _fix_hint(pretrained: str) -> str:
     )
 
 
-def check_pipeline_dir(path: str, subfolders: Sequence[str] = _PIPELINE_SUBFOLDERS) -> None:
+def check_pipeline_dir(
+    path: str,
+    subfolders: Sequence[str] = _PIPELINE_SUBFOLDERS,
+    *,
+    what: str = "Stable Diffusion",
+    example: str = DEFAULT_SD_MODEL,
+    pipeline_class: str = "StableDiffusionPipeline",
+) -> None:
     """Raise :class:`PretrainedWeightsNotFoundError` unless ``path`` is a diffusers pipeline
-    directory (``model_index.json`` plus the listed component subfolders)."""
+    directory (``model_index.json`` plus the listed component subfolders). ``what``, ``example``
+    (a hub id) and ``pipeline_class`` name the model family in the message."""
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
         raise PretrainedWeightsNotFoundError(
-            f"Stable Diffusion weights not found: '{path}' is not a directory; pass a hub id such as "
-            f"'{DEFAULT_SD_MODEL}' or a directory written by StableDiffusionPipeline.save_pretrained."
+            f"{what} weights not found: '{path}' is not a directory; pass a hub id such as "
+            f"'{example}' or a directory written by {pipeline_class}.save_pretrained."
         )
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         raise PretrainedWeightsNotFoundError(
             f"'{path}' is not a diffusers pipeline directory (no model_index.json); point at the "
-            f"directory that `hf download {DEFAULT_SD_MODEL} --local-dir <dir>` or "
-            "StableDiffusionPipeline.save_pretrained(<dir>) wrote."
+            f"directory that `hf download {example} --local-dir <dir>` or "
+            f"{pipeline_class}.save_pretrained(<dir>) wrote."
         )
     missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
     if missing:
@@ -146,6 +121,20 @@ def check_pipeline_dir(path: str, subfolders: Sequence[str] = _PIPELINE_SUBFOLDE
             f"diffusers pipeline directory '{path}' lacks the component folder(s) {missing}; "
             "re-download or re-save the full pipeline."
         )
+
+
+def weights_not_found(
+    err: Exception, pretrained: str, local: bool, what: str = "Stable Diffusion"
+) -> PretrainedWeightsNotFoundError:
+    """The one-line error for a failed ``from_pretrained`` of a pipeline component (raise it
+    ``from err``): where it looked, the first line of the cause, and how to fix it."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = f"directory '{pretrained}'" if local else f"hub id '{pretrained}'"
+    return PretrainedWeightsNotFoundError(
+        f"could not load {what} weights from {where} ({first_line[:200]}); "
+        + (_fix_hint(pretrained) if not local else "re-save the pipeline with save_pretrained")
+        + "."
+    )
 
 
 def ddim_scheduler_from_config(config: dict, **overrides):
@@ -167,7 +156,6 @@ def load_sd_components(
     unet_dtype: torch.dtype | None = torch.float32,
     variant: str | None = None,
     local_files_only: bool | None = None,
-    sampling: SDSamplingDefaults | None = None,
     scheduler_overrides: dict | None = None,
 ) -> SDComponents:
     """Load the UNet, VAE, text encoder, tokenizer and a DDIM scheduler of a diffusers pipeline.
@@ -184,7 +172,6 @@ def load_sd_components(
             ``None`` keeps the stored dtype.
         variant: weight-file variant on the hub (``"fp16"``), passed to ``from_pretrained``.
         local_files_only: never touch the network (``from_pretrained``'s flag).
-        sampling: sampling settings to attach; defaults to the paper's (50 steps, eta 1, cfg 5).
         scheduler_overrides: extra DDIMScheduler config entries.
 
     Raises:
@@ -224,13 +211,7 @@ def load_sd_components(
         raise
     except (OSError, ValueError) as err:
         # OSError: file/repo not found, no connection; ValueError: invalid repo id (HFValidationError).
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = f"directory '{pretrained}'" if local else f"hub id '{pretrained}'"
-        raise PretrainedWeightsNotFoundError(
-            f"could not load Stable Diffusion weights from {where} ({first_line[:200]}); "
-            + (_fix_hint(pretrained) if not local else "re-save the pipeline with save_pretrained")
-            + "."
-        ) from err
+        raise weights_not_found(err, pretrained, local) from err
 
     scheduler = ddim_scheduler_from_config(scheduler_config, **(scheduler_overrides or {}))
 
@@ -249,7 +230,6 @@ def load_sd_components(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        sampling=sampling or SDSamplingDefaults(),
         source=pretrained,
     )
 

@@ -1,8 +1,9 @@
 """Tiny models of Stable Diffusion's component classes, built from config with no download.
 
 Tests, the CPU benchmarks and the embedded digits model use these: the same classes
-(UNet2DConditionModel, CLIPTextModel, AutoencoderKL, DDIMScheduler) as a real pipeline,
-a few hundred thousand parameters each.
+(UNet2DConditionModel, CLIPTextModel, AutoencoderKL, DDIMScheduler; for SD3
+SD3Transformer2DModel, CLIPTextModelWithProjection, FlowMatchEulerDiscreteScheduler) as a real
+pipeline, a few hundred thousand parameters each.
 """
 
 from __future__ import annotations
@@ -131,15 +132,77 @@ def build_tiny_sd_pipeline(
     )
 
 
-def build_tiny_sd_pipeline_dir(path, **kwargs) -> str:
-    """Save :func:`build_tiny_sd_pipeline` (``kwargs`` go to it) as a real diffusers pipeline
-    directory at ``path`` (``model_index.json`` + one folder per component) and return the path.
+def tiny_sd3_transformer(sample_size: int = 8, in_channels: int = 4, context_dim: int = 64, seed: int = 0):
+    """An ``SD3Transformer2DModel`` sized for tests (~80k parameters); ``context_dim`` is both the
+    token-embedding width (``joint_attention_dim``) and the pooled width."""
+    from diffusers import SD3Transformer2DModel
 
-    Tests load it back through :func:`ddpo_rl.models.stable_diffusion.load_sd_components`, the same
-    code that loads ``runwayml/stable-diffusion-v1-5``.
-    """
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=context_dim,
+        caption_projection_dim=32,
+        pooled_projection_dim=context_dim,
+        pos_embed_max_size=sample_size // 2,
+    )
+
+
+def tiny_clip_with_projection(hidden_size: int = 32, seed: int = 0):
+    """A ``CLIPTextModelWithProjection`` sized for tests (SD3's CLIP encoders give both the token
+    embeddings and the pooled ``text_embeds``)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        projection_dim=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def build_tiny_sd3_pipeline(sample_size: int = 8, shift: float = 3.0, seed: int = 0):
+    """A complete ``StableDiffusion3Pipeline`` of tiny components, without T5
+    (``text_encoder_3=None``, as SD3 allows): two CLIP encoders of width 32 whose concatenation
+    (64) is the transformer's context and pooled width, a 4-channel VAE with SD3's scaling and
+    shift factors, and a ``FlowMatchEulerDiscreteScheduler`` with SD3's ``shift=3.0``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+    vae = tiny_vae(seed=seed)
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE latent statistics
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(sample_size=sample_size, seed=seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=tiny_clip_with_projection(seed=seed),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=tiny_clip_with_projection(seed=seed + 1),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def build_tiny_sd3_pipeline_dir(path, **kwargs) -> str:
+    """Save :func:`build_tiny_sd3_pipeline` as a diffusers pipeline directory at ``path`` (what
+    ``StableDiffusion3Pipeline.save_pretrained`` writes) and return the path."""
     import os
 
     path = os.fspath(path)
-    build_tiny_sd_pipeline(**kwargs).save_pretrained(path)
+    build_tiny_sd3_pipeline(**kwargs).save_pretrained(path)
     return path

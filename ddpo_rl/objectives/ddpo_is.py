@@ -15,25 +15,27 @@ from torchrl.objectives import ClipPPOLoss
 from ddpo_rl.keys import KEYS
 
 
-def make_ddpo_is_loss(actor, clip_epsilon: float = 1e-4, **kwargs) -> ClipPPOLoss:
-    """A critic-free ``ClipPPOLoss`` for DDPO-IS.
+def make_ddpo_is_loss(actor, clip_epsilon: float = 1e-4, critic_network=None, **kwargs) -> ClipPPOLoss:
+    """A critic-free ``ClipPPOLoss`` for DDPO-IS (with ``critic_network``: DPPO's, see objectives.dppo).
 
     Args:
         actor: a :class:`~ddpo_rl.policy.DiffusionPolicy` (any ProbabilisticActor).
         clip_epsilon: the PPO clip range (1e-4 in the paper, with mean-reduced log-probs).
-        **kwargs: passed to ClipPPOLoss (e.g. ``reduction``).
+        critic_network: None for DDPO (advantages are precomputed from terminal rewards).
+        **kwargs: passed to ClipPPOLoss (e.g. ``reduction``); ``normalize_advantage`` is off unless given.
 
     The loss reads ``advantage`` [N, 1], ``action`` and the stored ``action_log_prob``, and
-    writes ``loss_objective``, ``clip_fraction``, ``kl_approx`` and ``ESS``.
+    writes ``loss_objective``, ``clip_fraction``, ``kl_approx`` and ``ESS``. The entropy bonus is
+    off: a denoising step's Gaussian has a fixed std, so its entropy does not depend on theta.
     """
     if clip_epsilon <= 0:
         raise ValueError(f"clip_epsilon={clip_epsilon} must be positive")
+    kwargs.setdefault("normalize_advantage", False)
     loss = ClipPPOLoss(
         actor_network=actor,
-        critic_network=None,
+        critic_network=critic_network,
         clip_epsilon=clip_epsilon,
         entropy_bonus=False,
-        normalize_advantage=False,
         functional=False,
         **kwargs,
     )

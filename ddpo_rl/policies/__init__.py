@@ -6,7 +6,8 @@ ClipPPOLoss), applied to a control task's two-level MDP: env steps x denoising s
 - :mod:`~ddpo_rl.policies.mlp`: the noise-prediction MLP eps_theta(x_t, t, s) and a value MLP;
 - :mod:`~ddpo_rl.policies.chain`: the K-step denoising chain as a torchrl actor, its log-prob;
 - :mod:`~ddpo_rl.policies.bc`: behaviour cloning with the denoising loss;
-- :mod:`~ddpo_rl.policies.ppo`: ClipPPOLoss + GAE updates, per-step or per-chain ratios.
+- :mod:`~ddpo_rl.policies.ppo`: the PPO update (minibatch passes), per-step or per-chain batches;
+  the loss itself is :func:`ddpo_rl.objectives.make_dppo_loss`.
 """
 
 from ddpo_rl.policies.bc import BCConfig, denoising_loss, fit_behaviour_cloning
@@ -20,7 +21,8 @@ from ddpo_rl.policies.chain import (
     make_step_policy,
 )
 from ddpo_rl.policies.mlp import NoisePredictionMLP, ObservationScaler, make_value_mlp, timestep_embedding
-from ddpo_rl.policies.ppo import RATIO_FORMS, make_dppo_loss, ppo_update, training_batch
+from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
+from ddpo_rl.policies.ppo import ppo_update, training_batch
 
 __all__ = [
     "BCConfig",

@@ -5,10 +5,10 @@ One epoch of DPPO (Ren et al. 2024) on a batch of env steps [E, T] collected by 
 
 1. rewards scaled, torchrl's ``GAE`` on the env steps (the critic V(s) sees observations only);
 2. ``ratio="step"``: :func:`~ddpo_rl.policies.chain.flatten_chain` to [E*T*K] one-step transitions
-   sharing their env step's advantage and value target, loss = ``ClipPPOLoss`` on the step
-   :class:`~ddpo_rl.policy.DiffusionPolicy`; ``ratio="chain"``: [E*T] env steps, loss =
-   ``ClipPPOLoss`` on the chain actor (ratio of the whole chain's probability);
-3. ``num_passes`` shuffled passes in minibatches: loss_objective + loss_critic, clipped grad step.
+   sharing their env step's advantage and value target; ``ratio="chain"``: [E*T] env steps (the
+   loss for either form: :func:`ddpo_rl.objectives.make_dppo_loss`);
+3. ``num_passes`` shuffled passes in minibatches (torchrl's ``TensorDictReplayBuffer`` with a
+   ``SamplerWithoutReplacement``): loss_objective + loss_critic, clipped grad step.
 
 Metrics stay tensors and are reduced once, at the end of :func:`ppo_update`.
 """
@@ -17,48 +17,11 @@ from __future__ import annotations
 
 import torch
 from tensordict import TensorDictBase
-from torchrl.modules import ValueOperator
+from torchrl.data import SamplerWithoutReplacement, TensorDictReplayBuffer, TensorStorage
 from torchrl.objectives import ClipPPOLoss
 
 from ddpo_rl.keys import KEYS
 from ddpo_rl.policies.chain import CHAIN_KEYS, DenoisingChainActor, flatten_chain
-
-RATIO_FORMS = ("step", "chain")
-
-
-def make_dppo_loss(
-    chain_actor: DenoisingChainActor,
-    critic: ValueOperator,
-    ratio: str = "step",
-    clip_epsilon: float = 0.01,
-    critic_coeff: float = 0.5,
-    normalize_advantage: bool = True,
-) -> ClipPPOLoss:
-    """torchrl's ``ClipPPOLoss`` with a value critic, on the step policy or on the whole chain.
-
-    The entropy bonus is off (the chain has no closed-form entropy; exploration comes from the
-    denoising noise and its std floor). ``clip_epsilon`` acts on per-step ratios for "step" and
-    on the chain ratio (a product of K per-step ratios with "sum") for "chain".
-    """
-    if ratio not in RATIO_FORMS:
-        raise ValueError(f"ratio={ratio!r}; expected one of {RATIO_FORMS}")
-    if clip_epsilon <= 0:
-        raise ValueError(f"clip_epsilon={clip_epsilon} must be positive")
-    actor = chain_actor.step_policy if ratio == "step" else chain_actor
-    loss = ClipPPOLoss(
-        actor_network=actor,
-        critic_network=critic,
-        clip_epsilon=clip_epsilon,
-        entropy_bonus=False,
-        critic_coeff=critic_coeff,
-        loss_critic_type="l2",
-        normalize_advantage=normalize_advantage,
-        functional=False,
-    )
-    action_key = KEYS.action if ratio == "step" else chain_actor.keys.chain
-    loss.set_keys(advantage=KEYS.advantage, action=action_key, sample_log_prob=KEYS.log_prob)
-    loss.ratio_form = ratio
-    return loss
 
 
 def training_batch(
@@ -83,23 +46,34 @@ def ppo_update(
 ) -> dict[str, float]:
     """``num_passes`` shuffled passes over ``batch`` [N] in minibatches; returns epoch-mean metrics.
 
-    With ``train_actor=False`` only ``loss_critic`` is minimised (critic warm-up). The metrics
-    (loss, loss_objective, loss_critic, clip_fraction, kl_approx, ESS, grad_norm) are averaged
-    over minibatches on the device and moved to the host once.
+    With ``train_actor=False`` only ``loss_critic`` (and ``loss_kl``, when the loss is wrapped in
+    :class:`~ddpo_rl.objectives.KLToReferenceLoss`) is minimised (critic warm-up). The metrics
+    (loss, loss_objective, loss_critic, clip_fraction, kl_approx, ESS, grad_norm, and
+    kl_to_reference with a KL term) are averaged over minibatches on the device and moved to the
+    host once.
     """
     n = batch.shape[0]
     if minibatch_size <= 0 or num_passes <= 0:
         raise ValueError(f"minibatch_size={minibatch_size} and num_passes={num_passes} must be positive")
     mb = min(minibatch_size, n)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    with_kl = "kl_to_reference" in getattr(loss_module, "out_keys", ())
     names = ("loss", "loss_objective", "loss_critic", "clip_fraction", "kl_approx", "ESS", "grad_norm")
+    names += ("kl_to_reference",) if with_kl else ()
     sums = torch.zeros(len(names), device=batch.device)
     count = 0
+    buffer = TensorDictReplayBuffer(
+        storage=TensorStorage(batch),  # the batch itself, not a copy
+        sampler=SamplerWithoutReplacement(drop_last=True),  # a pass: n // mb minibatches of a fresh shuffle
+        batch_size=mb,
+        generator=generator,
+    )
     for _ in range(num_passes):
-        perm = torch.randperm(n, generator=generator, device=batch.device)
-        for start in range(0, n - mb + 1, mb):
-            out = loss_module(batch[perm[start : start + mb]])
+        for minibatch in buffer:
+            out = loss_module(minibatch)
             loss = out["loss_critic"] + (out["loss_objective"] if train_actor else 0.0)
+            if with_kl:
+                loss = loss + out["loss_kl"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
@@ -108,6 +82,7 @@ def ppo_update(
                 gn = torch.zeros((), device=batch.device)
             optimizer.step()
             vals = (loss, out["loss_objective"], out["loss_critic"], out["clip_fraction"], out["kl_approx"], out["ESS"], gn)
+            vals += (out["kl_to_reference"],) if with_kl else ()
             sums += torch.stack([v.detach().float().reshape(()) for v in vals])
             count += 1
     return dict(zip(names, (sums / max(count, 1)).tolist()))

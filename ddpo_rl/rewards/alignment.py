@@ -11,23 +11,22 @@ two small interfaces, so the VLM and the text metric can be swapped:
   :class:`SentenceEmbeddingSimilarity`, cosine of mean-pooled sentence embeddings);
 - :class:`VLMAlignmentReward` = similarity(caption(image), prompt).
 
-VLM inference is slow, so :class:`AsyncReward` runs any reward function in a thread pool:
-``future = reward.submit(images, prompts)`` returns at once, the sampler goes on with the next
-batch, and ``future.result()`` gives the rewards later.
+VLM inference is slow: ``asynchronous=True`` wraps the reward in
+:class:`~ddpo_rl.rewards.async_reward.AsyncReward` (scored in a thread while sampling goes on).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError, looks_like_local_path
+from ddpo_rl.hub import PretrainedWeightsNotFoundError, looks_like_local_path
 from ddpo_rl.precision import resolve_dtype
 from ddpo_rl.rewards._clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_images
+from ddpo_rl.rewards.async_reward import AsyncReward
 from ddpo_rl.rewards.registry import register_reward
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
@@ -344,54 +343,6 @@ class VLMAlignmentReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.score_with_captions(images, prompts)[0]
-
-
-class AsyncReward:
-    """Run a reward function in a background thread pool.
-
-    ``submit(images, prompts)`` detaches and copies the inputs (so the caller may overwrite its
-    buffers) and returns a :class:`concurrent.futures.Future` of the reward tensor; calling the
-    object computes synchronously, on the caller's thread. torch releases the GIL inside its ops,
-    so a VLM forward in the pool overlaps with sampling on the main thread.
-
-    Args:
-        reward_fn: any reward function ``fn(images, prompts) -> [B]``.
-        max_workers: threads in the pool (1 keeps submissions in order and memory bounded).
-        inputs_to_cpu: move submitted images to the CPU first (frees accelerator memory while
-            queued; the reward function moves them back).
-    """
-
-    def __init__(
-        self,
-        reward_fn: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
-        max_workers: int = 1,
-        inputs_to_cpu: bool = False,
-    ):
-        self.reward_fn = reward_fn
-        self.inputs_to_cpu = inputs_to_cpu
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ddpo-reward")
-
-    def _run(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.reward_fn(images, prompts)
-
-    def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> Future:
-        """Start computing the rewards of ``images``; returns a future of the [B] tensor."""
-        images = images.detach()
-        images = images.to("cpu", copy=True) if self.inputs_to_cpu else images.clone()
-        return self._pool.submit(self._run, images, list(prompts))
-
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return self._run(images, list(prompts))
-
-    def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait)
-
-    def __enter__(self) -> "AsyncReward":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
 
 @register_reward("vlm_alignment", "blip_alignment")

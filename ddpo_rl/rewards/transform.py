@@ -8,7 +8,7 @@ the decoder and the reward model once per trajectory. Which step is last is read
 env's host-side step counter: no device sync.
 
 Asynchronous rewards: when ``reward_fn`` has a ``submit(images, prompts) -> Future`` method
-(:class:`ddpo_rl.rewards.alignment.AsyncReward`), the last step decodes x_0, submits the images
+(:class:`ddpo_rl.rewards.async_reward.AsyncReward`), the last step decodes x_0, submits the images
 and returns at once, leaving the reward 0; the future is queued on the transform. The reward
 model then runs in a background thread while the sampler goes on with the next batch.
 :func:`ddpo_rl.collector.collect_trajectories` waits for the queued futures after its last batch

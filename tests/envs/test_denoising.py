@@ -31,8 +31,8 @@ def test_rollout_shapes_timesteps_done_and_terminal_reward():
     # the env's next latent is the policy's action
     torch.testing.assert_close(td["next", KEYS.latents], td[KEYS.action])
     # prompt embeddings are those of the drawn prompts
-    enc_table = env.base_env.prompt_embeds_table
-    torch.testing.assert_close(td[KEYS.prompt_embeds][:, 0], enc_table[td[KEYS.prompt_id][:, 0]])
+    expected = env.base_env.embed_prompts(td[KEYS.prompt_id][:, 0])[KEYS.prompt_embeds]
+    torch.testing.assert_close(td[KEYS.prompt_embeds][:, 0], expected)
 
 
 def test_seed_makes_reset_reproducible():
@@ -79,3 +79,58 @@ def test_bad_sizes(bad):
 def test_empty_prompt_list():
     with pytest.raises(ValueError, match="empty"):
         DenoisingEnv([], prompt_encoder(), sd_ddim_scheduler(), 3, (4, 8, 8), 2)
+
+
+def test_prompt_embeddings_stay_bounded_over_a_large_prompt_file(tmp_path):
+    """20k prompts: nothing is encoded up front; after many resets the cache holds at most
+    prompt_cache_size prompts (entries and bytes), and the embeddings are the encoder's."""
+    from tests.helpers import HashEncoder
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"prompt number {i}" for i in range(20_000)))
+    from ddpo_rl.prompts import PromptSource
+
+    enc = HashEncoder(length=4, dim=16)
+    base = DenoisingEnv(
+        PromptSource.from_file(path), enc, sd_ddim_scheduler(), 2, (4, 8, 8), 16,
+        prompt_cache_size=64, encode_batch_size=8,
+    )
+    assert sum(enc.calls) == 1  # one prompt, for the specs
+    per_prompt = (4 * 16 + 16) * 4  # prompt + pooled embeddings, float32
+    for _ in range(100):
+        td = base.reset()
+        assert len(base.prompt_cache) <= 64 and base.prompt_cache.nbytes <= 64 * per_prompt
+        assert max(enc.calls) <= 8  # encoded in batches of encode_batch_size
+    got = enc(base.prompts_of(td[KEYS.prompt_id]))
+    torch.testing.assert_close(td[KEYS.prompt_embeds], got[KEYS.prompt_embeds])
+    torch.testing.assert_close(td[KEYS.pooled_prompt_embeds], got[KEYS.pooled_prompt_embeds])
+    assert base.prompt_cache.misses > 1000  # 1600 draws over 20k prompts: almost all new
+
+
+def test_cache_hits_for_a_small_prompt_set_and_lru_order():
+    from ddpo_rl.text import PromptEmbeddingCache
+    from tests.helpers import HashEncoder
+
+    enc = HashEncoder(pooled=False)
+    cache = PromptEmbeddingCache(enc, capacity=2, batch_size=2)
+    cache(["a", "b"])
+    cache(["a"])  # "a" is now the most recent
+    cache(["c"])  # evicts "b"
+    assert list(cache._entries) == ["a", "c"] and cache.hits == 1 and cache.misses == 3
+    out = cache(["c", "c", "a"])  # duplicates in a request are encoded once
+    assert out[KEYS.prompt_embeds].shape[0] == 3 and cache.misses == 3
+    # a request with more distinct prompts than the capacity is still served in order
+    out = cache(["x", "y", "z"])
+    torch.testing.assert_close(out[KEYS.prompt_embeds], enc(["x", "y", "z"]))
+    assert len(cache) == 2
+    with pytest.raises(ValueError, match="^prompt_cache_size: "):
+        PromptEmbeddingCache(enc, capacity=0)
+
+
+def test_group_order_repeats_each_prompt_and_checks_the_size():
+    env = make_env(batch_size=6, prompts=[f"p{i}" for i in range(50)], group_size=3)
+    env.set_seed(0)
+    ids = env.reset()[KEYS.prompt_id]
+    assert (ids[0:3] == ids[0]).all() and (ids[3:6] == ids[3]).all()
+    with pytest.raises(ValueError, match=r"^group_size: 4 must be >= 1 and divide the batch size 6"):
+        make_env(batch_size=6, group_size=4)

@@ -42,3 +42,20 @@ def raises(resize=None):
         raise RuntimeError("reward server unreachable")
 
     return raising_reward
+
+
+def fails_to_load():
+    """A reward whose model cannot be loaded (as a monitor: the run must stop before any model loads)."""
+    raise OSError("weights not found: /nonexistent/monitor.safetensors")
+
+
+def falling():
+    """A monitor that only falls: every call returns a constant one lower than the call before
+    (std 0, so any fall is beyond any tolerance): the over-optimisation alarm must fire."""
+    calls = [0]
+
+    def falling_monitor(images, prompts):
+        calls[0] += 1
+        return torch.full((images.shape[0],), -float(calls[0]))
+
+    return falling_monitor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,10 +62,27 @@ def test_recipe_smoke(script, tmp_path):
         (["--learning-rate", "abc"], "learning_rate"),
         (["--reward-kwargs", '{"no_such_arg": 1}'], "reward_kwargs"),
         (["--reward", "tests.recipes.bad_rewards:no_such_factory"], "reward: "),
+        (["--kl-coef", "-0.1"], "kl_coef"),
+        (["--monitor-rewards", "beauty"], "monitor_rewards: 'beauty' is not a reward"),
+        (["--monitor-rewards", "tests.recipes.bad_rewards:fails_to_load"], "monitor_rewards: monitor"),
+        (["--monitor-rewards", "digit_alignment", "--monitor-reward-kwargs", '{"digit_alignment": {"nope": 1}}'],
+         "monitor_reward_kwargs"),
+        (["--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
+        # a value given explicitly that does not fit the (changed) reward is still refused
+        (["--reward", "alignment", "--reward-kwargs", '{"resize": 32}'], "reward_kwargs"),
         # a misbehaving reward: met at the first sampled batch (the tiny model makes that seconds)
         (["--reward", "tests.recipes.bad_rewards:nan_for_some"], "--on-invalid-reward drop"),
         (["--reward", "tests.recipes.bad_rewards:wrong_shape"], "wrong_shape_reward returned shape (4, 2)"),
         (["--reward", "tests.recipes.bad_rewards:raises"], "reward server unreachable"),
+        (["--learning-rate", "inf"], "learning_rate: must be a finite number"),
+        (["--clip-range", "nan"], "clip_range: must be a finite number"),
+        (["--learning-rate", "1e300"], "learning_rate: must be in (0, 1]"),
+        (["--epochs", "0"], "epochs: must be positive"),
+        (["--output-dir", "{FILE}/run"], "output_dir: "),
+        (["--prompts", "{LATIN1_FILE}"], "prompts: prompt file"),
+        pytest.param(["--device", "cuda"], "device: 'cuda' requested but CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+        (["--resume", "{EMPTY_DIR}"], "resume: no checkpoint"),
     ],
 )
 def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
@@ -72,11 +90,19 @@ def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
 
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     (tmp_path / "not_a_pipeline").mkdir()
-    args = [a.replace("{EMPTY_FILE}", str(tmp_path / "empty.txt")).replace("{EMPTY_DIR}", str(tmp_path / "not_a_pipeline"))
-            for a in args]
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "latin1.txt").write_bytes("un chat \xe9l\xe9gant\n".encode("latin-1"))
+    subst = {"{EMPTY_FILE}": tmp_path / "empty.txt", "{EMPTY_DIR}": tmp_path / "not_a_pipeline",
+             "{FILE}": tmp_path / "file", "{LATIN1_FILE}": tmp_path / "latin1.txt"}
+    for key, value in subst.items():
+        args = [a.replace(key, str(value)) for a in args]
+    if "--resume" in args:  # the run continues in the resumed directory
+        base = ["--preset", "tiny", "--progress", "false"]
+    else:
+        base = ["--preset", "tiny", "--output-dir", str(tmp_path / "x"), "--progress", "false"]
     t = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
-        main(["--preset", "tiny", "--output-dir", str(tmp_path / "x"), "--progress", "false", *args])
+        main([*base, *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and field in err[0], err
@@ -110,6 +136,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     stopped_at = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"]
     assert 2 <= stopped_at < 4, "the signal should stop the run before its end"
     assert not (part / "final").exists()
+    assert not (part / ".lock").exists(), "a stopped run must release its directory"
 
     res = run_recipe("ddpo_is.py", *common, "--output-dir", str(part), "--resume", str(part))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -258,12 +285,19 @@ def test_compare_algorithms_runs_reuses_and_refuses(tmp_path):
     assert res.returncode == 2 and "learning_rate" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
+def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path, capsys):
+    from recipes.ddpo_recipe import main
+
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"epoch": 7, "reward_mean": 0.0}) + "\n")
     (out / "eval.jsonl").write_text(json.dumps({"epoch": 0, "eval_reward_mean": 0.0}) + "\n")
-    res = run_recipe("ddpo_is.py", "--preset", "tiny", "--epochs", "1", "--output-dir", str(out), "--progress", "false")
+    args = ["--preset", "tiny", "--epochs", "1", "--output-dir", str(out), "--progress", "false"]
+    with pytest.raises(SystemExit) as exc:  # refused: the directory holds an earlier run
+        main(args)
+    assert exc.value.code == 2 and "--overwrite true" in capsys.readouterr().err
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [7]
+    res = run_recipe("ddpo_is.py", *args, "--overwrite", "true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
     assert [e["epoch"] for e in read_jsonl(out / "eval.jsonl")] == [0, 1]
@@ -295,3 +329,60 @@ def test_interrupted_comparison_resumes_its_runs(tmp_path):
     for algo in ("ddpo_is", "rwr"):
         assert [m["epoch"] for m in read_jsonl(out / algo / "seed0" / "metrics.jsonl")] == list(range(1, 21))
     assert json.loads((out / "comparison.json").read_text())["methods"]["rwr"]["train_prompts"]["n"] == 1
+
+
+def test_group_size_sets_the_prompt_order_and_the_advantages(tmp_path):
+    """--group-size G: every training batch holds G consecutive samples of each prompt, and the
+    advantages the trainer gets are the rewards standardised within those groups."""
+    from ddpo_rl.advantages import group_advantages
+    from ddpo_rl.collector import terminal_rewards
+    from ddpo_rl.config import parse_cli
+    from ddpo_rl.keys import KEYS
+    from recipes.ddpo_recipe import DDPORecipe
+
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--epochs", "1", "--group-size", "2", "--eval-every", "10",
+                                   "--output-dir", str(tmp_path / "run"), "--progress", "false"])).setup()
+    seen = []
+    train = recipe.trainer.train
+    recipe.trainer.train = lambda batch: (seen.append(batch.clone()), train(batch))[1]
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    batch = seen[0]
+    ids = batch[KEYS.prompt_id][:, 0]
+    assert (ids[0::2] == ids[1::2]).all()
+    expected = group_advantages(terminal_rewards(batch), 2).clamp(-recipe.cfg.adv_clip_max, recipe.cfg.adv_clip_max)
+    torch.testing.assert_close(batch[KEYS.advantage][:, 0, 0], expected)
+    assert (batch[KEYS.advantage][:, 0, 0].reshape(-1, 2).sum(1).abs() < 1e-5).all()
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf", "rwr"])
+def test_recipe_runs_a_flow_matching_model(algorithm, tmp_path, monkeypatch):
+    """A model whose scheduler is FlowMatchEulerDiscreteScheduler gets the flow policy (SD3-style call,
+    pooled embeddings from the encoder), and the recipe's loop, logs and outputs work unchanged."""
+    import ddpo_rl.models.loading as loading
+    from ddpo_rl.config import parse_cli
+    from ddpo_rl.flow_policy import FlowMatchingPolicy
+    from recipes.ddpo_recipe import DDPORecipe
+    from tests.helpers import HashEncoder, flow_scheduler, tiny_sd3_transformer, to_images
+
+    def build_model(name, device, **kw):
+        return loading.DiffusionModel(
+            unet=tiny_sd3_transformer(), scheduler=flow_scheduler(), encode_prompts=HashEncoder(),
+            decode=to_images, latent_shape=(4, 8, 8), kind="tiny",
+        )
+
+    monkeypatch.setattr(loading, "build_model", build_model)
+    out = tmp_path / "run"
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--algorithm", algorithm, "--group-size", "2", "--epochs", "2",
+                                   "--output-dir", str(out), "--progress", "false"])).setup()
+    try:
+        assert isinstance(recipe.policy, FlowMatchingPolicy) and recipe.policy.head.pooled
+        assert recipe.policy.head.noise_level == recipe.cfg.noise_level
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert (out / "summary.json").exists() and (out / "final" / "unet" / "config.json").exists()

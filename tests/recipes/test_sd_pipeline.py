@@ -38,7 +38,7 @@ class RecordingJpeg(JpegCompressibility):
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    from ddpo_rl.models.tiny import build_tiny_sd_pipeline_dir
+    from tests.helpers import build_tiny_sd_pipeline_dir
 
     return build_tiny_sd_pipeline_dir(tmp_path_factory.mktemp("sd") / "tiny-sd-pipeline")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
+from ddpo_rl.hub import PretrainedWeightsNotFoundError
 from ddpo_rl.rewards._clip_preprocess import preprocess_images
 from ddpo_rl.rewards.aesthetic import AestheticMLP, AestheticScorer, make_aesthetic_reward
 

@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from ddpo_rl.models.stable_diffusion import PretrainedWeightsNotFoundError
+from ddpo_rl.hub import PretrainedWeightsNotFoundError
+from ddpo_rl.rewards.async_reward import AsyncReward
 from ddpo_rl.rewards.alignment import (
-    AsyncReward,
     BertScoreRecall,
     BlipCaptioner,
     Captioner,

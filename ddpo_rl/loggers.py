@@ -1,0 +1,150 @@
+"""Send a run's records to the experiment trackers users already have (torchrl's loggers).
+
+Every run writes its own record: metrics.jsonl (one line per epoch), eval.jsonl, sample grids
+and curves as PNG files. :class:`RunLogger` mirrors that record into one of torchrl's loggers
+(``torchrl.record.loggers``: CSV, TensorBoard, Weights & Biases, MLflow), so the tracker shows
+exactly what the files hold:
+
+- each new line of ``metrics.jsonl`` / ``eval.jsonl`` -> one scalar per numeric value, named
+  ``metrics/<key>`` / ``eval/<key>``, at step = the line's ``epoch`` (None values are skipped);
+- each new or rewritten PNG (``samples/epoch_NNNN.png`` at step NNNN, ``reward_curve.png`` at
+  the last epoch) -> an image, where the logger takes images: TensorBoard (``add_image``), W&B
+  (``wandb.Image``), MLflow (an artifact). torchrl's ``Logger`` has no image method and the CSV
+  logger no image store: there the PNG files of the run directory are the images.
+
+A recipe calls :meth:`RunLogger.sync` after it writes a line; nothing is read from the device.
+The logger's own files go to ``<output_dir>/logs`` (W&B: its run directory, MLflow: a file store).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+LOGGERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
+"""Values of the ``logger`` config field: "none" (only the run directory's own files) or a torchrl logger."""
+
+RECORD_FILES = ("metrics.jsonl", "eval.jsonl")
+IMAGE_PATTERNS = ("samples/epoch_*.png", "*.png")
+
+
+def make_logger(kind: str, output_dir: str, logger_kwargs: dict | None = None):
+    """torchrl's logger of ``kind`` (one of :data:`LOGGERS`) writing under ``output_dir``; None for "none".
+
+    ``logger_kwargs`` go to the logger's constructor (e.g. ``{"project": "ddpo", "offline": true}``
+    for W&B). The experiment is named after the output directory.
+    """
+    if kind not in LOGGERS:
+        raise ValueError(f"logger: {kind!r} is not one of {LOGGERS}")
+    if kind == "none":
+        return None
+    from torchrl.record.loggers import get_logger
+
+    name = os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
+    log_dir = os.path.join(output_dir, "logs")
+    kwargs = dict(logger_kwargs or {})
+    extra = {"wandb": {"wandb_kwargs": kwargs}, "mlflow": {"mlflow_kwargs": kwargs}}.get(kind, {})
+    if kwargs and not extra:
+        raise ValueError(f"logger_kwargs: the {kind} logger takes no options, got {kwargs}")
+    return get_logger(kind, log_dir, name, **extra)
+
+
+class RunLogger:
+    """Mirror a run directory's records and images into a torchrl ``Logger`` (see the module doc).
+
+    Args:
+        logger: a ``torchrl.record.loggers.Logger``.
+        output_dir: the run directory.
+        start_epoch: records of epochs up to this one were logged by an earlier process (a
+            resumed run): they are skipped. Their images too.
+        hparams: the run's configuration, given to the loggers that keep one (W&B, MLflow).
+    """
+
+    def __init__(self, logger, output_dir: str, start_epoch: int = 0, hparams: dict | None = None):
+        self.logger = logger
+        self.output_dir = output_dir
+        self.start_epoch = start_epoch
+        self.last_epoch = start_epoch
+        self._offsets = dict.fromkeys(RECORD_FILES, 0)
+        self._images: dict[str, float] = {}
+        if start_epoch > 0:  # images of the earlier process: already logged
+            self._images = {p: os.path.getmtime(p) for p in self._image_paths()}
+        if hparams is not None and _kind(logger) in ("wandb", "mlflow"):
+            logger.log_hparams({k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in hparams.items()})
+
+    def sync(self) -> None:
+        """Log what was written to the run directory since the last call, then flush."""
+        for name in RECORD_FILES:
+            path = os.path.join(self.output_dir, name)
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                f.seek(self._offsets[name])
+                lines = f.readlines()
+                if lines and not lines[-1].endswith("\n"):  # a line being written: next time
+                    lines.pop()
+                self._offsets[name] += sum(len(line.encode()) for line in lines)
+            for line in lines:
+                if line.strip():
+                    self._log_record(name.split(".")[0], json.loads(line))
+        for path in self._image_paths():
+            mtime = os.path.getmtime(path)
+            if self._images.get(path) != mtime:
+                self._images[path] = mtime
+                match = re.search(r"epoch_(\d+)\.png$", path)
+                step = int(match.group(1)) if match else self.last_epoch
+                name = "samples" if match else os.path.splitext(os.path.basename(path))[0]
+                self._log_image(name, path, step)
+        self.logger.flush()
+
+    def close(self) -> None:
+        """Log what is left, then close the logger (again: nothing)."""
+        if self.logger.is_alive:
+            self.sync()
+            self.logger.close()
+
+    def _image_paths(self) -> list[str]:
+        paths = []
+        for pattern in IMAGE_PATTERNS:
+            paths += sorted(glob.glob(os.path.join(self.output_dir, pattern)))
+        return paths
+
+    def _log_record(self, prefix: str, record: dict) -> None:
+        epoch = int(record["epoch"])
+        if epoch <= self.start_epoch and self.start_epoch > 0:
+            return
+        self.last_epoch = max(self.last_epoch, epoch)
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.logger.log_scalar(f"{prefix}/{key}", float(value), step=epoch)
+
+    def _log_image(self, name: str, path: str, step: int) -> None:
+        kind = _kind(self.logger)
+        if kind == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            image = np.asarray(Image.open(path).convert("RGB"))
+            self.logger.experiment.add_image(name, image, global_step=step, dataformats="HWC")
+        elif kind == "wandb":
+            import wandb
+
+            self.logger.experiment.log({name: wandb.Image(path)}, step=step)
+        elif kind == "mlflow":
+            import mlflow
+
+            mlflow.log_artifact(path, artifact_path="images")
+
+
+def _kind(logger) -> str:
+    return type(logger).__name__.lower().replace("logger", "")
+
+
+def make_run_logger(
+    kind: str, output_dir: str, logger_kwargs: dict | None = None, start_epoch: int = 0, hparams: dict | None = None
+) -> RunLogger | None:
+    """:class:`RunLogger` over :func:`make_logger`'s logger; None for ``kind="none"``."""
+    logger = make_logger(kind, output_dir, logger_kwargs)
+    return None if logger is None else RunLogger(logger, output_dir, start_epoch, hparams)

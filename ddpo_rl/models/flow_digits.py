@@ -1,0 +1,503 @@
+"""The embedded flow-matching digits model: a tiny text-conditioned SD3-style model.
+
+The flow-matching sibling of :mod:`ddpo_rl.models.digits`: built from Stable Diffusion 3's
+component classes (``SD3Transformer2DModel``, ``CLIPTextModelWithProjection``, the CLIP
+tokenizer, ``FlowMatchEulerDiscreteScheduler``), pretrained by the project on scikit-learn's
+8x8 digits with the rectified-flow objective, and saved in the diffusers directory layout, so
+the flow-matching policies (Flow-GRPO) have a real text-to-image model to fine-tune on a CPU
+with no model hub.
+
+Notation (rectified flow, as in SD3 and diffusers' ``FlowMatchEulerDiscreteScheduler``)::
+
+    code            paper            meaning
+    x0              x_0              a data sample (a digit in [-1, 1])
+    noise           epsilon          standard Gaussian noise
+    t               t (= sigma)      time in [0, 1]; t = 1 is pure noise
+    xt              x_t              (1 - t) x_0 + t epsilon
+    target          v                epsilon - x_0, the velocity dx_t/dt
+    timestep        1000 t           what the transformer is called with (scheduler.timesteps)
+
+Training regresses ``transformer(x_t, 1000 t, c) -> v`` (MSE); sampling integrates
+dx/dt = v from t = 1 to t = 0 with the scheduler's Euler steps
+``x_{t_next} = x_t + (t_next - t) v``.
+
+Design choices:
+
+* **Pixel space**, one channel, 8x8, values in [-1, 1], as digits-v1 (``decode`` is the same).
+* **Prompts** ``"a handwritten digit N"`` (the same ``PROMPT_TEMPLATE``); ``""`` is the
+  unconditional prompt, to which pretraining drops ~10% of the prompts (for CFG).
+* **Conditioning** as SD3's: the transformer takes ``encoder_hidden_states`` (a token sequence,
+  here the text encoder's ``last_hidden_state``, [B, L, D]) and ``pooled_projections`` (a vector,
+  here its ``text_embeds``, [B, P]). One ``CLIPTextModelWithProjection`` gives both (SD3 uses two
+  CLIP encoders and T5; one is enough for ten prompts). It is trained jointly with the
+  transformer and frozen afterwards, as for digits-v1. Prompts are padded to 16 tokens, not 77:
+  the text tokens go through every joint-attention block, and the digit prompts need 6.
+* **Transformer**: ``SD3Transformer2DModel`` with patch size 2 (16 image tokens), 3 joint blocks,
+  4 heads of 16 (about 0.43M parameters).
+* **Time sampling**: logit-normal (``t = sigmoid(n)``, n ~ N(0, 1)), SD3's default, which weights
+  the middle of the path where the digit's shape is decided.
+* **Scheduler**: ``FlowMatchEulerDiscreteScheduler`` with ``shift=1.0`` (no resolution shift: the
+  images have 64 pixels, and SD3's shift 3 compensates for large images keeping their structure
+  at high noise).
+
+Directory layout (written by :func:`save_flow_digits_model`)::
+
+    flow-digits-v1/
+      model_index.json       components and their classes, plus the metadata
+      transformer/           SD3Transformer2DModel.save_pretrained
+      text_encoder/          CLIPTextModelWithProjection.save_pretrained
+      scheduler/             FlowMatchEulerDiscreteScheduler.save_pretrained
+      tokenizer/             optional, CLIPTokenizer.save_pretrained
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ddpo_rl.models.digits import (
+    MODEL_INDEX,
+    PROMPT_TEMPLATE,
+    UNCONDITIONAL_PROMPT,
+    DigitsModel,
+    TrainResult,
+    _say,
+    default_cache_dir,
+    load_digits_dataset,
+    pretrain_loop,
+    write_model_dir,
+)
+
+MODEL_NAME = "flow-digits-v1"
+"""Name of the cache and asset subdirectory; bump it when the architecture or the data change."""
+_COMPONENTS = ("transformer", "text_encoder", "scheduler")
+_PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / MODEL_NAME
+
+
+@dataclass
+class FlowDigitsConfig:
+    """Architecture of the flow-matching digits model (sizes, not training hyper-parameters)."""
+
+    sample_size: int = 8
+    channels: int = 1
+    patch_size: int = 2
+    num_layers: int = 3
+    attention_head_dim: int = 16
+    num_attention_heads: int = 4
+    text_hidden_size: int = 16
+    text_projection_dim: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    max_length: int = 16
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+
+
+@dataclass
+class FlowDigitsModel:
+    """The components of the flow-matching digits model.
+
+    Attributes:
+        transformer: ``SD3Transformer2DModel`` predicting the velocity v = eps - x0 of
+            [B, channels, 8, 8] samples, called as ``transformer(x, encoder_hidden_states=...,
+            pooled_projections=..., timestep=1000 t).sample``.
+        text_encoder: frozen ``CLIPTextModelWithProjection``.
+        tokenizer: the 49408-token ``CLIPTokenizer`` (padded to ``max_length`` 16).
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` (shift 1).
+        sample_size, channels, prompt_template, unconditional_prompt, source: as
+            :class:`~ddpo_rl.models.digits.DigitsModel`.
+    """
+
+    transformer: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    sample_size: int = 8
+    channels: int = 1
+    prompt_template: str = PROMPT_TEMPLATE
+    unconditional_prompt: str = UNCONDITIONAL_PROMPT
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    prompts = DigitsModel.prompts
+    decode = staticmethod(DigitsModel.decode)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "FlowDigitsModel":
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kwargs:
+            self.transformer.to(**kwargs)
+            self.text_encoder.to(**kwargs)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts_pooled(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(encoder_hidden_states [B, L, D], pooled_projections [B, P])`` of ``prompts``."""
+        from ddpo_rl.text import encode_prompts_pooled
+
+        return encode_prompts_pooled(self.tokenizer, self.text_encoder, prompts)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{KEYS.prompt_embeds: [B, L, D], KEYS.pooled_prompt_embeds: [B, P]}``, the condition the
+        denoising env carries (see :meth:`encode_prompts_pooled`)."""
+        from ddpo_rl.keys import KEYS
+
+        embeds, pooled = self.encode_prompts_pooled(prompts)
+        return {KEYS.prompt_embeds: embeds, KEYS.pooled_prompt_embeds: pooled}
+
+    def metadata(self) -> dict:
+        return DigitsModel.metadata(self)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_flow_digits_model(config: FlowDigitsConfig | None = None, seed: int = 0) -> FlowDigitsModel:
+    """A randomly initialised flow-matching digits model (frozen random text encoder)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+    cfg = config or FlowDigitsConfig()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=cfg.text_hidden_size,
+            intermediate_size=2 * cfg.text_hidden_size,
+            projection_dim=cfg.text_projection_dim,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_length,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
+    text_encoder.requires_grad_(False)
+    inner = cfg.attention_head_dim * cfg.num_attention_heads
+    transformer = SD3Transformer2DModel(
+        sample_size=cfg.sample_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.text_hidden_size,
+        caption_projection_dim=inner,
+        pooled_projection_dim=cfg.text_projection_dim,
+        pos_embed_max_size=cfg.sample_size // cfg.patch_size,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.shift)
+    return FlowDigitsModel(
+        transformer=transformer,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(model_max_length=cfg.max_length),
+        scheduler=scheduler,
+        sample_size=cfg.sample_size,
+        channels=cfg.channels,
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def sample_flow_times(batch_size: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Training times t in (0, 1), float [batch_size]: ``"logit_normal"`` (sigmoid of a standard
+    normal, SD3's default) or ``"uniform"``."""
+    if mode == "logit_normal":
+        return torch.sigmoid(torch.randn(batch_size, generator=generator))
+    if mode == "uniform":
+        return torch.rand(batch_size, generator=generator)
+    raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {mode!r}")
+
+
+def flow_matching_loss(
+    transformer: torch.nn.Module,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    num_train_timesteps: int = 1000,
+) -> torch.Tensor:
+    """The rectified-flow regression loss, mean over the batch (notation: module docstring).
+
+    1. x_t = (1 - t) x_0 + t epsilon
+    2. v = epsilon - x_0 (the target)
+    3. || transformer(x_t, 1000 t, c) - v ||^2, averaged over pixels and samples
+    """
+    tb = t.view(-1, *([1] * (x0.dim() - 1)))
+    xt = (1 - tb) * x0 + tb * noise
+    target = noise - x0
+    pred = transformer(
+        xt,
+        encoder_hidden_states=encoder_hidden_states,
+        pooled_projections=pooled_projections,
+        timestep=t * num_train_timesteps,
+    ).sample
+    return F.mse_loss(pred, target)
+
+
+def train_flow_digits_model(
+    model: FlowDigitsModel | None = None,
+    *,
+    steps: int = 2000,
+    batch_size: int = 96,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 50,
+    prompt_dropout: float = 0.1,
+    ema_decay: float | None = 0.995,
+    time_sampling: str = "logit_normal",
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 25,
+    callback: Callable[[int, float], None] | None = None,
+) -> tuple[FlowDigitsModel, TrainResult]:
+    """Pretrain the model on sklearn's digits with the flow-matching objective.
+
+    Each step encodes the 11 distinct prompts (10 digits and ``""``) with the text encoder
+    (trained jointly), draws ``batch_size`` images with replacement, replaces a sample's prompt
+    by ``""`` with probability ``prompt_dropout`` (for classifier-free guidance), draws t
+    (``time_sampling``) and regresses the velocity (:func:`flow_matching_loss`). The optimiser,
+    schedule and EMA are :func:`~ddpo_rl.models.digits.pretrain_loop`'s. Afterwards both modules
+    are in eval mode and the text encoder is frozen.
+
+    Returns:
+        ``(model, TrainResult)``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if model is None:
+        model = build_flow_digits_model(seed=seed)
+    sample_flow_times(1, time_sampling, torch.Generator())  # validate before training
+    device = model.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    images, labels = load_digits_dataset()
+    images, labels = images.to(device), labels.to(device)
+    prompts = model.prompts + [model.unconditional_prompt]
+    tok = model.tokenizer
+    prompt_ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)  # [11, L]; row 10 is the unconditional prompt
+    uncond_index = len(prompts) - 1
+    num_t = model.scheduler.config.num_train_timesteps
+
+    transformer, text_encoder = model.transformer, model.text_encoder
+    transformer.train()
+    text_encoder.train().requires_grad_(True)
+    params = [p for m in (transformer, text_encoder) for p in m.parameters()]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(images), (batch_size,), generator=gen).to(device)
+        x0, y = images[idx], labels[idx]
+        drop = torch.rand(batch_size, generator=gen).to(device) < prompt_dropout
+        out = text_encoder(prompt_ids)  # the 11 distinct prompts, then gathered per sample
+        row = torch.where(drop, torch.full_like(y, uncond_index), y)
+        t = sample_flow_times(batch_size, time_sampling, gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        return flow_matching_loss(
+            transformer, x0, noise, t, out.last_hidden_state[row], out.text_embeds[row], num_t
+        )
+
+    result = pretrain_loop(
+        params, loss_fn, steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        ema_decay=ema_decay, progress=progress, log_every=log_every, callback=callback,
+        description="pretraining flow-digits model",
+    )
+    transformer.eval()
+    text_encoder.eval().requires_grad_(False)
+    model.source = "trained"
+    return model, result
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_flow_digits(
+    model: FlowDigitsModel,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Euler ODE sampling (the scheduler's deterministic ``step``) with classifier-free guidance:
+    ``v = v_uncond + guidance_scale (v_cond - v_uncond)``. A reference sampler for checks; the
+    RL policy has its own (SDE) sampler.
+
+    Returns samples in [-1, 1] (unclamped), [B, channels, sample_size, sample_size].
+    """
+    device = model.device
+    sched = copy.deepcopy(model.scheduler)
+    sched.set_timesteps(num_inference_steps, device=device)
+    b = len(prompts)
+    cond, pooled = model.encode_prompts_pooled(prompts)
+    use_cfg = guidance_scale != 1.0
+    if use_cfg:
+        u, up = model.encode_prompts_pooled([model.unconditional_prompt])
+        cond, pooled = torch.cat([u.expand(b, -1, -1), cond]), torch.cat([up.expand(b, -1), pooled])
+    shape = (b, model.channels, model.sample_size, model.sample_size)
+    x = torch.randn(shape, generator=generator, device="cpu").to(device)
+    for t in sched.timesteps:
+        inp = torch.cat([x, x]) if use_cfg else x
+        v = model.transformer(
+            inp, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t.expand(inp.shape[0])
+        ).sample
+        if use_cfg:
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
+        x = sched.step(v, t, x).prev_sample
+    return x
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def packaged_model_dir() -> Path | None:
+    """The checkpoint committed inside the package (``ddpo_rl/assets/flow-digits-v1``), if any."""
+    return _PACKAGED_DIR if is_flow_digits_model_dir(_PACKAGED_DIR) else None
+
+
+def is_flow_digits_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete saved flow-matching digits model."""
+    p = Path(path)
+    return all((p / f).exists() for f in (MODEL_INDEX, *_COMPONENTS))
+
+
+def save_flow_digits_model(
+    model: FlowDigitsModel,
+    path: str | os.PathLike,
+    *,
+    save_tokenizer: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save ``model`` in the diffusers directory layout (module docstring), atomically.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the weights in that precision; the in-memory model
+    is unchanged and :func:`load_flow_digits_model` casts back to float32. The tokenizer is left
+    out unless ``save_tokenizer`` (it is rebuilt offline at load time).
+    """
+    transformer, text_encoder = model.transformer, model.text_encoder
+    if dtype is not None:
+        transformer = copy.deepcopy(transformer).to(dtype)
+        text_encoder = copy.deepcopy(text_encoder).to(dtype)
+    writers = {
+        "transformer": transformer.save_pretrained,
+        "text_encoder": text_encoder.save_pretrained,
+        "scheduler": model.scheduler.save_pretrained,
+    }
+    components = {
+        "transformer": ["diffusers", type(model.transformer).__name__],
+        "text_encoder": ["transformers", type(model.text_encoder).__name__],
+        "scheduler": ["diffusers", type(model.scheduler).__name__],
+        "tokenizer": ["ddpo_rl", "build_clip_tokenizer"],
+    }
+    if save_tokenizer:
+        writers["tokenizer"] = model.tokenizer.save_pretrained
+        components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
+    index = {"_class_name": "DDPOFlowDigitsModel", "name": MODEL_NAME, **components, "metadata": model.metadata()}
+    return write_model_dir(path, writers, index)
+
+
+def load_flow_digits_model(
+    path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> FlowDigitsModel:
+    """Load a model saved by :func:`save_flow_digits_model` (float32 on the CPU by default)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if not is_flow_digits_model_dir(path):
+        raise FileNotFoundError(
+            f"{path} is not a saved flow-matching digits model (expected {MODEL_INDEX}, "
+            + ", ".join(f"{c}/" for c in _COMPONENTS) + ")"
+        )
+    meta = dict(json.loads((path / MODEL_INDEX).read_text()).get("metadata", {}))
+    dtype = dtype or torch.float32
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a 1 MB encoder is noise in the recipe's output
+    try:
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    if (path / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    else:
+        from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
+    transformer.eval()
+    text_encoder.eval().requires_grad_(False)
+    model = FlowDigitsModel(
+        transformer=transformer,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        sample_size=int(meta.pop("sample_size", transformer.config.sample_size)),
+        channels=int(meta.pop("channels", transformer.config.in_channels)),
+        prompt_template=meta.pop("prompt_template", PROMPT_TEMPLATE),
+        unconditional_prompt=meta.pop("unconditional_prompt", UNCONDITIONAL_PROMPT),
+        source=str(path),
+        extra={k: v for k, v in meta.items() if k not in ("value_range", "space")},
+    )
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_or_train_flow_digits_model(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    device: torch.device | str | None = None,
+    use_packaged: bool = True,
+    train_if_missing: bool = True,
+    progress: bool = True,
+    **train_kwargs,
+) -> FlowDigitsModel:
+    """The pretrained flow-matching digits model, looked up as the digits model is
+    (:func:`~ddpo_rl.models.digits.load_or_train_digits_model`): ``cache_dir`` (default
+    ``$DDPO_RL_CACHE/flow-digits-v1`` or ``~/.cache/ddpo_rl/flow-digits-v1``), then the committed
+    checkpoint, then trained (``train_kwargs`` passed on) and saved to ``cache_dir``.
+
+    Raises:
+        FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(MODEL_NAME)
+    if is_flow_digits_model_dir(cache):
+        return load_flow_digits_model(cache, device=device)
+    packaged = packaged_model_dir() if use_packaged else None
+    if packaged is not None:
+        return load_flow_digits_model(packaged, device=device)
+    if not train_if_missing:
+        raise FileNotFoundError(
+            f"no flow-digits model in {cache}" + (" nor in the package" if use_packaged else "")
+            + "; run recipes/pretrain_flow_digits.py or pass train_if_missing=True"
+        )
+    _say(f"ddpo_rl: no pretrained flow-digits model found in {cache}; training one now (a few CPU minutes, once).", progress)
+    model = build_flow_digits_model(seed=train_kwargs.get("seed", 0))
+    if device is not None:
+        model.to(device)
+    model, result = train_flow_digits_model(model, progress=progress, **train_kwargs)
+    save_flow_digits_model(model, cache)
+    _say(f"ddpo_rl: flow-digits model trained in {result.seconds:.0f} s, saved to {cache}", progress)
+    return model

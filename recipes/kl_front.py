@@ -1,0 +1,128 @@
+"""The reward / "model still good" trade-off over KL coefficients: runs, table, plot.
+
+    python recipes/kl_front.py --preset digits --kl-coefs 0 0.01 0.1 1 --seeds 0 1 2 --jobs 2 \
+        --runs-dir outputs/kl_front --out docs/results [--FIELD VALUE ...]
+
+Every run is the preset (plus the extra ``--FIELD VALUE`` overrides) with one ``kl_coef`` and one
+seed, run by recipes/<algorithm>.py in its own process with one thread, ``--jobs`` at a time, in
+RUNS_DIR/<preset>/kl<C>/seed<S>/ (log in log.txt). A directory holding the finished run of the same
+configuration is reused, an interrupted one resumed. Then it writes, from the runs' summary.json
+and metrics.jsonl (ddpo_rl.comparison.front_row / front_table / front_markdown):
+
+    OUT/kl_front_<preset>.json   every run's reward gains, monitor ratios, alarm and best epochs, seconds
+    OUT/kl_front_<preset>.md     the same as tables (per run, and per kl_coef over seeds)
+    OUT/kl_front_<preset>.png    reward gain (training prompts, base std) against the smallest monitor
+                                 final/base ratio, one colour per kl_coef, with the two criteria
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
+from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
+from ddpo_rl.config import parse_cli
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.plotting import save_scatter_png
+from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.run_dir import check_directory_path, describe_run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _plan(preset: str, kl_coefs, seeds, overrides, runs_dir):
+    runs = []
+    for kl in kl_coefs:
+        for seed in seeds:
+            out = os.path.join(runs_dir, preset, f"kl{kl:g}", f"seed{seed}")
+            args = ["--preset", preset, *overrides, "--kl-coef", f"{kl:g}", "--seed", str(seed), "--output-dir", out,
+                    "--progress", "false"]
+            cfg = parse_cli(args)
+            runs.append((cfg, args, run_status(cfg)))
+    return runs
+
+
+def _launch(cfg, args, status) -> subprocess.Popen:
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")]))
+    log = open(os.path.join(cfg.output_dir, "log.txt"), "a")
+    cmd = [sys.executable, os.path.join(HERE, f"{cfg.algorithm}.py"), *args]
+    if status == "resume":
+        cmd += ["--resume", cfg.output_dir]
+    elif describe_run(cfg.output_dir) is not None:  # started but never checkpointed: start it again
+        cmd += ["--overwrite", "true"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log.close()
+    return proc
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--runs-dir", default="outputs/kl_front")
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--no-run", action="store_true", help="only aggregate the runs that are finished")
+    args, overrides = parser.parse_known_args(argv)
+    with report_user_errors():
+        args.runs_dir, args.out = os.path.expanduser(args.runs_dir), os.path.expanduser(args.out)
+        check_directory_path(args.runs_dir, "runs_dir")
+        check_directory_path(args.out, "out")
+        runs = _plan(args.preset, args.kl_coefs, args.seeds, overrides, args.runs_dir)
+    pending = [] if args.no_run else [r for r in runs if r[2] != "done"]
+    active = []
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            cfg, a, status = pending.pop(0)
+            active.append((cfg, _launch(cfg, a, status)))
+        for cfg, proc in list(active):
+            if proc.poll() is not None:
+                active.remove((cfg, proc))
+                print(f"{cfg.output_dir}: exit {proc.returncode}", flush=True)
+        time.sleep(2.0)
+    rows = []
+    for cfg, _, _ in runs:
+        path = os.path.join(cfg.output_dir, "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+            if summary.get("final", {}).get("epoch") == cfg.epochs or summary.get("stopped_on_monitor_drop"):
+                rows.append(front_row(summary, read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))))
+    if not rows:
+        print("no finished runs to aggregate", file=sys.stderr)
+        return {}
+    front = front_table(rows)
+    cfg = runs[0][0]
+    extra = f" with {' '.join(overrides)}" if overrides else ""
+    front["setup"] = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
+                          monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
+                          guidance_scale=cfg.guidance_scale)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"kl_front_{args.preset}")
+    with open(stem + ".json", "w") as f:
+        json.dump(front, f, indent=2)
+    header = (f"KL front of the {args.preset} preset{extra}: {cfg.algorithm} on {cfg.reward}, {cfg.epochs} epochs, "
+              f"monitors {', '.join(cfg.monitor_rewards)} at CFG {cfg.guidance_scale:g}, {cfg.eval_num_samples} "
+              "fixed-seed samples per prompt set.")
+    with open(stem + ".md", "w") as f:
+        f.write(front_markdown(front, header))
+    groups = {}
+    for r in rows:
+        groups.setdefault(f"kl_coef {r['kl_coef']:g}", []).append((r["min_monitor_ratio"], r["train_gain"]))
+    save_scatter_png(stem + ".png", groups, title=f"{args.preset}: reward gain vs monitor (each point a seed)",
+                     xlabel="smallest monitor final/base (train & held-out)", ylabel="reward gain (base std)",
+                     hlines=[FRONT_REWARD_GAIN], vlines=[FRONT_MONITOR_RATIO])
+    print(front_markdown(front, header))
+    return front
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The recipe's monitors end to end (tiny model): eval.jsonl, the alarm said once, best/, stop_on_monitor_drop, KL logged."""
+
+import json
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpo_rl.config import parse_cli
+from recipes.ddpo_recipe import run
+from tests.helpers import read_jsonl
+
+FALLING = "tests.recipes.bad_rewards:falling"
+
+
+def _run(tmp_path, name, *args):
+    out = tmp_path / name
+    cfg = parse_cli(["--preset", "tiny", "--output-dir", str(out), "--progress", "false", "--epochs", "3",
+                     "--eval-every", "1", "--save-every", "10", *args])
+    return out, run(cfg)
+
+
+def _unet(path):
+    return load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_alarm_is_said_once_and_best_is_the_last_evaluation_within_tolerance(tmp_path, capsys):
+    out, summary = _run(tmp_path, "run", "--monitor-rewards", f"digit_alignment,{FALLING}", "--kl-coef", "0.1")
+    err = capsys.readouterr().err
+    assert err.count("over-optimisation") == 1 and f"monitor {FALLING}" in err and "epoch 1" in err, err
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["epoch"] for e in evals] == [0, 1, 2, 3]
+    assert all(set(e["monitors"]) == {"digit_alignment", FALLING} for e in evals)
+    assert [e.get("monitor_alarm", {}).get("epoch") for e in evals] == [None, 1, None, None]
+    assert summary["monitor_alarm"]["epoch"] == 1 and summary["monitor_alarm"]["monitor"] == FALLING
+    assert summary["best_epoch"] == 0 and not summary["stopped_on_monitor_drop"]
+    assert set(summary["monitors"]["digit_alignment"]) == {"training prompts", "held-out prompts"}
+    # best/ holds the base weights (the only evaluation within tolerance), final/ the trained ones
+    best, final = _unet(out / "best"), _unet(out / "final")
+    assert any(not torch.equal(best[k], final[k]) for k in best)
+    # the KL to the reference is logged every epoch, 0 before the first update
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert all(m["kl_to_reference"] is not None for m in metrics) and metrics[-1]["kl_to_reference"] > 0
+    assert Image.open(out / "reward_curve.png").size[1] == 2 * 420  # the monitor panel
+
+
+def test_stop_on_monitor_drop_ends_the_run_with_a_checkpoint(tmp_path, capsys):
+    out, summary = _run(tmp_path, "stop", "--monitor-rewards", FALLING, "--stop-on-monitor-drop", "true")
+    assert "stop_on_monitor_drop" in capsys.readouterr().out
+    assert summary["stopped_on_monitor_drop"] and summary["final"]["epoch"] == 1 and summary["best_epoch"] == 0
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+    assert torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert (out / "final").is_dir() and (out / "best").is_dir()
+
+
+def test_without_monitors_best_is_the_highest_reward(tmp_path):
+    out, summary = _run(tmp_path, "plain", "--epochs", "2")
+    assert summary["monitors"] == {} and summary["monitor_alarm"] is None
+    rewards = {e["epoch"]: e["train_prompts_reward_mean"] for e in read_jsonl(out / "eval.jsonl")}
+    assert summary["best_epoch"] == max(rewards, key=rewards.get)
+    assert json.loads((out / "config.json").read_text())["kl_coef"] == 0.0
+    assert all(m["kl_to_reference"] is None for m in read_jsonl(out / "metrics.jsonl"))
