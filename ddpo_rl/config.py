@@ -26,8 +26,9 @@ from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS
 from ddpo_rl.objectives import LOSSES
 from ddpo_rl.objectives.rwr import RWR_MODES
-from ddpo_rl.precision import MIXED_PRECISION_MODES
+from ddpo_rl.precision import MIXED_PRECISION_MODES, OPTIMIZER_IMPLS
 from ddpo_rl.rewards.transform import ON_INVALID
+from ddpo_rl.sampling import SAMPLERS
 
 ALGORITHMS = LOSSES
 """The algorithms a recipe runs: one per loss of ddpo_rl.objectives."""
@@ -39,6 +40,8 @@ MixedPrecision = Literal[MIXED_PRECISION_MODES]
 OnInvalidReward = Literal[ON_INVALID]
 RWRMode = Literal[RWR_MODES]
 LoggerKind = Literal[LOGGERS]
+Sampler = Literal[SAMPLERS]
+OptimizerImpl = Literal[OPTIMIZER_IMPLS]
 
 
 class ConfigError(ValueError):
@@ -76,8 +79,12 @@ class DDPOConfig:
     """LoRA rank r."""
     lora_alpha: float = 4.0
     """LoRA alpha (scale = alpha / r)."""
-    mixed_precision: MixedPrecision = "no"
-    """"no", "fp16" or "bf16": autocast for the UNet; trainable weights stay float32."""
+    mixed_precision: MixedPrecision = "auto"
+    """"auto" (bf16 on CUDA, "no" on CPU), "no", "fp16" or "bf16": autocast of the UNet in sampling
+    and training (both samplers); trainable weights and the optimizer state stay float32, and on
+    CUDA the frozen weights (text encoder, VAE, the UNet base under LoRA) are stored in this dtype
+    (SD-1.5 UNet base: 1.7 GB instead of 3.4 GB). "fp16" adds a GradScaler. Not measured: no GPU
+    was lent when this was written (benchmarks/gpu_check.sh measures it)."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs."""
     gradient_checkpointing: bool = False
@@ -186,6 +193,31 @@ class DDPOConfig:
     stop_on_monitor_drop: bool = False
     """End the run (with a checkpoint and final/) at the first evaluation whose monitors fall out of tolerance."""
 
+    # --- speed and memory (measured effects: benchmarks/README.md) ---------------------------
+    sampler: Sampler = "auto"
+    """How trajectories are sampled, for training and evaluation: "env" (the torchrl env stepped by
+    the policy: ddpo_rl.collector, the reference), "graphed" (ddpo_rl.sampling.FastSampler: the same
+    math and random draws on static buffers, the T-step loop replayed as one CUDA graph on CUDA,
+    run eagerly on CPU) or "auto" (graphed on CUDA, env on CPU). On CPU both give bitwise the same
+    run, and the graphed one is no faster there (1.05x the env path's sampling time, paired rounds,
+    tiny UNet batch 32 x 10 steps), hence auto = env on CPU. GPU: not measured (no GPU was lent)."""
+    threads: int = 0
+    """CPU threads of torch's intra-op pool (torch.set_num_threads), set first thing in setup;
+    0 = torch's default (one per core). `import ddpo_rl` also makes waiting OpenMP threads sleep
+    rather than spin (OMP_WAIT_POLICY=PASSIVE unless set; ddpo_rl/threads.py). Measured, digits run
+    on 2 cores, s/epoch alone / at load 7: 2 threads passive (the default) 5.4 / 30; 2 spinning
+    4.9 / 167; 1 thread 8.5 / 19 (benchmarks/README.md, "CPU threads"). Use 1 on a crowded machine."""
+    channels_last: bool = False
+    """Store the UNet's conv weights and feed its inputs in channels_last (tensor-core convs on GPU).
+    On CPU (digits run) within the noise: 0.96x sampling, 0.97x training time. GPU: not measured."""
+    sdpa_attention: bool = True
+    """Pin diffusers' SDPA attention processor (flash / memory-efficient kernels on GPU) on the UNet.
+    It is diffusers' default on torch 2 already, so on CPU it changes nothing (bitwise the same)."""
+    optimizer_impl: OptimizerImpl = "auto"
+    """AdamW implementation: "fused" (one kernel), "foreach", "for-loop", or "auto" (fused on CUDA,
+    foreach on CPU). On CPU (digits run) fused vs foreach: 0.99x training time (noise; the update
+    is a small part of a step). GPU: not measured."""
+
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 10
     """Evaluate (held-out reward, sample grid) every this many epochs, and at the first and last."""
@@ -260,6 +292,7 @@ class DDPOConfig:
              'must map monitor names to keyword dicts, e.g. {"digit_alignment": {"C": 1.0}}')
         need(not self.stop_on_monitor_drop or bool(self.monitor_rewards), "stop_on_monitor_drop",
              "needs at least one monitor: set monitor_rewards (e.g. --monitor-rewards digit_alignment)")
+        need(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
              "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
         need(self.noise_level > 0, "noise_level", f"{self.noise_level}: the flow-matching SDE needs a > 0 (0.7 in Flow-GRPO)")
@@ -349,7 +382,7 @@ PRESETS: dict[str, dict] = {
 
 # The paper's Stable Diffusion settings (Black et al. 2024, appendix; one GPU: batch x accumulation).
 _SD15 = dict(
-    model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="fp16",
+    model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="auto",
     num_inference_steps=50, eta=1.0, guidance_scale=5.0, sample_batch_size=8, num_batches_per_epoch=32,
     minibatch_size=8, gradient_accumulation_steps=8, num_inner_epochs=1, timestep_fraction=1.0,
     learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,

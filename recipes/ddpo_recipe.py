@@ -51,11 +51,11 @@ from ddpo_rl.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advantages
+from ddpo_rl.collector import terminal_rewards, with_advantages
 from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.run_dir import RunDir, history_entry, resume_changes
-from ddpo_rl import distributed
+from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
 from ddpo_rl.loggers import make_run_logger
 from ddpo_rl.objectives import make_loss
@@ -63,7 +63,9 @@ from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardTransform
+from ddpo_rl.sampling import make_sampler
 from ddpo_rl.schedules import is_flow_matching_scheduler
+from ddpo_rl.threads import set_threads
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from envs.denoising import DenoisingEnv
 
@@ -126,6 +128,7 @@ class DDPORecipe:
         """Build everything the run needs, cheapest checks first: prompts and reward, device and
         processes, model, envs, policy, loss, optimizer and trainer; then load ``cfg.resume``."""
         cfg = self.cfg
+        set_threads(cfg.threads)  # first: before torch runs any parallel work (ddpo_rl/threads.py)
         from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
 
         # 1. prompts and reward: cheap, checked before any model is loaded
@@ -157,6 +160,7 @@ class DDPORecipe:
 
         if self.device.type == "cuda":
             precision.set_tf32(cfg.allow_tf32)
+        self.mixed_precision = precision.resolve_mixed_precision(cfg.mixed_precision, self.device)  # "auto" resolved
         self.out = cfg.output_dir
         self.is_main = self.dist.is_main
 
@@ -177,7 +181,7 @@ class DDPORecipe:
         # 4. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
 
-        frozen_dtype = precision.low_precision_dtype(cfg.mixed_precision) if self.device.type == "cuda" else None
+        frozen_dtype = precision.low_precision_dtype(self.mixed_precision) if self.device.type == "cuda" else None
         # rank 0 first: it alone trains-and-caches the digits model or downloads hub weights on
         # first use; the other ranks then load what it wrote (no concurrent writers)
         if not self.is_main:
@@ -194,6 +198,12 @@ class DDPORecipe:
         if cfg.gradient_checkpointing:
             precision.enable_gradient_checkpointing(unet)
         unet.to(self.device)
+        if cfg.use_lora:  # the frozen base in the low dtype on CUDA; LoRA weights (and AdamW state) stay float32
+            precision.cast_frozen_params(unet, frozen_dtype)
+        if cfg.sdpa_attention:
+            precision.use_sdpa_attention(unet)
+        if cfg.channels_last:
+            precision.set_channels_last(unet)
 
         # 5. envs: training (random prompts) and evaluation (fixed prompts and seeds)
         self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", group_size=cfg.group_size)
@@ -227,13 +237,13 @@ class DDPORecipe:
             raise ConfigError("use_lora: the policy has no trainable parameters")
         distributed.broadcast_parameters(self.params)
         torch.manual_seed(self.rank_seed)  # sampling noise: per rank
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = precision.make_adamw(
             self.params,
+            cfg.optimizer_impl,
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay,
             eps=cfg.adam_epsilon,
-            foreach=True,
         )
         self.train_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.trainer = DDPOTrainer(
@@ -247,12 +257,15 @@ class DDPORecipe:
                 max_grad_norm=cfg.max_grad_norm,
             ),
             params=self.params,
-            autocast=lambda: precision.autocast(cfg.mixed_precision, self.device),
+            autocast=lambda: precision.autocast(self.mixed_precision, self.device),
             generator=self.train_rng,
-            grad_scaler=precision.grad_scaler(cfg.mixed_precision, self.device)
-            if cfg.mixed_precision == "fp16"
+            grad_scaler=precision.grad_scaler(self.mixed_precision, self.device)
+            if self.mixed_precision == "fp16"
             else None,
         )
+        # samplers (cfg.sampler), one per env, made at first use; graphed ones share a graph memory pool
+        self._samplers = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.tracker = (
             PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count) if cfg.per_prompt_stat_tracking else None
         )
@@ -262,6 +275,22 @@ class DDPORecipe:
         if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
             self.run_dir.write_config(cfg.to_dict(), self.history)
         return self
+
+    def _sample(self, env, num_batches: int):
+        """Trajectories [N, T] from ``env`` with the configured sampler (``cfg.sampler``: the env path
+        or the graphed FastSampler, same TensorDict either way). One sampler per env, kept for the
+        run: a graphed one holds its buffers and CUDA graph (re-captured only when stale)."""
+        sampler = self._samplers.get(id(env))
+        if sampler is None:
+            sampler = self._samplers[id(env)] = make_sampler(
+                self.cfg.sampler,
+                env,
+                self.policy,
+                autocast_dtype=precision.low_precision_dtype(self.mixed_precision),
+                channels_last=self.cfg.channels_last,
+                graph_pool=self._graph_pool,
+            )
+        return sampler.sample(num_batches)
 
     def _read_resume_state(self) -> dict:
         """The verified checkpoint of ``cfg.resume``; refuses changes to fields fixed on resume."""
@@ -409,8 +438,7 @@ class DDPORecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             env.set_seed(seed)
-            with self.trainer.autocast():  # the training samples' precision
-                return collect_trajectories(env, self.policy, num_batches=num_batches)
+            return self._sample(env, num_batches)  # the training samples' sampler and precision
 
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,
@@ -515,8 +543,7 @@ class DDPORecipe:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
-                with self.trainer.autocast():
-                    traj = collect_trajectories(self.env, self.policy, num_batches=cfg.num_batches_per_epoch)
+                traj = self._sample(self.env, cfg.num_batches_per_epoch)
                 t1 = time.perf_counter()
                 # 2. per-prompt advantages from terminal rewards, over every rank's samples
                 #    (samples whose reward was dropped as NaN get no weight and are removed)
