@@ -337,6 +337,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "learning_rate",  # set on the optimizer's param groups after its state is loaded
     "max_grad_norm", "on_invalid_reward", "reward_async", "progress", "device", "prompt_cache_size",  # execution
     "logger", "logger_kwargs", "stop_on_monitor_drop",  # reporting
+    "threads", "sampler", "channels_last", "sdpa_attention",  # speed: the same math (see their docstrings)
     "output_dir", "resume", "overwrite",  # where the run lives (output_dir follows resume)
 })
 
