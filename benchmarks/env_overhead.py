@@ -77,45 +77,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    from torchrl.envs import TransformedEnv
-    from torchrl.envs.utils import ExplorationType, set_exploration_type
-
-    from benchmarks.throughput import PROMPTS, brightness, latent_to_images, make_plain_policy_loop
-    from ddpo_rl.collector import TRAJECTORY_KEYS, collect_trajectories
-    from ddpo_rl.models.tiny import sd_ddim_scheduler
-    from ddpo_rl.policy import DiffusionPolicy
-    from ddpo_rl.rewards.transform import RewardTransform
+    from benchmarks.throughput import Setup, make_ddpo_eager, make_plain_policy_loop, make_torchrl_rollout
     from ddpo_rl.sampling import FastSampler
-    from envs.denoising import DenoisingEnv
 
-    B, T, shape = args.batch, args.steps, (4, args.latent_size, args.latent_size)
-    table = torch.randn(len(PROMPTS), 77, 32)
-    sched = sd_ddim_scheduler()
-    policy = DiffusionPolicy(
-        NearFreeModel(),
-        sched,
-        T,
-        guidance_scale=args.cfg,
-        negative_prompt_embeds=torch.randn(1, 77, 32) if args.cfg != 1.0 else None,
-    ).to(device)
-    base = DenoisingEnv(PROMPTS, lambda ps: table[[PROMPTS.index(p) for p in ps]], sched, T, shape, B, device=device)
-    env = TransformedEnv(base, RewardTransform(brightness, latent_to_images))
-
-    class _S:  # what make_plain_policy_loop reads
-        pass
-
-    s = _S()
-    s.policy, s.env, s.B, s.T, s.latent_shape, s.device = policy, env, B, T, shape, device
-
-    @torch.no_grad()
-    def torchrl_env_rollout():
-        with set_exploration_type(ExplorationType.RANDOM):
-            return env.rollout(T, policy, break_when_any_done=False).select(*TRAJECTORY_KEYS, strict=False)
-
-    sampler = FastSampler(env, policy)
+    T = args.steps
+    s = Setup(args, device, unet=NearFreeModel())
+    sampler = FastSampler(s.env, s.policy)
     fns = {
-        "torchrl_env_rollout": torchrl_env_rollout,
-        "collect_trajectories": lambda: collect_trajectories(env, policy),
+        "torchrl_env_rollout": make_torchrl_rollout(s),
+        "collect_trajectories": make_ddpo_eager(s),
         "plain_tensors": make_plain_policy_loop(s),
         "fast_sampler": sampler.sample,
     }
@@ -161,7 +131,7 @@ def main(argv=None) -> dict:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"Sampling-loop machinery, near-free model, batch {B}, {T} steps, cfg {args.cfg}, {device}, load {result['loadavg_start']}")
+        t = Table(title=f"Sampling-loop machinery, near-free model, batch {args.batch}, {T} steps, cfg {args.cfg}, {device}, load {result['loadavg_start']}")
         for col in ("method", "ms/step", "machinery ms/step vs plain", "host syncs/batch"):
             t.add_column(col, justify="left" if col == "method" else "right")
         for k, m in result["methods"].items():

@@ -35,6 +35,7 @@ JSON schema.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -218,7 +219,10 @@ PROMPTS = ["a cat", "a dog", "a horse", "a photo of a lighthouse", "an oil paint
 class Setup:
     """Everything the methods share: the UNet, embeddings, env, policy, scheduler."""
 
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args, device: torch.device, unet: torch.nn.Module | None = None, cond_dim: int = 32):
+        """``args``: batch, steps, cfg, latent_size and (unless ``unet`` is given) model.
+        ``unet``: a stand-in noise model (env_overhead.py's near-free one) taking ``cond_dim``-wide
+        prompt embeddings, instead of :func:`build_unet`."""
         from torchrl.envs import TransformedEnv
 
         from ddpo_rl.models.tiny import sd_ddim_scheduler
@@ -228,7 +232,7 @@ class Setup:
 
         self.args, self.device = args, device
         self.B, self.T, self.w, self.eta = args.batch, args.steps, args.cfg, 1.0
-        self.unet, dim = build_unet(args.model, args.latent_size)
+        self.unet, dim = build_unet(args.model, args.latent_size) if unet is None else (unet, cond_dim)
         self.unet.to(device)
         self.latent_shape = (4, args.latent_size, args.latent_size)
         self.scheduler = sd_ddim_scheduler()
@@ -361,8 +365,11 @@ def make_torchrl_rollout(s: Setup):
 
 def make_ddpo_graphed(s: Setup, autocast_dtype):
     """(d) ddpo_rl.sampling.FastSampler (CUDA graph on GPU, eager static-buffer loop on CPU)."""
+    from ddpo_rl.precision import set_channels_last
     from ddpo_rl.sampling import FastSampler, FastSamplingConfig
 
+    if s.args.channels_last:  # the model (shared by every method, as the recipe's option does)
+        set_channels_last(s.unet)
     sampler = FastSampler(
         s.env,
         s.policy,
@@ -405,21 +412,33 @@ def make_plain_policy_loop(s: Setup):
 
 
 def make_training(s: Setup, batch, autocast_dtype, optimizer_impl: str):
-    """(DDPOTrainer step, bare PyTorch step) on the same trajectories, model and optimizer."""
+    """(DDPOTrainer step, bare PyTorch step, optimizer) on the same trajectories, model and optimizer.
+
+    Both use the recipe's options: ``ddpo_rl.precision.make_adamw`` (``optimizer_impl``), autocast
+    in ``autocast_dtype``, and a GradScaler for fp16 (bf16 needs none)."""
+    from ddpo_rl import precision
     from ddpo_rl.collector import with_advantages
     from ddpo_rl.ddim import ddim_step_gaussian, gaussian_log_prob
     from ddpo_rl.keys import KEYS
     from ddpo_rl.objectives import make_loss
-    from ddpo_rl.train_options import FastTrainOptions
     from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 
-    opts = FastTrainOptions(autocast_dtype=autocast_dtype, optimizer_impl=optimizer_impl)
     B, T = batch.shape[:2]
     adv = torch.randn(B, generator=torch.Generator().manual_seed(0))
     batch = with_advantages(batch, adv)
-    optimizer = opts.make_optimizer(s.unet.parameters(), lr=1e-7)  # tiny lr: speed, not learning
+    optimizer = precision.make_adamw(s.unet.parameters(), optimizer_impl, lr=1e-7)  # tiny lr: speed, not learning
     loss = make_loss("ddpo_is", s.policy, clip_epsilon=1e-4)
-    trainer = DDPOTrainer(loss, optimizer, TrainConfig(minibatch_size=B, max_grad_norm=1.0), **opts.trainer_kwargs(s.device))
+    fp16 = autocast_dtype == torch.float16
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(s.device.type, dtype=autocast_dtype)
+
+    trainer = DDPOTrainer(
+        loss, optimizer, TrainConfig(minibatch_size=B, max_grad_norm=1.0), autocast=autocast,
+        grad_scaler=torch.amp.GradScaler(s.device.type) if fp16 else None,
+    )
 
     def ddpo_trainer():
         return trainer.train(batch)
@@ -432,13 +451,13 @@ def make_training(s: Setup, batch, autocast_dtype, optimizer_impl: str):
     adv_d = adv.to(s.device)
     neg = s.negative.expand(B, -1, -1) if s.w != 1.0 else None
     eps_clip = 1e-4
-    autocast = opts.autocast_factory(s.device)
+    scaler = torch.amp.GradScaler(s.device.type, enabled=fp16)
 
     def bare_loop():
         optimizer.zero_grad(set_to_none=True)
         for j in range(T):
             x, t, c = lat[:, j], ts[:, j], emb[:, j]
-            with autocast() if autocast else torch.autocast(s.device.type, enabled=False):
+            with autocast():
                 if neg is not None:
                     e_u, e_c = s.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg, c])).sample.chunk(2)
                     eps = e_u + s.w * (e_c - e_u)
@@ -448,12 +467,14 @@ def make_training(s: Setup, batch, autocast_dtype, optimizer_impl: str):
             lp = gaussian_log_prob(act[:, j], mean, std)
             ratio = torch.exp(lp - old_lp[:, j])
             obj = torch.minimum(adv_d * ratio, adv_d * ratio.clamp(1 - eps_clip, 1 + eps_clip))
-            (-obj.mean() / T).backward()
+            scaler.scale(-obj.mean() / T).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    return ddpo_trainer, bare_loop, opts
+    return ddpo_trainer, bare_loop, optimizer
 
 
 # -- FLOPs -------------------------------------------------------------------------------------
@@ -540,7 +561,25 @@ def profile_call(fn, top: int = 25) -> str:
     return out.getvalue()
 
 
-def main(argv=None) -> dict:
+COLLECTION_LABELS = {
+    "baseline_loop": "(a) eager diffusers loop + log-probs",
+    "diffusers_pipeline": "(b) StableDiffusionPipeline, no log-probs",
+    "ddpo_rl_eager": "(c) ddpo_rl collect_trajectories (env.step loop)",
+    "torchrl_env_rollout": "(c0) torchrl env.rollout(T, policy)",
+    "ddpo_rl_graphed": "(d) ddpo_rl FastSampler",
+    "plain_policy_loop": "(e) same policy math, plain tensors",
+}
+
+# The issue's targets (GPU, SD-1.5 UNet, batch 8, 50 steps, CFG): see benchmarks/README.md.
+TARGETS = {
+    "collection_vs_baseline": (">=", 2.0),
+    "collection_vs_pipeline": (">=", 1.2),
+    "env_overhead_pct": ("<", 3.0),
+    "trainer_overhead_pct": ("<", 10.0),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     ap.add_argument("--latent-size", type=int, default=None, help="latent H=W (default 8 tiny, 64 sd15)")
@@ -565,62 +604,63 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.latent_size is None:
         args.latent_size = 8 if args.model == "tiny" else 64
+    return args
+
+
+def configure(args) -> tuple[torch.device, torch.dtype | None]:
+    """Threads, device, TF32; returns (device, autocast dtype or None)."""
+    from ddpo_rl import precision
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.model == "sd15" and device.type != "cuda":
         log("[yellow]--model sd15 on CPU: expect minutes per collection[/yellow]")
     if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    load_start = loadavg()
+        precision.set_tf32(True)
+    return device, precision.autocast_dtype(args.dtype)
 
-    log(f"building {args.model} (latent {args.latent_size}, batch {args.batch}, {args.steps} steps, cfg {args.cfg}) on {device}")
-    s = Setup(args, device)
-    n_params = sum(p.numel() for p in s.unet.parameters())
+
+def collection_methods(s: Setup, autocast_dtype) -> tuple[dict, object]:
+    """{method key: zero-argument callable}, and the FastSampler of (d)."""
 
     def with_autocast(fn):
         if autocast_dtype is None:
             return fn
-        return lambda: _autocast_call(fn, device, autocast_dtype)
+        return lambda: _autocast_call(fn, s.device, autocast_dtype)
 
     sampler, graphed_fn = make_ddpo_graphed(s, autocast_dtype)
     methods = {"baseline_loop": with_autocast(make_baseline_loop(s))}
-    if not args.skip_pipeline:
+    if not s.args.skip_pipeline:
         methods["diffusers_pipeline"] = with_autocast(make_pipeline(s))
     methods["ddpo_rl_eager"] = with_autocast(make_ddpo_eager(s))
     methods["torchrl_env_rollout"] = with_autocast(make_torchrl_rollout(s))
     methods["ddpo_rl_graphed"] = graphed_fn  # autocast inside (UNet only)
     methods["plain_policy_loop"] = with_autocast(make_plain_policy_loop(s))
+    return methods, sampler
 
+
+def run_collection(s: Setup, args, methods: dict, sampler, flops: dict) -> dict:
+    """Time the collection methods (interleaved), then one call each for peak memory."""
     log("collection: warm-up and timed rounds")
-    times = time_interleaved(methods, device, args.warmup, args.repeats, "collection")
+    times = time_interleaved(methods, s.device, args.warmup, args.repeats, "collection")
     mem = {}
     for name, fn in methods.items():
-        with PeakMemory(device) as pm:
+        with PeakMemory(s.device) as pm:
             fn()
         mem[name] = pm
-    flops = count_flops(s, autocast_dtype)
-    peak, basis = peak_flops(device, args.dtype, args.tf32, args.peak_tflops)
-    flops.update({"peak_flops": peak, "peak_basis": basis})
-
-    labels = {
-        "baseline_loop": "(a) eager diffusers loop + log-probs",
-        "diffusers_pipeline": "(b) StableDiffusionPipeline, no log-probs",
-        "ddpo_rl_eager": "(c) ddpo_rl collect_trajectories (env.step loop)",
-        "torchrl_env_rollout": "(c0) torchrl env.rollout(T, policy)",
-        "ddpo_rl_graphed": "(d) ddpo_rl FastSampler" + (" (CUDA graph)" if sampler.graphed else " (CPU: eager fallback)"),
-        "plain_policy_loop": "(e) same policy math, plain tensors",
-    }
+    peak = flops["peak_flops"]
     collection = {}
     base_med = statistics.median(times["baseline_loop"])
     pipe_med = statistics.median(times["diffusers_pipeline"]) if "diffusers_pipeline" in times else None
     for name, ts in times.items():
         med = statistics.median(ts)
         fwd_flops = flops["unet_forward_flops"] * args.steps
+        label = COLLECTION_LABELS[name]
+        if name == "ddpo_rl_graphed":
+            label += " (CUDA graph)" if sampler.graphed else " (CPU: eager fallback)"
         entry = {
-            "label": labels[name],
+            "label": label,
             **summarize(ts),
             "samples_per_s": args.batch / med,
             "computes_log_probs": name != "diffusers_pipeline",
@@ -637,113 +677,143 @@ def main(argv=None) -> dict:
             if not sampler.graphed:
                 entry["note"] = "no CUDA: the static-buffer step runs eagerly (the code that is captured on GPU)"
         collection[name] = entry
+    return {"collection": collection, "env_overhead": env_overhead_figures(times, args.steps)}
 
-    env_overhead = {
+
+def env_overhead_figures(times: dict, steps: int) -> dict:
+    """(c) and (c0) against (e): the torchrl env's share of a sampling loop."""
+    eo = {
         "env_rollout_median_s": statistics.median(times["ddpo_rl_eager"]),
         "plain_loop_median_s": statistics.median(times["plain_policy_loop"]),
+        "torchrl_env_rollout_median_s": statistics.median(times["torchrl_env_rollout"]),
     }
-    env_overhead["overhead_pct"] = 100 * (env_overhead["env_rollout_median_s"] / env_overhead["plain_loop_median_s"] - 1)
-    env_overhead["overhead_pct_paired_median"] = paired_overhead_pct(times["ddpo_rl_eager"], times["plain_policy_loop"])
-    env_overhead["per_step_overhead_ms"] = 1e3 * (env_overhead["env_rollout_median_s"] - env_overhead["plain_loop_median_s"]) / args.steps
-    env_overhead["torchrl_env_rollout_median_s"] = statistics.median(times["torchrl_env_rollout"])
-    env_overhead["torchrl_env_rollout_overhead_pct"] = 100 * (
-        env_overhead["torchrl_env_rollout_median_s"] / env_overhead["plain_loop_median_s"] - 1
-    )
-    env_overhead["torchrl_env_rollout_overhead_pct_paired_median"] = paired_overhead_pct(
+    eo["overhead_pct"] = 100 * (eo["env_rollout_median_s"] / eo["plain_loop_median_s"] - 1)
+    eo["overhead_pct_paired_median"] = paired_overhead_pct(times["ddpo_rl_eager"], times["plain_policy_loop"])
+    eo["per_step_overhead_ms"] = 1e3 * (eo["env_rollout_median_s"] - eo["plain_loop_median_s"]) / steps
+    eo["torchrl_env_rollout_overhead_pct"] = 100 * (eo["torchrl_env_rollout_median_s"] / eo["plain_loop_median_s"] - 1)
+    eo["torchrl_env_rollout_overhead_pct_paired_median"] = paired_overhead_pct(
         times["torchrl_env_rollout"], times["plain_policy_loop"]
     )
+    return eo
 
-    training = None
-    if not args.skip_training:
-        log("training: DDPOTrainer vs bare loop")
-        from ddpo_rl.collector import collect_trajectories
 
-        batch = collect_trajectories(s.env, s.policy)
-        trainer_fn, bare_fn, opts = make_training(s, batch, autocast_dtype, args.optimizer)
-        t_times = time_interleaved(
-            {"ddpo_trainer": trainer_fn, "bare_loop": bare_fn}, device, args.warmup, args.train_repeats or args.repeats, "training"
-        )
-        training = {}
-        train_step_flops = flops["unet_fwd_bwd_flops"] * args.steps  # one (sample x timestep) pass over B x T
-        for name, ts in t_times.items():
-            with PeakMemory(device) as pm:
-                (trainer_fn if name == "ddpo_trainer" else bare_fn)()
-            med = statistics.median(ts)
-            training[name] = {
-                **summarize(ts),
-                "sample_timesteps_per_s": args.batch * args.steps / med,
-                "peak_mem_bytes": pm.peak,
-                "peak_mem_delta_bytes": pm.delta,
-                "achieved_unet_flops_per_s": train_step_flops / med,
-                "unet_flops_fraction_of_peak": (train_step_flops / med / peak) if peak else None,
-            }
-        training["trainer_overhead_pct"] = 100 * (training["ddpo_trainer"]["median_s"] / training["bare_loop"]["median_s"] - 1)
-        training["trainer_overhead_pct_paired_median"] = paired_overhead_pct(t_times["ddpo_trainer"], t_times["bare_loop"])
-        training["optimizer"] = type(opts.make_optimizer([torch.nn.Parameter(torch.zeros(1, device=device))], 1e-3)).__name__
-        training["optimizer_impl"] = args.optimizer
+def run_training(s: Setup, args, autocast_dtype, flops: dict) -> dict:
+    """DDPOTrainer vs the bare loop on one collected batch, interleaved; then peak memory."""
+    log("training: DDPOTrainer vs bare loop")
+    from ddpo_rl.collector import collect_trajectories
 
-    profile = None
-    if args.profile:
-        profile = {
-            "ddpo_rl_eager": profile_call(methods["ddpo_rl_eager"]),
-            "plain_policy_loop": profile_call(methods["plain_policy_loop"]),
+    batch = collect_trajectories(s.env, s.policy)
+    trainer_fn, bare_fn, optimizer = make_training(s, batch, autocast_dtype, args.optimizer)
+    t_times = time_interleaved(
+        {"ddpo_trainer": trainer_fn, "bare_loop": bare_fn}, s.device, args.warmup, args.train_repeats or args.repeats, "training"
+    )
+    peak = flops["peak_flops"]
+    training = {}
+    train_step_flops = flops["unet_fwd_bwd_flops"] * args.steps  # one (sample x timestep) pass over B x T
+    for name, ts in t_times.items():
+        with PeakMemory(s.device) as pm:
+            (trainer_fn if name == "ddpo_trainer" else bare_fn)()
+        med = statistics.median(ts)
+        training[name] = {
+            **summarize(ts),
+            "sample_timesteps_per_s": args.batch * args.steps / med,
+            "peak_mem_bytes": pm.peak,
+            "peak_mem_delta_bytes": pm.delta,
+            "achieved_unet_flops_per_s": train_step_flops / med,
+            "unet_flops_fraction_of_peak": (train_step_flops / med / peak) if peak else None,
         }
+    training["trainer_overhead_pct"] = 100 * (training["ddpo_trainer"]["median_s"] / training["bare_loop"]["median_s"] - 1)
+    training["trainer_overhead_pct_paired_median"] = paired_overhead_pct(t_times["ddpo_trainer"], t_times["bare_loop"])
+    training["optimizer"] = type(optimizer).__name__
+    training["optimizer_impl"] = args.optimizer
+    training["optimizer_fused"] = bool(optimizer.defaults.get("fused"))
+    return training
 
-    flow = None
-    if args.flow:  # the flow-matching family, same protocol (its own model: an SD3 transformer)
-        log("flow-matching collection: warm-up and timed rounds")
-        from flow_throughput import flow_collection
 
-        flow = flow_collection(args, device, PROMPTS, brightness, latent_to_images, time_interleaved, summarize, paired_overhead_pct)
-
+def evaluate_targets(args, device, collection: dict, env_overhead: dict, training: dict | None) -> dict:
+    """Each target of :data:`TARGETS` with the measured value; ``applies`` only in the issue's setting."""
     is_target_setting = (
         device.type == "cuda" and args.model == "sd15" and args.batch == 8 and args.steps == 50 and args.cfg != 1.0
     )
-
-    def target(value, op, bound):
-        return {"target": f"{op} {bound}", "measured": value, "met": (value >= bound if op == ">=" else value < bound) if value is not None else None}
-
+    measured = {
+        "collection_vs_baseline": collection["ddpo_rl_graphed"]["ratio_to_baseline"],
+        "collection_vs_pipeline": collection["ddpo_rl_graphed"]["ratio_to_pipeline"],
+        "env_overhead_pct": env_overhead["overhead_pct"],
+        "trainer_overhead_pct": training["trainer_overhead_pct"] if training else None,
+    }
     targets = {
         "applies": is_target_setting,
         "note": "the issue's targets are for GPU, SD-1.5 UNet, batch 8, 50 steps, CFG; other settings are indicative only",
-        "collection_vs_baseline": target(collection["ddpo_rl_graphed"]["ratio_to_baseline"], ">=", 1.5),
-        "collection_vs_pipeline": target(collection["ddpo_rl_graphed"]["ratio_to_pipeline"], ">=", 1.0),
-        "env_overhead_pct": target(env_overhead["overhead_pct"], "<", 3.0),
-        "trainer_overhead_pct": target(training["trainer_overhead_pct"] if training else None, "<", 10.0),
+    }
+    for key, (op, bound) in TARGETS.items():
+        value = measured[key]
+        met = None if value is None else (value >= bound if op == ">=" else value < bound)
+        targets[key] = {"target": f"{op} {bound}", "measured": value, "met": met}
+    return targets
+
+
+def run_config(args, s: Setup, device) -> dict:
+    return {
+        "model": args.model,
+        "unet_params": sum(p.numel() for p in s.unet.parameters()),
+        "latent_size": args.latent_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "eta": 1.0,
+        "dtype": args.dtype,
+        "tf32": args.tf32,
+        "channels_last": args.channels_last,
+        "device": str(device),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "vae_decode": "skipped by every method (pipeline output_type='latent'; others: latent->pixel map + brightness reward)",
     }
 
+
+def machine_info(device, load_start) -> dict:
+    return {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+    }
+
+
+def run_flow_collection(args, device) -> dict:
+    """The flow-matching family, same protocol (its own model: an SD3 transformer; benchmarks/flow_throughput.py)."""
+    from flow_throughput import flow_collection
+
+    log("flow-matching collection: warm-up and timed rounds")
+    return flow_collection(args, device, PROMPTS, brightness, latent_to_images, time_interleaved, summarize, paired_overhead_pct)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device, autocast_dtype = configure(args)
+    load_start = loadavg()
+    log(f"building {args.model} (latent {args.latent_size}, batch {args.batch}, {args.steps} steps, cfg {args.cfg}) on {device}")
+    s = Setup(args, device)
+    methods, sampler = collection_methods(s, autocast_dtype)
+    flops = count_flops(s, autocast_dtype)
+    flops["peak_flops"], flops["peak_basis"] = peak_flops(device, args.dtype, args.tf32, args.peak_tflops)
+    collected = run_collection(s, args, methods, sampler, flops)
+    training = None if args.skip_training else run_training(s, args, autocast_dtype, flops)
+    profile = None
+    if args.profile:
+        profile = {name: profile_call(methods[name]) for name in ("ddpo_rl_eager", "plain_policy_loop")}
+    flow = run_flow_collection(args, device) if args.flow else None
     result = {
         "schema": SCHEMA,
-        "config": {
-            "model": args.model,
-            "unet_params": n_params,
-            "latent_size": args.latent_size,
-            "batch": args.batch,
-            "steps": args.steps,
-            "cfg": args.cfg,
-            "eta": 1.0,
-            "dtype": args.dtype,
-            "tf32": args.tf32,
-            "channels_last": args.channels_last,
-            "device": str(device),
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "vae_decode": "skipped by every method (pipeline output_type='latent'; others: latent->pixel map + brightness reward)",
-        },
-        "machine": {
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_start": load_start,
-            "loadavg_end": loadavg(),
-            "python": platform.python_version(),
-            "versions": _versions(),
-        },
-        "collection": collection,
-        "env_overhead": env_overhead,
+        "config": run_config(args, s, device),
+        "machine": machine_info(device, load_start),
+        **collected,
         "training": training,
         "flops": flops,
-        "targets": targets,
+        "targets": evaluate_targets(args, device, collected["collection"], collected["env_overhead"], training),
         "profile": profile,
         "flow_collection": flow,
     }

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from ddpo_rl.checkpoint import CHECKPOINT_NAME
 from ddpo_rl.config import ConfigError, DDPOConfig, parse_cli
 from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.run_dir import describe_run
 
 # config fields that may differ between a stored run and the planned one without changing it
-_RUN_INDEPENDENT_FIELDS = ("progress", "resume", "logger", "logger_kwargs")
+# ("history" is config.json's record of starts and resumes, not a field)
+_RUN_INDEPENDENT_FIELDS = ("progress", "resume", "overwrite", "history", "logger", "logger_kwargs")
 # fields the comparison sets per run itself
-_PER_RUN_FLAGS = ("--algorithm", "--seed", "--output-dir", "--resume")
+_PER_RUN_FLAGS = ("--algorithm", "--seed", "--output-dir", "--resume", "--overwrite")
 
 
 @dataclass
@@ -51,7 +53,11 @@ class PlannedRun:
     def cli_args(self, overrides: list[str]) -> list[str]:
         """Arguments of the recipe script that runs (or resumes) this run."""
         args = [*overrides, "--seed", str(self.seed), "--output-dir", self.out, "--progress", "false"]
-        return args + (["--resume", self.out] if self.status == "resume" else [])
+        if self.status == "resume":
+            return args + ["--resume", self.out]
+        if describe_run(self.out) is not None:  # started but never checkpointed: start it again
+            return args + ["--overwrite", "true"]
+        return args
 
 
 def _differences(stored: dict, planned: dict) -> list[str]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,8 +26,9 @@ from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS
 from ddpo_rl.objectives import LOSSES
 from ddpo_rl.objectives.rwr import RWR_MODES
-from ddpo_rl.precision import MIXED_PRECISION_MODES
+from ddpo_rl.precision import MIXED_PRECISION_MODES, OPTIMIZER_IMPLS
 from ddpo_rl.rewards.transform import ON_INVALID
+from ddpo_rl.sampling import SAMPLERS
 
 ALGORITHMS = LOSSES
 """The algorithms a recipe runs: one per loss of ddpo_rl.objectives."""
@@ -37,6 +40,8 @@ MixedPrecision = Literal[MIXED_PRECISION_MODES]
 OnInvalidReward = Literal[ON_INVALID]
 RWRMode = Literal[RWR_MODES]
 LoggerKind = Literal[LOGGERS]
+Sampler = Literal[SAMPLERS]
+OptimizerImpl = Literal[OPTIMIZER_IMPLS]
 
 
 class ConfigError(ValueError):
@@ -74,8 +79,12 @@ class DDPOConfig:
     """LoRA rank r."""
     lora_alpha: float = 4.0
     """LoRA alpha (scale = alpha / r)."""
-    mixed_precision: MixedPrecision = "no"
-    """"no", "fp16" or "bf16": autocast for the UNet; trainable weights stay float32."""
+    mixed_precision: MixedPrecision = "auto"
+    """"auto" (bf16 on CUDA, "no" on CPU), "no", "fp16" or "bf16": autocast of the UNet in sampling
+    and training (both samplers); trainable weights and the optimizer state stay float32, and on
+    CUDA the frozen weights (text encoder, VAE, the UNet base under LoRA) are stored in this dtype
+    (SD-1.5 UNet base: 1.7 GB instead of 3.4 GB). "fp16" adds a GradScaler. Not measured: no GPU
+    was lent when this was written (benchmarks/gpu_check.sh measures it)."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs."""
     gradient_checkpointing: bool = False
@@ -190,6 +199,31 @@ class DDPOConfig:
     stop_on_monitor_drop: bool = False
     """End the run (with a checkpoint and final/) at the first evaluation whose monitors fall out of tolerance."""
 
+    # --- speed and memory (measured effects: benchmarks/README.md) ---------------------------
+    sampler: Sampler = "auto"
+    """How trajectories are sampled, for training and evaluation: "env" (the torchrl env stepped by
+    the policy: ddpo_rl.collector, the reference), "graphed" (ddpo_rl.sampling.FastSampler: the same
+    math and random draws on static buffers, the T-step loop replayed as one CUDA graph on CUDA,
+    run eagerly on CPU) or "auto" (graphed on CUDA, env on CPU). On CPU both give bitwise the same
+    run, and the graphed one is no faster there (1.05x the env path's sampling time, paired rounds,
+    tiny UNet batch 32 x 10 steps), hence auto = env on CPU. GPU: not measured (no GPU was lent)."""
+    threads: int = 0
+    """CPU threads of torch's intra-op pool (torch.set_num_threads), set first thing in setup;
+    0 = torch's default (one per core). `import ddpo_rl` also makes waiting OpenMP threads sleep
+    rather than spin (OMP_WAIT_POLICY=PASSIVE unless set; ddpo_rl/threads.py). Measured, digits run
+    on 2 cores, s/epoch alone / at load 7: 2 threads passive (the default) 5.4 / 30; 2 spinning
+    4.9 / 167; 1 thread 8.5 / 19 (benchmarks/README.md, "CPU threads"). Use 1 on a crowded machine."""
+    channels_last: bool = False
+    """Store the UNet's conv weights and feed its inputs in channels_last (tensor-core convs on GPU).
+    On CPU (digits run) within the noise: 0.96x sampling, 0.97x training time. GPU: not measured."""
+    sdpa_attention: bool = True
+    """Pin diffusers' SDPA attention processor (flash / memory-efficient kernels on GPU) on the UNet.
+    It is diffusers' default on torch 2 already, so on CPU it changes nothing (bitwise the same)."""
+    optimizer_impl: OptimizerImpl = "auto"
+    """AdamW implementation: "fused" (one kernel), "foreach", "for-loop", or "auto" (fused on CUDA,
+    foreach on CPU). On CPU (digits run) fused vs foreach: 0.99x training time (noise; the update
+    is a small part of a step). GPU: not measured."""
+
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 10
     """Evaluate (held-out reward, sample grid) every this many epochs, and at the first and last."""
@@ -200,7 +234,11 @@ class DDPOConfig:
     save_every: int = 10
     """Write a checkpoint every this many epochs (and at the end, and on SIGINT/SIGTERM)."""
     resume: str | None = None
-    """A run directory (or its checkpoint) to continue from."""
+    """A run directory (or its checkpoint) to continue from; the run continues in that directory
+    (output_dir follows it). Fields outside CHANGEABLE_ON_RESUME must stay as the run had them."""
+    overwrite: bool = False
+    """Replace an earlier run found in output_dir (its config, logs, samples, checkpoints, weights).
+    Without it a fresh run into a directory holding a run stops with an error."""
     progress: bool = True
     """Show the rich progress display."""
     logger: LoggerKind = "none"
@@ -221,6 +259,19 @@ class DDPOConfig:
             if not cond:
                 raise ConfigError(f"{field_name}: {msg}")
 
+        check_finite_floats(self)
+        expand_user_paths(self)
+        if self.resume is not None:  # a resumed run continues in its own directory
+            from ddpo_rl.checkpoint import run_dir_of
+
+            run_dir = run_dir_of(self.resume)
+            default_out = PRESETS.get(self.preset, {}).get("output_dir", DDPOConfig.output_dir)
+            if os.path.abspath(self.output_dir) not in (run_dir, os.path.abspath(default_out)):
+                raise ConfigError(
+                    f"output_dir: --resume continues the run in its own directory ({run_dir}), not in "
+                    f"{self.output_dir}; drop --output-dir (or give that same directory)"
+                )
+            self.output_dir = run_dir
         for name, choices in _choice_fields(type(self)).items():
             need(getattr(self, name) in choices, name, f"{getattr(self, name)!r} is not one of {choices}")
         for name in (
@@ -231,7 +282,8 @@ class DDPOConfig:
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         need(self.eta > 0, "eta", f"eta={self.eta}: DDPO's log-probs need eta > 0 (the paper uses 1.0)")
         need(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1.0 (1.0 disables guidance)")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(0 < self.learning_rate <= 1, "learning_rate",
+             f"must be in (0, 1], got {self.learning_rate}: an AdamW step moves each weight by about the learning rate")
         need(self.clip_range > 0, "clip_range", "must be positive")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
@@ -246,6 +298,7 @@ class DDPOConfig:
              'must map monitor names to keyword dicts, e.g. {"digit_alignment": {"C": 1.0}}')
         need(not self.stop_on_monitor_drop or bool(self.monitor_rewards), "stop_on_monitor_drop",
              "needs at least one monitor: set monitor_rewards (e.g. --monitor-rewards digit_alignment)")
+        need(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
              "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
         need(self.noise_level > 0, "noise_level", f"{self.noise_level}: the flow-matching SDE needs a > 0 (0.7 in Flow-GRPO)")
@@ -277,13 +330,45 @@ class DDPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DDPOConfig:
+        """A config from a dict of fields (a config.json's ``history`` entry is not a field: ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != "history"}
         unknown = sorted(set(d) - names)
         if unknown:
             from ddpo_rl.cli import unknown_field_message
 
             raise ConfigError(f"{unknown[0]}: {unknown_field_message(cls, unknown[0])}")
         return cls(**d)
+
+
+# Fields that may differ when a run is resumed; each is applied for real and recorded in config.json's
+# history. ANY OTHER FIELD IS FIXED ON RESUME (a new field is fixed until it is added here): the
+# algorithm, model, LoRA, sizes the optimizer or the reward statistics depend on, seed, reward, prompts...
+CHANGEABLE_ON_RESUME = frozenset({
+    "epochs", "eval_every", "save_every", "eval_num_samples", "grid_samples_per_prompt",  # cadence
+    "learning_rate",  # set on the optimizer's param groups after its state is loaded
+    "max_grad_norm", "on_invalid_reward", "reward_async", "progress", "device", "prompt_cache_size",  # execution
+    "logger", "logger_kwargs", "stop_on_monitor_drop",  # reporting
+    "threads", "sampler", "channels_last", "sdpa_attention",  # speed: the same math (see their docstrings)
+    "output_dir", "resume", "overwrite",  # where the run lives (output_dir follows resume)
+})
+
+
+def check_finite_floats(cfg) -> None:
+    """ConfigError naming the first float field of dataclass ``cfg`` holding NaN or +-inf."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "float" in str(hints.get(f.name)) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+
+
+def expand_user_paths(cfg) -> None:
+    """Expand a leading ``~`` in every string field of dataclass ``cfg`` (paths; other values never start with it)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, f.name, os.path.expanduser(value))
 
 
 def _choice_fields(cls: type) -> dict[str, tuple]:
@@ -316,7 +401,7 @@ PRESETS: dict[str, dict] = {
 
 # The paper's Stable Diffusion settings (Black et al. 2024, appendix; one GPU: batch x accumulation).
 _SD15 = dict(
-    model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="fp16",
+    model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="auto",
     num_inference_steps=50, eta=1.0, guidance_scale=5.0, sample_batch_size=8, num_batches_per_epoch=32,
     minibatch_size=8, gradient_accumulation_steps=8, num_inner_epochs=1, timestep_fraction=1.0,
     learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,
@@ -456,7 +541,18 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
     except cli.CLIError as err:
         raise ConfigError(str(err)) from None
     script_preset = defaults.pop("preset", None)  # the script's default preset (recipes/flow_grpo.py)
-    preset = given.pop("preset", None) or script_preset or parsed.preset
+    preset_given = given.pop("preset", None) is not None
+    base = resume_base(given["resume"]) if given.get("resume") else None
+    if base is not None:  # --resume RUN_DIR: the run's own config, then what this command sets
+        out = given.get("output_dir")
+        if out is not None and os.path.abspath(os.path.expanduser(out)) != base["output_dir"]:
+            raise ConfigError(
+                f"output_dir: --resume continues the run in its own directory ({base['output_dir']}), not in "
+                f"{out}; drop --output-dir (or give that same directory)"
+            )
+        explicit = {**defaults, **given, **({"preset": parsed.preset} if preset_given else {})}
+        return DDPOConfig.from_dict({**base, **explicit}).validate()
+    preset = parsed.preset if preset_given else (script_preset or parsed.preset)
     return preset_config(preset, **{**defaults, **given}).validate()
 
 
@@ -465,6 +561,29 @@ def _cli_description() -> str:
         "A DDPO run: --preset NAME, then --FIELD VALUE for any field below (the defaults shown are the "
         f"digits preset's). Presets: {', '.join(PRESETS)}."
     )
+
+
+def resume_base(resume: str) -> dict | None:
+    """The fields a resumed run ran with (its config.json), or None when it has none readable.
+
+    A resumed command starts from these, not from a preset: ``--resume RUN_DIR`` alone continues the
+    run as it was, and only the fields the command sets explicitly may differ (then checked against
+    CHANGEABLE_ON_RESUME). ``output_dir`` is RUN_DIR; fields unknown to this version are dropped.
+    """
+    from ddpo_rl.checkpoint import run_dir_of
+
+    run_dir = run_dir_of(os.path.expanduser(resume))
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not {"algorithm", "model", "reward"} <= set(stored):
+        return None  # not a DDPO run's config (e.g. dppo_gym's): the checkpoint check will say what it is
+    names = {f.name for f in dataclasses.fields(DDPOConfig)} - {"resume", "overwrite"}
+    base = {k: v for k, v in stored.items() if k in names}
+    base["output_dir"] = run_dir
+    return base
 
 
 def cli_help() -> str:

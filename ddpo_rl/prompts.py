@@ -51,8 +51,14 @@ class PromptSource:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompt file {path!r} does not exist: give a text file with one prompt per line")
-        with open(path, encoding="utf-8") as f:
-            prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"prompt file {path!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+                "save it as UTF-8"
+            ) from None
         if not prompts:
             raise ValueError(f"prompt file {path!r} holds no prompts: write one prompt per line")
         return cls(prompts, name=os.path.basename(path))
@@ -71,6 +77,7 @@ def resolve_prompts(spec: str, field: str = "prompts") -> PromptSource:
 
     ``field`` (the config field the spec came from) starts every error message.
     """
+    spec = os.path.expanduser(spec)
     if spec.startswith("digits:"):
         body = spec.split(":", 1)[1]
         try:

@@ -1,99 +1,57 @@
-"""Fast trajectory sampling: the DDPO sampling loop on static buffers, replayed as a CUDA graph.
+"""Sampling DDPO trajectories: the env path (the reference) or static buffers replayed as a CUDA graph.
 
-:func:`ddpo_rl.collector.collect_trajectories` runs ``env.rollout(T, policy)``: per denoising
-step, torchrl builds TensorDicts, runs the actor's TensorDictModule / distribution machinery,
-the env's ``_step`` and the transforms, and stacks the T step TensorDicts at the end. That is
-flexible, and on a GPU each of those Python operations launches small kernels and waits on
-the interpreter: with a 50-step loop of a UNet the launch overhead and gaps add up.
+Two samplers with one interface, ``sampler.sample(num_batches) -> TensorDict [N, T]`` holding
+:data:`ddpo_rl.collector.TRAJECTORY_KEYS`, so the trainer consumes either:
 
-:class:`FastSampler` computes the SAME thing (same env, same policy parameters, same math, same
-random draws) on preallocated buffers::
+- :class:`EnvSampler`: :func:`ddpo_rl.collector.collect_trajectories`, i.e. the torchrl env
+  (:class:`envs.denoising.DenoisingEnv` + reward transform) stepped by the policy, under autocast.
+- :class:`FastSampler`: the same math, the same random draws, on preallocated buffers::
 
-    once per batch (eager):  env.reset() -> prompt ids, x_T, prompt embeddings   (the env's RNG)
-                             T step noises z_k ~ N(0, I) drawn into a static buffer
-    T times (one graph):     eps = CFG(noise_model(x, t_k, c))           (policy forward)
-                             mean, std = DDIM Gaussian(eps, t_k, x)      (ddpo_rl.ddim)
-                             a = mean + z_k * std;  log pi(a | x)        (sample, log-prob)
-                             trajectory[:, k] <- (x, a, log-prob);  x <- a;  k <- k + 1  (env step)
-    once per batch (eager):  reward = RewardTransform.score(x_0, prompts)  (decode + reward model)
+      once per batch (eager):  env.reset() -> prompt ids, x_T          (the env's RNG)
+                               z_k ~ N(0, I), k = 0..T-1, into a buffer (the global RNG, in the
+                                                                        order the actor draws them)
+      T times (one graph):     mean, std = policy head(x, t_k, c)     (CFG + DDIM Gaussian)
+                               a = mean + z_k * std;  log pi(a | x)   (sample, log-prob)
+                               trajectory[:, k] <- (x, a, log-prob);  x <- a;  k <- k + 1
+      once per batch (eager):  reward = RewardTransform.score(x_0)     (decode + reward model)
 
-and returns a TensorDict [N, T] with exactly :data:`ddpo_rl.collector.TRAJECTORY_KEYS`, so the
-trainer consumes either.
+  On CUDA the T-step loop is one captured ``torch.cuda.CUDAGraph`` replayed T times; on CPU the
+  same step function runs eagerly (so the CPU tests run the code that is captured on GPU).
 
-Why a raw ``torch.cuda.CUDAGraph`` (and not tensordict's ``CudaGraphModule`` or
-``torch.compile(mode="reduce-overhead")``):
-
-- the whole step, bookkeeping included, reads and writes static buffers only: the step index k
-  is a device tensor, the timestep and the noise are gathered with it (``index_select``) and the
-  trajectory is written with ``index_copy_``. One ``graph.replay()`` per step is then the only
-  host work: no per-step input copies, no Python per step. ``CudaGraphModule`` copies a
-  TensorDict of inputs into its static inputs and clones the outputs on every call, which is
-  the very per-step overhead we want gone, and it counts warm-up *calls*, which couples it to
-  how often the loop has run;
-- ``torch.compile(mode="reduce-overhead")`` compiles (minutes for an SD UNet, recompiles when
-  guards change) and its cudagraph trees hold their own memory pools and would have to be
-  tuned without a GPU to test on: the raw graph is explicit about what is static;
-- on CPU the same step function runs eagerly, so the CPU tests exercise exactly the code that
-  is captured on GPU (only the capture itself is GPU-only).
-
-Rules the step function obeys so that capture is correct: static shapes (the env's batch size,
-T and latent shape are fixed), no host synchronisation (no ``.item()``, no indexing with a
-0-dim tensor, no data-dependent Python branches), all randomness pre-drawn outside the graph
-into a static buffer, autocast with ``cache_enabled=False`` (a cast cache must not outlive the
-capture). The optimizer updates the noise model's parameters IN PLACE, so the graph sees the
-new weights at the next replay; if parameters are replaced (``model.to(...)``, re-assigning
-``.data`` to a new storage), call :meth:`FastSampler.reset_graph`.
+:func:`make_sampler` builds either from a config's ``sampler`` field (:data:`SAMPLERS`).
+Why a raw CUDA graph, and the rules the captured step obeys: benchmarks/README.md, "The graphed
+sampler". The graph is never silently stale: before each batch the sampler compares a key of
+everything the capture froze (parameter and buffer storages, dtypes and shapes, module modes,
+LoRA merge/adapter state, attention processors, CFG scale, eta, the env's shapes) with the key
+at capture, and re-captures when it changed. In-place updates (the optimizer's) need none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from ddpo_rl.collector import TRAJECTORY_KEYS
-from ddpo_rl.ddim import ddim_step_gaussian, gaussian_log_prob
+from ddpo_rl.collector import TRAJECTORY_KEYS, collect_trajectories
+from ddpo_rl.ddim import gaussian_log_prob
 from ddpo_rl.keys import KEYS
+from ddpo_rl.precision import autocast_dtype as _autocast_dtype
 from ddpo_rl.rewards.transform import RewardTransform
 
-_AUTOCAST_DTYPES = {
-    None: None,
-    "none": None,
-    "fp32": None,
-    "float32": None,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+SAMPLERS = ("auto", "env", "graphed")
+"""Values of ``DDPOConfig.sampler``: "auto" = "graphed" on CUDA, "env" elsewhere."""
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``"bf16"``/``"fp16"``/``"fp32"``/None or a torch dtype -> a torch dtype (None = no autocast)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return None if dtype in (None, torch.float32) else dtype
-    try:
-        return _AUTOCAST_DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(k for k in _AUTOCAST_DTYPES if k)}") from None
-
-
-def use_sdpa_attention(model: torch.nn.Module) -> bool:
-    """Set diffusers' ``AttnProcessor2_0`` (``F.scaled_dot_product_attention``) on every attention
-    layer of ``model``. Returns False if the model has no diffusers attention processors.
-
-    diffusers already defaults to it on torch 2; this pins it (a checkpoint or an earlier
-    ``set_attn_processor`` may have set the slower classic processor)."""
-    if not hasattr(model, "set_attn_processor"):
-        return False
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    model.set_attn_processor(AttnProcessor2_0())
-    return True
+def resolve_sampler(name: str, device: torch.device | str) -> str:
+    """"env" or "graphed" from a :data:`SAMPLERS` value and the sampling device."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r}; expected one of {SAMPLERS}")
+    if name == "auto":
+        return "graphed" if torch.device(device).type == "cuda" else "env"
+    return name
 
 
 @dataclass
@@ -101,19 +59,17 @@ class FastSamplingConfig:
     """Options of :class:`FastSampler`.
 
     Every option is a speed option: with ``autocast_dtype=None`` the samples are those of
-    ``collect_trajectories`` to float32 round-off (bitwise on CPU).
+    ``collect_trajectories`` (bitwise on CPU).
     """
 
     cuda_graph: bool = True
     """Capture the step as a CUDA graph when the env is on CUDA (ignored on CPU: eager)."""
     autocast_dtype: torch.dtype | str | None = None
-    """Run the noise model under autocast in this dtype ("bf16", "fp16"); the DDIM step and the
+    """Run the policy under autocast in this dtype ("bf16", "fp16"); the DDIM step and the
     log-prob stay float32 (ddpo_rl.ddim upcasts). None: no autocast."""
     channels_last: bool = False
-    """Convert the noise model to channels_last (IN PLACE: the trained module is the same one)
-    and feed it channels_last latents. Helps convolutions on tensor cores."""
-    sdpa: bool = True
-    """Pin diffusers' SDPA attention processor on the noise model (see :func:`use_sdpa_attention`)."""
+    """Feed the noise model channels_last latents (convert the model itself with
+    :func:`ddpo_rl.precision.set_channels_last`)."""
     warmup_steps: int = 3
     """Eager steps on a side stream before capture (cuBLAS/cuDNN workspaces, autotuning)."""
 
@@ -154,14 +110,6 @@ def _unwrap_env(env):
     return base, (reward[0] if reward else None)
 
 
-def _prediction(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0]
-
-
 class FastSampler:
     """Collect DDPO trajectories on static buffers; on CUDA the T-step loop replays a CUDA graph.
 
@@ -170,17 +118,22 @@ class FastSampler:
             :class:`~ddpo_rl.rewards.transform.RewardTransform`) that ``collect_trajectories``
             would use: its batch size, T, timesteps, prompts, embeddings, RNG and reward.
         policy: the :class:`~ddpo_rl.policy.DiffusionPolicy` (its head: noise model, CFG scale,
-            negative embedding, DDIM coefficients, eta; its log-prob reduction).
+            negative embedding, DDIM coefficients, eta, min_std; its log-prob reduction).
         config: :class:`FastSamplingConfig`.
+        graph_pool: a ``torch.cuda.graph_pool_handle()`` shared by samplers that are never
+            replayed concurrently (the recipe's training and evaluation samplers), so their
+            graphs share one memory pool for the UNet's intermediates. None: a private pool.
 
-    Call :meth:`sample` (or the sampler itself) instead of ``collect_trajectories(env, policy)``.
-    The random draws are the env path's: prompt ids and x_T from ``env.reset()`` (the env's
-    generator), the step noise from ``generator`` (default: the global torch RNG, which is what
-    the actor's ``rsample`` uses), one [B, C, H, W] draw per step in step order. So with the same
-    seeds and ``autocast_dtype=None`` the trajectories equal the env path's.
+    Call :meth:`sample` instead of ``collect_trajectories(env, policy)``. The random draws are
+    the env path's: prompt ids and x_T from ``env.reset()`` (the env's generator), the step
+    noise from ``generator`` (default: the global torch RNG, which is what the actor's
+    ``rsample`` uses), one [B, C, H, W] draw per step in step order. So with the same seeds and
+    ``autocast_dtype=None`` the trajectories equal the env path's. An asynchronous reward
+    (``RewardTransform.asynchronous``) is submitted per batch and awaited after the last one,
+    as the collector does.
     """
 
-    def __init__(self, env, policy, config: FastSamplingConfig | None = None):
+    def __init__(self, env, policy, config: FastSamplingConfig | None = None, graph_pool=None):
         self.env = env
         self.policy = policy
         self.config = config or FastSamplingConfig()
@@ -201,16 +154,18 @@ class FastSampler:
                 break
         self.event_dim = int(kw.get("event_dim", len(self.base_env.latent_shape)))
         self.reduction = kw.get("reduction", getattr(policy, "log_prob_reduction", "mean"))
-        self.autocast_dtype = resolve_dtype(self.config.autocast_dtype)
-        self.device = torch.device(self.base_env.device)
-        if self.config.sdpa:
-            use_sdpa_attention(self.head.noise_model)
-        if self.config.channels_last:
-            self.head.noise_model.to(memory_format=torch.channels_last)
+        self.autocast_dtype = _autocast_dtype(self.config.autocast_dtype)
+        self.graph_pool = graph_pool
+        self.rebuilds = 0
+        """How many times the buffers and graph were (re)built because the key changed."""
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._alloc_buffers()
+        self._key = None
 
     # -- setup -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.base_env.device)
+
     @property
     def graphed(self) -> bool:
         """True when the loop runs as a CUDA graph (CUDA env and ``config.cuda_graph``)."""
@@ -224,61 +179,80 @@ class FastSampler:
     def num_steps(self) -> int:
         return int(self.base_env.num_inference_steps)
 
+    def _graph_key(self) -> tuple:
+        """Everything the buffers and a captured graph depend on, other than tensor VALUES.
+
+        Host-side metadata only (storage pointers, shapes, flags): no device sync. Parameters
+        updated in place keep their key; replaced ones (``.to(dtype)``, ``p.data = ...``), a
+        LoRA merge or adapter switch, a new attention processor, a mode change or a new env
+        batch shape change it."""
+        head, env = self.head, self.base_env
+        tensors = tuple(
+            (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device)
+            for t in (*head.parameters(), *head.buffers())
+        )
+        modules = tuple(
+            (
+                id(m),
+                m.training,
+                id(getattr(m, "processor", None)),
+                tuple(getattr(m, "merged_adapters", ()) or ()),
+                repr(getattr(m, "active_adapters", None)) if hasattr(m, "merged_adapters") else None,
+                getattr(m, "disable_adapters", None) if hasattr(m, "merged_adapters") else None,
+            )
+            for m in head.modules()
+        )
+        scalars = (head.guidance_scale, head.eta, head.min_std, self.event_dim, self.reduction)
+        shapes = (
+            tuple(env.batch_size), env.num_inference_steps, tuple(env.latent_shape), env.latent_dtype,
+            tuple(env.observation_spec[KEYS.prompt_embeds].shape), env.observation_spec[KEYS.prompt_embeds].dtype,
+            str(env.device),
+            env.timesteps.data_ptr(),
+        )
+        return tensors, modules, scalars, shapes, self.autocast_dtype, self.config.channels_last
+
+    def _prepare(self) -> None:
+        """(Re)allocate the buffers and drop the graph if the key changed since the last batch."""
+        key = self._graph_key()
+        if key != self._key:
+            self._graph = None
+            self._alloc_buffers()
+            self._key = key
+            self.rebuilds += 1
+
     def _alloc_buffers(self) -> None:
         env, dev = self.base_env, self.device
         B, T, shape = self.batch_size, self.num_steps, tuple(self.base_env.latent_shape)
         emb_spec = env.observation_spec[KEYS.prompt_embeds]
         emb_shape, emb_dtype = tuple(emb_spec.shape[1:]), emb_spec.dtype
         self._k = torch.zeros(1, dtype=torch.int64, device=dev)
-        ts = env.timesteps.to(dev).long()
-        self._t_table = ts[:, None].expand(T, B).contiguous()  # [T, B]
+        self._t_table = env.timesteps.to(dev).long()[:, None].expand(T, B).contiguous()  # [T, B]
         self._x = torch.zeros((B, *shape), dtype=env.latent_dtype, device=dev)
         self._noise = torch.zeros((T, B, *shape), dtype=torch.float32, device=dev)
         self._traj_latents = torch.zeros((B, T, *shape), dtype=env.latent_dtype, device=dev)
         self._traj_actions = torch.zeros((B, T, *shape), dtype=torch.float32, device=dev)
         self._traj_log_prob = torch.zeros((B, T), dtype=torch.float32, device=dev)
-        if self.head.uses_guidance:
-            neg = self.head.negative_prompt_embeds.to(device=dev, dtype=emb_dtype)
-            neg = neg.expand(B, *neg.shape[1:]) if neg.shape[0] == 1 else neg
-            # [uncond; cond] embeddings, as DDIMGaussianHead.predict concatenates them each step
-            self._emb = torch.cat([neg, torch.zeros((B, *emb_shape), dtype=emb_dtype, device=dev)]).contiguous()
-            self._cond_emb = self._emb[B:]
-            self._t_table = torch.cat([self._t_table, self._t_table], 1)  # [T, 2B]
-        else:
-            self._emb = torch.zeros((B, *emb_shape), dtype=emb_dtype, device=dev)
-            self._cond_emb = self._emb
-        self._coeffs = self.head.coeffs
-
-    def reset_graph(self) -> None:
-        """Drop the captured graph (re-captured at the next call): after the noise model's
-        parameters were replaced rather than updated in place, or its attention processor changed."""
-        self._graph = None
+        self._cond_emb = torch.zeros((B, *emb_shape), dtype=emb_dtype, device=dev)
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
+        # no cast cache: cached low-precision copies of the weights must not outlive the capture
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
     # -- the step: static buffers in, static buffers out ------------------------------------------
     def _step(self) -> None:
-        """One denoising step on the static buffers. Captured as-is on CUDA; run as-is on CPU."""
-        B = self.batch_size
+        """One denoising step on the static buffers. Captured as-is on CUDA; run as-is on CPU.
+
+        No host sync, no data-dependent Python branch: the step index k is a device tensor, the
+        timestep and the noise are gathered with it, the trajectory is written with index_copy_."""
         k = self._k
-        t_in = self._t_table.index_select(0, k)[0]  # [B] (or [2B] with CFG)
-        t = t_in[:B]
+        t = self._t_table.index_select(0, k)[0]  # [B]
         z = self._noise.index_select(0, k)[0]
         x = self._x
         x_in = x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
         with self._autocast():
-            if self.head.uses_guidance:
-                out = _prediction(self.head.noise_model(torch.cat([x_in, x_in]), t_in, encoder_hidden_states=self._emb))
-                uncond, cond = out.chunk(2)
-                eps = uncond + self.head.guidance_scale * (cond - uncond)
-            else:
-                eps = _prediction(self.head.noise_model(x_in, t, encoder_hidden_states=self._emb))
-        mean, std = ddim_step_gaussian(self._coeffs, eps, t, x, self.head.eta)
-        if self.head.min_std > 0:  # the head's floor on sigma_t (DDIMGaussianHead.forward)
-            std = std.clamp(min=self.head.min_std)
+            mean, std = self.head(x_in, t, self._cond_emb)  # the policy's CFG, DDIM Gaussian, min_std
         action = mean + z * std  # = Normal.rsample: loc + eps * scale
         log_prob = gaussian_log_prob(action, mean, std, self.event_dim, self.reduction)
         self._traj_latents.index_copy_(1, k, x.unsqueeze(1))
@@ -290,6 +264,7 @@ class FastSampler:
     def _capture(self) -> None:
         """Warm up on a side stream, then capture one step into a CUDA graph."""
         dev = self.device
+        x0 = self._x.clone()
         with torch.no_grad():
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
@@ -300,9 +275,11 @@ class FastSampler:
             torch.cuda.current_stream(dev).wait_stream(side)
             self._k.zero_()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.graph_pool):
                 self._step()
         self._graph = graph
+        self._k.zero_()
+        self._x.copy_(x0)
 
     # -- randomness --------------------------------------------------------------------------
     def draw_noise(self, generator: torch.Generator | None = None) -> SamplingNoise:
@@ -311,7 +288,8 @@ class FastSampler:
         The step noise is drawn one step at a time, [B, C, H, W] each, in the order the actor's
         ``rsample`` draws it during ``env.rollout``: the same seed gives the same noise."""
         reset = self.base_env.reset()
-        noise = torch.empty_like(self._noise)
+        shape = (self.num_steps, self.batch_size, *self.base_env.latent_shape)
+        noise = torch.empty(shape, dtype=torch.float32, device=self.device)
         for k in range(self.num_steps):
             noise[k].normal_(generator=generator)
         return SamplingNoise(reset[KEYS.prompt_id], reset[KEYS.latents], noise)
@@ -319,6 +297,8 @@ class FastSampler:
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self, noise: SamplingNoise) -> TensorDictBase:
+        """One batch of trajectories (an asynchronous reward is left pending, see :meth:`sample`)."""
+        self._prepare()
         B, T, env = self.batch_size, self.num_steps, self.base_env
         ids = noise.prompt_ids.to(self.device)
         self._noise.copy_(noise.step_noise)
@@ -328,8 +308,6 @@ class FastSampler:
         if self.graphed:
             if self._graph is None:
                 self._capture()
-                self._k.zero_()
-                self._x.copy_(noise.init_latents)
             for _ in range(T):
                 self._graph.replay()
         else:
@@ -338,15 +316,19 @@ class FastSampler:
         x0 = self._x.clone()
         reward = torch.zeros((B, T, 1), dtype=torch.float32, device=self.device)
         if self.reward_transform is not None:
-            rewards, _ = self.reward_transform.score(x0, env.prompts_of(ids))
-            reward[:, -1, 0] = rewards.to(self.device)
+            prompts = env.prompts_of(ids)
+            if self.reward_transform.asynchronous:
+                self.reward_transform.submit(x0, prompts)  # awaited in sample(), after the last batch
+            else:
+                rewards, _ = self.reward_transform.score(x0, prompts)
+                reward[:, -1, 0] = rewards.to(self.device)
         done = torch.zeros((B, T, 1), dtype=torch.bool, device=self.device)
         done[:, -1] = True
         emb = self._cond_emb
         td = TensorDict(
             {
                 KEYS.latents: self._traj_latents.clone(),
-                KEYS.timestep: env.timesteps.to(self.device).long().expand(B, T).clone(),
+                KEYS.timestep: self._t_table.t().clone(),
                 KEYS.prompt_embeds: emb.unsqueeze(1).expand(B, T, *emb.shape[1:]).clone(),
                 KEYS.prompt_id: ids.unsqueeze(1).expand(B, T).clone(),
                 KEYS.action: self._traj_actions.clone(),
@@ -367,7 +349,7 @@ class FastSampler:
         """``num_batches`` batches of trajectories: a TensorDict [N, T] with :data:`TRAJECTORY_KEYS`.
 
         Args:
-            num_batches: batches of ``env.batch_size`` chains (ignored when ``noise`` is a list).
+            num_batches: batches of ``env.batch_size`` chains (ignored when ``noise`` is given).
             noise: the randomness to use (one :class:`SamplingNoise` per batch); default: drawn
                 with :meth:`draw_noise` right before each batch.
             generator: for the step noise when ``noise`` is None (default: the global RNG).
@@ -379,27 +361,72 @@ class FastSampler:
                 raise ValueError(f"num_batches={num_batches} must be positive")
             noises = [None] * num_batches
         batches = []
-        for nz in noises:
-            batches.append(self._run(nz if nz is not None else self.draw_noise(generator)))
-        out = torch.cat(batches, 0) if len(batches) > 1 else batches[0]
-        assert set(out.keys(True, True)) == {k if isinstance(k, str) else tuple(k) for k in TRAJECTORY_KEYS}
-        return out
+        transform = self.reward_transform
+        if transform is not None and transform.asynchronous:
+            transform.clear_pending()  # futures left by a rollout run elsewhere
+        try:
+            for nz in noises:
+                batches.append(self._run(nz if nz is not None else self.draw_noise(generator)))
+            if transform is not None and transform.asynchronous:  # all sampled: wait for the rewards
+                for td, r in zip(batches, transform.pop_pending()):
+                    td.get(("next", KEYS.reward))[:, -1] = r.to(td.device).unsqueeze(-1)
+        finally:
+            if transform is not None and transform.asynchronous:
+                transform.clear_pending()
+        return torch.cat(batches, 0) if len(batches) > 1 else batches[0]
 
     __call__ = sample
 
 
-def fast_collect_trajectories(env, policy, num_batches: int = 1, config: FastSamplingConfig | None = None):
-    """One-shot :class:`FastSampler` (a new graph per call: keep a FastSampler to reuse it)."""
-    if config is not None and config.cuda_graph and torch.device(getattr(env, "device", "cpu")).type == "cuda":
-        warnings.warn("fast_collect_trajectories captures a new CUDA graph per call; keep a FastSampler instead")
-    return FastSampler(env, policy, config).sample(num_batches)
+class EnvSampler:
+    """The reference sampler: :func:`~ddpo_rl.collector.collect_trajectories` under autocast.
+
+    Same interface as :class:`FastSampler` (``sample(num_batches)``), no static state."""
+
+    graphed = False
+
+    def __init__(self, env, policy, autocast_dtype: torch.dtype | str | None = None):
+        self.env, self.policy = env, policy
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        self.device = torch.device(getattr(env, "device", None) or "cpu")
+
+    def sample(self, num_batches: int = 1) -> TensorDictBase:
+        if self.autocast_dtype is None:
+            return collect_trajectories(self.env, self.policy, num_batches=num_batches)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return collect_trajectories(self.env, self.policy, num_batches=num_batches)
+
+    __call__ = sample
+
+
+def make_sampler(
+    name: str,
+    env,
+    policy,
+    *,
+    autocast_dtype: torch.dtype | str | None = None,
+    channels_last: bool = False,
+    graph_pool=None,
+) -> EnvSampler | FastSampler:
+    """The sampler a config's ``sampler`` field names (:data:`SAMPLERS`), on ``env``'s device.
+
+    "auto" is the env path for a policy FastSampler cannot replay (not a DDIM policy); "graphed"
+    refuses one."""
+    kind = resolve_sampler(name, getattr(env, "device", None) or "cpu")
+    if name == "auto" and not hasattr(getattr(policy, "head", None), "coeffs"):
+        kind = "env"  # FastSampler replays DDIM steps only (a flow-matching policy samples on the env path)
+    if kind == "env":
+        return EnvSampler(env, policy, autocast_dtype)
+    config = FastSamplingConfig(autocast_dtype=autocast_dtype, channels_last=channels_last)
+    return FastSampler(env, policy, config, graph_pool=graph_pool)
 
 
 __all__ = [
+    "SAMPLERS",
+    "EnvSampler",
     "FastSampler",
     "FastSamplingConfig",
     "SamplingNoise",
-    "fast_collect_trajectories",
-    "resolve_dtype",
-    "use_sdpa_attention",
+    "make_sampler",
+    "resolve_sampler",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
 
@@ -14,6 +15,7 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -
     """Last hidden state [B, L, D] of ``text_encoder`` on ``prompts`` padded to the tokenizer's
     ``model_max_length`` (Stable Diffusion's conditioning; "" gives the unconditional embedding)."""
     device = next(text_encoder.parameters()).device
+    warn_truncated_prompts(tokenizer, prompts)
     ids = tokenizer(
         list(prompts),
         padding="max_length",
@@ -24,12 +26,31 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -
     return text_encoder(ids)[0]
 
 
+def warn_truncated_prompts(tokenizer, prompts: Sequence[str]) -> None:
+    """Warn (once per prompt) when a prompt has more tokens than the text encoder reads.
+
+    The encoder sees the first ``model_max_length`` tokens (77 for CLIP, start and end tokens
+    included); the rest of the prompt has no effect on the images.
+    """
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+    for prompt, n in zip(prompts, lengths):
+        if n > limit:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            warnings.warn(
+                f"prompt {shown!r} has {n} tokens; the text encoder keeps the first {limit} "
+                f"(start and end tokens included) and ignores the other {n - limit}",
+                stacklevel=3,
+            )
+
+
 @torch.no_grad()
 def encode_prompts_pooled(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3-style conditioning from one ``CLIPTextModelWithProjection``: its ``last_hidden_state``
     [B, L, D] (the token sequence) and ``text_embeds`` [B, P] (the pooled, projected vector), on
     ``prompts`` padded to the tokenizer's ``model_max_length``."""
     device = next(text_encoder.parameters()).device
+    warn_truncated_prompts(tokenizer, prompts)
     ids = tokenizer(
         list(prompts),
         padding="max_length",

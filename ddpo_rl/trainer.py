@@ -19,12 +19,21 @@ batch: all its minibatches are accumulated, whatever ``gradient_accumulation_ste
 ``num_inner_epochs`` must be 1.
 
 Metrics stay on the device during the loop and are reduced once at the end: the only host
-syncs are one per optimizer step, to skip a step whose gradient is not finite.
+syncs are one per optimizer step, to undo a step whose loss, gradient or result is not finite.
+
+Non-finite guard (``skip_nonfinite``): before each optimizer step the trainable weights and the
+optimizer's state are copied; after the step one fused reduction (the max-abs norm of every
+trainable tensor: NaN or inf iff one of its entries is) is combined with the loss and gradient-norm
+checks into a single flag, read once. If anything is not finite, the weights and optimizer state
+are restored from the copy and the step is counted in ``skipped_steps``: a NaN/inf loss or
+gradient, or an update that overflows (e.g. a huge learning rate), never reaches the weights.
+The copy costs memory equal to the trainable weights plus the optimizer state (small for LoRA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -54,7 +63,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping before each optimizer step (None disables)."""
     skip_nonfinite: bool = True
-    """Skip (and count) an optimizer step whose loss or gradient norm is NaN/inf."""
+    """Undo (and count) an optimizer step whose loss, gradient norm or updated weights are NaN/inf."""
 
     def validate(self, num_trajectories: int | None = None) -> None:
         for name in ("num_inner_epochs", "minibatch_size", "gradient_accumulation_steps"):
@@ -132,16 +141,54 @@ class DDPOTrainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
-        if cfg.skip_nonfinite and not bool(torch.isfinite(norm) & (bad_losses == 0)):
-            self.skipped_steps += 1  # one host sync per optimizer step, never per forward
-        elif self.grad_scaler is not None:
+        saved = self._snapshot() if cfg.skip_nonfinite else None
+        if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
         else:
             self.optimizer.step()
+        if saved is not None:
+            ok = torch.isfinite(norm) & (bad_losses == 0) & self._weights_finite()
+            if not bool(ok):  # one host sync per optimizer step, never per forward
+                self._restore(saved)
+                self.skipped_steps += 1
         if self.grad_scaler is not None:
             self.grad_scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
+
+    def _stepped_params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        """A copy of what an optimizer step changes: the weights and the optimizer's per-parameter state."""
+        params = self._stepped_params()
+        weights = [p.detach().clone() for p in params]
+        state = {
+            p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in self.optimizer.state[p].items()}
+            for p in params
+            if p in self.optimizer.state
+        }
+        return weights, state
+
+    @torch.no_grad()
+    def _restore(self, saved: tuple[list[torch.Tensor], dict]) -> None:
+        weights, state = saved
+        params = self._stepped_params()
+        torch._foreach_copy_(params, weights)
+        for p in params:
+            if p in state:
+                self.optimizer.state[p] = state[p]
+            else:  # the step initialised this state: back to uninitialised
+                self.optimizer.state.pop(p, None)
+
+    def _weights_finite(self) -> torch.Tensor:
+        """0-dim bool tensor: every trainable weight is finite (no host sync)."""
+        norms = torch._foreach_norm([p.detach() for p in self._stepped_params()], ord=float("inf"))
+        return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+    def params_finite(self) -> bool:
+        """Whether every trainable weight is finite (one host sync)."""
+        return bool(self._weights_finite())
 
     def train(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """Train on a batch [N, T] holding the trajectory keys and ``advantage`` [N, T, 1].

@@ -22,7 +22,9 @@ import time
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
-from ddpo_rl.config import ALGORITHMS, ConfigError
+from ddpo_rl.config import ALGORITHMS
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.run_dir import check_directory_path
 from ddpo_rl.plotting import save_curve_png
 from ddpo_rl.reporting import read_jsonl
 
@@ -72,11 +74,10 @@ def main(argv=None) -> dict:
         parser.error("--jobs must be >= 1")
 
     # 1. plan: every run's config and whether its directory is done, interrupted or new
-    try:
+    with report_user_errors():
+        args.output_dir = os.path.expanduser(args.output_dir)
+        check_directory_path(args.output_dir)
         runs = plan_runs(args.algorithms, args.seeds, overrides, args.output_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     todo = [r for r in runs if r.status != "done"]
     for r in runs:
         print(f"{r.algorithm} seed {r.seed}: {r.status} -> {r.out}", flush=True)

@@ -17,9 +17,14 @@ epoch:
    one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint.
 
-Outputs (``output_dir``): config.json, metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png,
-reward_curve.png, summary.json, checkpoints/checkpoint.pt, final/ and best/ (trained weights in
+Outputs (``output_dir``): config.json (the config that ran, and its ``history`` of starts and
+resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
+checkpoints/checkpoint.pt (and checkpoint.prev.pt, the one before), final/ and best/ (trained weights in
 diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters).
+
+The directory is guarded (ddpo_rl.run_dir): locked while the run lives, never silently reused by
+a fresh run (``--overwrite true`` replaces an earlier run), and ``--resume RUN_DIR`` continues in
+RUN_DIR, refusing changes to fields outside ``CHANGEABLE_ON_RESUME`` and recording the others.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -40,14 +46,16 @@ from ddpo_rl.advantages import PerPromptStatTracker, compute_advantages
 from ddpo_rl.checkpoint import (
     CHECKPOINT_NAME,
     atomic_torch_save,
-    load_checkpoint,
+    read_checkpoint,
     rng_state,
     seed_everything,
     set_rng_state,
 )
-from ddpo_rl.collector import collect_trajectories, terminal_rewards, with_advantages
-from ddpo_rl.config import DDPOConfig
-from ddpo_rl import distributed
+from ddpo_rl.collector import terminal_rewards, with_advantages
+from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.run_dir import RunDir, history_entry, resume_changes
+from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
 from ddpo_rl.loggers import make_run_logger
 from ddpo_rl.objectives import make_loss
@@ -55,11 +63,18 @@ from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardTransform
+from ddpo_rl.sampling import make_sampler
 from ddpo_rl.schedules import is_flow_matching_scheduler
+from ddpo_rl.threads import set_threads
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from envs.denoising import DenoisingEnv
 
 EVAL_SEED_OFFSET = 1_000_003
+CHECKPOINT_KIND = "ddpo"
+"""Written into every checkpoint's trailer: another recipe's checkpoint is refused on resume."""
+RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "samples", "checkpoints", "final", "best", "logs",
+             "summary.json", "reward_curve.png")
+"""What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
     return dev
 
 
@@ -100,6 +115,9 @@ class DDPORecipe:
     def __init__(self, cfg: DDPOConfig):
         self.cfg = cfg.validate()
         self.start_epoch = 0
+        self.history: list[dict] = []
+        self.run_dir: RunDir | None = None
+        self._newest_checkpoint_damaged = False
         self._stop_requested = False
         self._old_handlers = {}
 
@@ -110,7 +128,7 @@ class DDPORecipe:
         """Build everything the run needs, cheapest checks first: prompts and reward, device and
         processes, model, envs, policy, loss, optimizer and trainer; then load ``cfg.resume``."""
         cfg = self.cfg
-        from ddpo_rl.config import ConfigError
+        set_threads(cfg.threads)  # first: before torch runs any parallel work (ddpo_rl/threads.py)
         from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
 
         # 1. prompts and reward: cheap, checked before any model is loaded
@@ -131,9 +149,8 @@ class DDPORecipe:
         from ddpo_rl.monitors import build_monitors
 
         self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
-        resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
 
-        # 2. device, processes, seeds, precision, output directory
+        # 2. device, processes, seeds, precision
         self.device = resolve_device(cfg.device)
         self.dist = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -143,24 +160,28 @@ class DDPORecipe:
 
         if self.device.type == "cuda":
             precision.set_tf32(cfg.allow_tf32)
+        self.mixed_precision = precision.resolve_mixed_precision(cfg.mixed_precision, self.device)  # "auto" resolved
         self.out = cfg.output_dir
         self.is_main = self.dist.is_main
+
+        # 3. the run directory (rank 0 owns it) and the checkpoint to resume: verified, and its
+        #    config compared with this one, before any model is loaded; an error changes nothing
+        if self.is_main:
+            self.run_dir = RunDir(self.out, RUN_FILES).open(resume=bool(cfg.resume), overwrite=cfg.overwrite)
+        resume_state = self._read_resume_state() if cfg.resume else None
+        if resume_state is None:
+            self.history = [history_entry("start", 0)]
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-            cfg.to_json(os.path.join(self.out, "config.json"))
-            if resume_state is None:  # a fresh run: an earlier run's logs in this directory must not mix in
-                for name in ("metrics.jsonl", "eval.jsonl"):
-                    if os.path.exists(os.path.join(self.out, name)):
-                        os.remove(os.path.join(self.out, name))
         # mirrors metrics.jsonl, eval.jsonl and the images into a torchrl logger (cfg.logger)
         self.run_logger = make_run_logger(
             cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
         ) if self.is_main else None
 
-        # 3. model: noise network, scheduler, frozen text encoder and decoder
+        # 4. model: noise network, scheduler, frozen text encoder and decoder
         from ddpo_rl.models.loading import build_model
 
-        frozen_dtype = precision.low_precision_dtype(cfg.mixed_precision) if self.device.type == "cuda" else None
+        frozen_dtype = precision.low_precision_dtype(self.mixed_precision) if self.device.type == "cuda" else None
         # rank 0 first: it alone trains-and-caches the digits model or downloads hub weights on
         # first use; the other ranks then load what it wrote (no concurrent writers)
         if not self.is_main:
@@ -177,8 +198,14 @@ class DDPORecipe:
         if cfg.gradient_checkpointing:
             precision.enable_gradient_checkpointing(unet)
         unet.to(self.device)
+        if cfg.use_lora:  # the frozen base in the low dtype on CUDA; LoRA weights (and AdamW state) stay float32
+            precision.cast_frozen_params(unet, frozen_dtype)
+        if cfg.sdpa_attention:
+            precision.use_sdpa_attention(unet)
+        if cfg.channels_last:
+            precision.set_channels_last(unet)
 
-        # 4. envs: training (random prompts) and evaluation (fixed prompts and seeds)
+        # 5. envs: training (random prompts) and evaluation (fixed prompts and seeds)
         self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", group_size=cfg.group_size)
         self.rank_seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own prompts and noise
         self.env.set_seed(self.rank_seed)
@@ -191,7 +218,7 @@ class DDPORecipe:
             type(self.train_prompts)(grid_prompts), len(grid_prompts) * cfg.grid_samples_per_prompt, "cycle"
         )
 
-        # 5. policy, loss, optimizer, trainer, advantage statistics
+        # 6. policy, loss, optimizer, trainer, advantage statistics
         self.policy = self._make_policy(unet).to(self.device)
         loss_kwargs = {
             "ddpo_is": dict(clip_epsilon=cfg.clip_range),
@@ -207,16 +234,16 @@ class DDPORecipe:
             ).to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
-            raise RuntimeError("the policy has no trainable parameters")
+            raise ConfigError("use_lora: the policy has no trainable parameters")
         distributed.broadcast_parameters(self.params)
         torch.manual_seed(self.rank_seed)  # sampling noise: per rank
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = precision.make_adamw(
             self.params,
+            cfg.optimizer_impl,
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay,
             eps=cfg.adam_epsilon,
-            foreach=True,
         )
         self.train_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.trainer = DDPOTrainer(
@@ -231,19 +258,62 @@ class DDPORecipe:
                 step_indices=getattr(self.policy, "trained_steps", None),  # the flow policy's SDE window
             ),
             params=self.params,
-            autocast=lambda: precision.autocast(cfg.mixed_precision, self.device),
+            autocast=lambda: precision.autocast(self.mixed_precision, self.device),
             generator=self.train_rng,
-            grad_scaler=precision.grad_scaler(cfg.mixed_precision, self.device)
-            if cfg.mixed_precision == "fp16"
+            grad_scaler=precision.grad_scaler(self.mixed_precision, self.device)
+            if self.mixed_precision == "fp16"
             else None,
         )
+        # samplers (cfg.sampler), one per env, made at first use; graphed ones share a graph memory pool
+        self._samplers = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.tracker = (
             PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count) if cfg.per_prompt_stat_tracking else None
         )
         self.eval_history: list[EvalResult] = []
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
+            self.run_dir.write_config(cfg.to_dict(), self.history)
         return self
+
+    def _sample(self, env, num_batches: int):
+        """Trajectories [N, T] from ``env`` with the configured sampler (``cfg.sampler``: the env path
+        or the graphed FastSampler, same TensorDict either way). One sampler per env, kept for the
+        run: a graphed one holds its buffers and CUDA graph (re-captured only when stale)."""
+        sampler = self._samplers.get(id(env))
+        if sampler is None:
+            sampler = self._samplers[id(env)] = make_sampler(
+                self.cfg.sampler,
+                env,
+                self.policy,
+                autocast_dtype=precision.low_precision_dtype(self.mixed_precision),
+                channels_last=self.cfg.channels_last,
+                graph_pool=self._graph_pool,
+            )
+        return sampler.sample(num_batches)
+
+    def _read_resume_state(self) -> dict:
+        """The verified checkpoint of ``cfg.resume``; refuses changes to fields fixed on resume."""
+        cfg = self.cfg
+        loaded = read_checkpoint(
+            cfg.resume, kind=CHECKPOINT_KIND, required=("epoch", "config", "trainable", "optimizer", "rng")
+        )
+        state = loaded.state
+        changes = resume_changes(state["config"], cfg.to_dict(), CHANGEABLE_ON_RESUME, DDPOConfig().to_dict())
+        if cfg.epochs < state["epoch"]:
+            raise ConfigError(f"epochs: {cfg.epochs} is below the epoch the run has reached ({state['epoch']}); "
+                              f"give --epochs {state['epoch']} or more")
+        self._newest_checkpoint_damaged = loaded.fell_back
+        self.history = list(state.get("history", [])) + [
+            history_entry("resume", state["epoch"], changes, checkpoint=os.path.relpath(loaded.path, self.out))
+        ]
+        if self.is_main:
+            for note in loaded.notes:
+                print(f"note: resume: {note}", file=sys.stderr, flush=True)
+            changed = "; ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items()) or "no config change"
+            print(f"resume: continuing {self.out} after epoch {state['epoch']} ({changed})", flush=True)
+        return state
 
     def _make_policy(self, network):
         """The policy family follows the model's scheduler: DDIM -> DiffusionPolicy, flow matching ->
@@ -310,13 +380,14 @@ class DDPORecipe:
             "rng": distributed.all_gather_objects(rng_state(self.env.base_env._rng, self.train_rng)),
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
+            "history": self.history,
         }
 
     def load_state_dict(self, state: dict) -> None:
         named = dict(self.policy.named_parameters())
         missing = [n for n in state["trainable"] if n not in named]
         if missing:
-            raise RuntimeError(
+            raise ConfigError(
                 f"resume: the checkpoint has weights this model lacks ({missing[0]}, ...): "
                 "resume with the same model and LoRA settings"
             )
@@ -324,10 +395,12 @@ class DDPORecipe:
             for n, v in state["trainable"].items():
                 named[n].copy_(v.to(named[n].device))
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # learning_rate may change on resume: this run's value
+            group["lr"] = self.cfg.learning_rate
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
         if len(state["rng"]) != self.dist.world_size:
-            raise RuntimeError(
+            raise ConfigError(
                 f"resume: the checkpoint was written by {len(state['rng'])} process(es), this run has "
                 f"{self.dist.world_size}; resume with the same --nproc-per-node"
             )
@@ -359,7 +432,13 @@ class DDPORecipe:
         state = self.state_dict(epoch)  # collective (gathers every rank's RNG state)
         if not self.is_main:
             return None
-        return atomic_torch_save(state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME))
+        # after resuming from checkpoint.prev.pt because checkpoint.pt was damaged, the damaged file
+        # is replaced and the sound previous one kept
+        keep = not self._newest_checkpoint_damaged
+        self._newest_checkpoint_damaged = False
+        return atomic_torch_save(
+            state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME), kind=CHECKPOINT_KIND, keep_previous=keep
+        )
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -369,8 +448,7 @@ class DDPORecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             env.set_seed(seed)
-            with self.trainer.autocast():  # the training samples' precision
-                return collect_trajectories(env, self.policy, num_batches=num_batches)
+            return self._sample(env, num_batches)  # the training samples' sampler and precision
 
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,
@@ -475,8 +553,7 @@ class DDPORecipe:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
-                with self.trainer.autocast():
-                    traj = collect_trajectories(self.env, self.policy, num_batches=cfg.num_batches_per_epoch)
+                traj = self._sample(self.env, cfg.num_batches_per_epoch)
                 t1 = time.perf_counter()
                 # 2. per-prompt advantages from terminal rewards, over every rank's samples
                 #    (samples whose reward was dropped as NaN get no weight and are removed)
@@ -509,6 +586,9 @@ class DDPORecipe:
                     "kl_to_reference": None,
                 }
                 record.update({k: v.item() for k, v in train_metrics.items()})
+                if record.get("skipped_steps") and self.is_main:
+                    print(f"warning: epoch {epoch}: {record['skipped_steps']:.0f} optimizer step(s) undone "
+                          "(non-finite loss, gradient or updated weights)", file=sys.stderr, flush=True)
                 record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1)
                 # 5. evaluate
                 if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
@@ -554,6 +634,8 @@ class DDPORecipe:
         """Curves, summary.json and the final weights in diffusers format."""
         from ddpo_rl.reporting import write_reward_curve, write_summary
 
+        if not self.trainer.params_finite():  # the trainer undoes such steps: this is a bug, not an input
+            raise RuntimeError("the trained weights are not finite; the final weights are not written")
         write_reward_curve(
             self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
             tolerance=self.cfg.monitor_tolerance,
@@ -579,6 +661,8 @@ class DDPORecipe:
             self.run_logger.close()  # logs what is left: the reward curve
         if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool
             self.reward_fn.shutdown()
+        if self.run_dir is not None:
+            self.run_dir.close()  # releases the lock
         distributed.destroy()
 
 
@@ -592,26 +676,10 @@ def run(cfg: DDPOConfig) -> dict:
         recipe.cleanup()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: reported on one line, without a traceback."""
-    from ddpo_rl.config import ConfigError
-    from ddpo_rl.hub import PretrainedWeightsNotFoundError
-    from ddpo_rl.rewards.transform import RewardError
-
-    return (ConfigError, FileNotFoundError, RewardError, PretrainedWeightsNotFoundError)
-
-
 def main(argv=None, algorithm: str = "ddpo_is", preset: str | None = None) -> dict:
     """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line.
     ``preset``: the script's default preset (``--preset`` overrides it)."""
-    import sys
-
     from ddpo_rl.config import parse_cli
 
-    try:
+    with report_user_errors():
         return run(parse_cli(argv, algorithm=algorithm, **({"preset": preset} if preset else {})))
-    except (*user_errors(), ValueError) as err:  # ValueError: a bad value met while building components
-        if os.environ.get("DDPO_RL_DEBUG"):
-            raise
-        print(f"error: {err}  (set DDPO_RL_DEBUG=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -19,7 +19,9 @@ update), loss, clip_fraction, kl_approx, seconds, ...; every ``eval_every`` epoc
 eval_return_mean, the return on a reseeded eval env (same initial states each time); then a final
 ``"epoch": epochs`` record with the evaluation of the fine-tuned policy), summary.json (evaluation
 return before/after fine-tuning), returns.png,
-bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer).
+bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer;
+checksummed, see ddpo_rl.checkpoint). The directory is guarded like the DDPO recipes' (ddpo_rl.run_dir):
+locked while the run lives, and an earlier run in it is replaced only with ``--overwrite true``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
+from ddpo_rl.checkpoint import atomic_torch_save
+from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
+from ddpo_rl.errors import report_user_errors
 from ddpo_rl.cli import parse
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS, make_run_logger
@@ -58,7 +62,9 @@ from ddpo_rl.policies import (
     training_batch,
 )
 from ddpo_rl.plotting import save_curve_png
+from ddpo_rl.run_dir import RunDir, history_entry
 from envs.gym_control import (
+    CONTROL_TASKS,
     action_bounds,
     collect_demonstrations,
     completed_episode_returns,
@@ -150,16 +156,51 @@ class DPPOGymConfig:
     (files under output_dir/logs); "none": only the run directory's own files."""
     logger_kwargs: dict = field(default_factory=dict)
     """Options of the logger's constructor, e.g. {"project": "dppo", "offline": true} for W&B."""
+    overwrite: bool = False
+    """Replace an earlier run found in output_dir; without it such a directory is refused."""
 
     def validate(self) -> None:
-        """Raise ValueError, its message starting with the field's name, on a setting that cannot run."""
+        """ConfigError (one line, naming the field) on any setting that cannot run, before anything is written."""
+        check_finite_floats(self)
+        expand_user_paths(self)
         if self.ratio not in RATIO_FORMS:
-            raise ValueError(f"ratio: {self.ratio!r} is not one of {RATIO_FORMS}")
+            raise ConfigError(f"ratio: {self.ratio!r} is not one of {RATIO_FORMS}")
         if self.chain_reduction not in LOG_PROB_REDUCTIONS:
-            raise ValueError(f"chain_reduction: {self.chain_reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
-        for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size"):
+            raise ConfigError(f"chain_reduction: {self.chain_reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
+        for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size",
+                     "num_train_timesteps", "hidden_dim", "num_layers", "demo_rollouts", "bc_batch_size",
+                     "eval_episodes", "eval_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("bc_steps", "critic_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("eta", "min_std", "bc_lr", "actor_lr", "critic_lr", "clip_epsilon", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        self.check_env()
+
+    def check_env(self) -> None:
+        """The env id exists, has continuous actions and a scripted demonstrator."""
+        import gymnasium as gym
+
+        try:
+            probe = gym.make(self.env)
+        except gym.error.Error as err:
+            raise ConfigError(f"env: {self.env!r} is not a gymnasium env id ({err}); e.g. {', '.join(CONTROL_TASKS)}") from None
+        space = probe.action_space
+        probe.close()
+        if not isinstance(space, gym.spaces.Box):
+            raise ConfigError(f"env: {self.env} has a {type(space).__name__} action space; DPPO here needs continuous "
+                              f"(Box) actions, e.g. {', '.join(CONTROL_TASKS)}")
+        if self.env not in CONTROL_TASKS:
+            raise ConfigError(f"env: no scripted demonstrator for {self.env} (behaviour cloning needs one); "
+                              f"available: {', '.join(CONTROL_TASKS)}")
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "returns.png", "bc.pt", "checkpoint.pt", "logs",
+             "checkpoint.prev.pt")
+"""What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
 
 
 def build_policy(cfg: DPPOGymConfig, env):
@@ -201,10 +242,18 @@ def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
 def run(cfg: DPPOGymConfig) -> dict:
     """Run BC then DPPO; returns the summary (also written to summary.json)."""
     cfg.validate()
+    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
+    run_dir.open(overwrite=cfg.overwrite)
+    try:
+        return _run(cfg, run_dir)
+    finally:
+        run_dir.close()
+
+
+def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
     gen = torch.Generator().manual_seed(cfg.seed)
     env = make_control_env(cfg.env, cfg.num_envs, seed=cfg.seed)
     actor, critic, scheduler = build_policy(cfg, env)
@@ -293,9 +342,10 @@ def run(cfg: DPPOGymConfig) -> dict:
         xlabel="epoch",
         ylabel="return",
     )
-    torch.save(
+    atomic_torch_save(
         {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict()},
-        out / "checkpoint.pt",
+        str(out / "checkpoint.pt"),
+        kind="dppo_gym",
     )
     summary = {
         "env": cfg.env,
@@ -322,15 +372,9 @@ def parse_args(argv=None) -> DPPOGymConfig:
 
 
 def main(argv=None) -> dict:
-    """Parse, run, print the summary; a bad command line is reported in one line (exit 2)."""
-    try:
-        cfg = parse_args(argv)
-    except ValueError as err:  # CLIError included
-        if os.environ.get("DDPO_RL_DEBUG"):
-            raise
-        print(f"error: {err}  (set DDPO_RL_DEBUG=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
-    summary = run(cfg)
+    """Command-line entry point: parse, run, and report input errors in one line (exit 2)."""
+    with report_user_errors():
+        summary = run(parse_args(argv))
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -26,9 +26,11 @@ import time
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
-from ddpo_rl.config import ConfigError, parse_cli
+from ddpo_rl.config import parse_cli
+from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
 from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.run_dir import check_directory_path, describe_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,6 +55,8 @@ def _launch(cfg, args, status) -> subprocess.Popen:
     cmd = [sys.executable, os.path.join(HERE, f"{cfg.algorithm}.py"), *args]
     if status == "resume":
         cmd += ["--resume", cfg.output_dir]
+    elif describe_run(cfg.output_dir) is not None:  # started but never checkpointed: start it again
+        cmd += ["--overwrite", "true"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log.close()
     return proc
@@ -68,11 +72,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--no-run", action="store_true", help="only aggregate the runs that are finished")
     args, overrides = parser.parse_known_args(argv)
-    try:
+    with report_user_errors():
+        args.runs_dir, args.out = os.path.expanduser(args.runs_dir), os.path.expanduser(args.out)
+        check_directory_path(args.runs_dir, "runs_dir")
+        check_directory_path(args.out, "out")
         runs = _plan(args.preset, args.kl_coefs, args.seeds, overrides, args.runs_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     pending = [] if args.no_run else [r for r in runs if r[2] != "done"]
     active = []
     while pending or active:

@@ -49,6 +49,9 @@ def test_status_done_resume_and_refused(tmp_path):
     os.makedirs(tmp_path / "r" / "checkpoints")
     cfg.to_json(str(tmp_path / "r" / "config.json"))
     assert run_status(cfg) == "new"  # started, never checkpointed: start again
+    from ddpo_rl.comparison import PlannedRun
+
+    assert PlannedRun("ddpo_is", 0, cfg, "new").cli_args(OVR)[-2:] == ["--overwrite", "true"]  # over its leftovers
     (tmp_path / "r" / "checkpoints" / "checkpoint.pt").write_bytes(b"x")
     assert run_status(cfg) == "resume"
     (run,) = plan_runs(["ddpo_is"], [0], [*OVR], str(tmp_path / "c"))

@@ -135,6 +135,63 @@ def test_bad_kl_and_monitor_settings_name_the_field(argv, field):
         parse_cli(argv)
 
 
+def _float_fields():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(DDPOConfig)
+    return [f.name for f in dataclasses.fields(DDPOConfig) if "float" in str(hints[f.name])]
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_every_float_field_refuses_non_finite_values(bad):
+    names = _float_fields()
+    assert "learning_rate" in names and len(names) >= 10
+    for name in names:
+        with pytest.raises(ConfigError, match=f"^{name}: must be a finite number"):
+            parse_cli(["--" + name, bad])
+
+
+def test_tilde_is_expanded_in_path_fields(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_cli(["--output-dir", "~/runs/x", "--prompts", "~/p.txt"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x") and cfg.prompts == str(tmp_path / "p.txt")
+
+
+def test_resume_writes_into_the_resumed_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for resume in (run, run / "checkpoints", run / "checkpoints" / "checkpoint.pt"):
+        assert parse_cli(["--preset", "tiny", "--resume", str(resume)]).output_dir == str(run)
+    assert parse_cli(["--preset", "tiny", "--resume", str(run), "--output-dir", str(run)]).output_dir == str(run)
+    with pytest.raises(ConfigError, match="^output_dir: --resume continues the run in its own directory"):
+        parse_cli(["--preset", "tiny", "--resume", str(run), "--output-dir", str(tmp_path / "other")])
+
+
+def test_changeable_on_resume_names_real_fields():
+    import dataclasses
+
+    from ddpo_rl.config import CHANGEABLE_ON_RESUME
+
+    names = {f.name for f in dataclasses.fields(DDPOConfig)}
+    assert CHANGEABLE_ON_RESUME <= names
+    for fixed in ("algorithm", "model", "use_lora", "lora_rank", "seed", "reward", "prompts", "sample_batch_size"):
+        assert fixed not in CHANGEABLE_ON_RESUME
+
+
+def test_resume_starts_from_the_runs_config_and_applies_only_what_the_command_sets(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = parse_cli(["--preset", "tiny", "--seed", "3", "--epochs", "2", "--output-dir", "/old/place"]).to_dict()
+    (run / "config.json").write_text(json.dumps({**stored, "history": [{"event": "start", "epoch": 0}]}))
+    cfg = parse_cli(["--resume", str(run), "--epochs", "5"], algorithm="ddpo_is")
+    assert (cfg.preset, cfg.model, cfg.seed, cfg.epochs, cfg.output_dir) == ("tiny", "tiny", 3, 5, str(run))
+    assert parse_cli(["--resume", str(run)], algorithm="rwr").algorithm == "rwr"  # the script's choice: checked on resume
+    assert parse_cli(["--resume", str(run), "--preset", "digits"]).preset == "digits"
+    with pytest.raises(ConfigError, match="^output_dir: --resume continues"):  # even the preset's default path
+        parse_cli(["--resume", str(run), "--output-dir", "outputs/tiny"])
+
+
 def test_flow_grpo_presets_registered_and_the_script_default_preset():
     from ddpo_rl.config import FLOW_PRESETS
 

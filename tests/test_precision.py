@@ -61,3 +61,21 @@ def test_gradient_checkpointing():
     assert unet.is_gradient_checkpointing
     with pytest.raises(TypeError):
         enable_gradient_checkpointing(nn.Linear(2, 2))
+
+
+def test_use_sdpa_attention_replaces_only_the_classic_processor():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from ddpo_rl.models.tiny import tiny_unet
+    from ddpo_rl.precision import use_sdpa_attention
+
+    unet = tiny_unet()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=c).sample
+        unet.set_attn_processor(AttnProcessor())
+        assert use_sdpa_attention(unet) == len(unet.attn_processors) > 0
+        assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=c).sample, ref, atol=1e-5, rtol=1e-4)
+    assert use_sdpa_attention(unet) == 0  # nothing left to replace
+    assert use_sdpa_attention(nn.Linear(2, 2)) == 0

@@ -15,9 +15,9 @@ from ddpo_rl.collector import TRAJECTORY_KEYS, collect_trajectories, terminal_re
 from ddpo_rl.keys import KEYS
 from ddpo_rl.models.tiny import sd_ddim_scheduler
 from ddpo_rl.objectives import make_loss
+from ddpo_rl.precision import make_adamw
 from ddpo_rl.policy import inference_timesteps
-from ddpo_rl.sampling import FastSampler, FastSamplingConfig, SamplingNoise
-from ddpo_rl.train_options import FastTrainOptions
+from ddpo_rl.sampling import EnvSampler, FastSampler, FastSamplingConfig, SamplingNoise, make_sampler, resolve_sampler
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from tests.helpers import make_env, make_policy, prompt_encoder
 
@@ -43,8 +43,8 @@ def _assert_same_trajectories(ref, out, atol=0.0, rtol=0.0):
 @pytest.mark.parametrize("guidance, min_std", [(3.0, 0.0), (1.0, 0.0), (1.0, 0.5)])
 def test_same_seeds_give_the_env_path_trajectories(guidance, min_std):
     """Same env seed (prompts, x_T) and global seed (step noise): the fast sampler reproduces
-    collect_trajectories, latents, actions, log-probs and terminal rewards included (and the
-    head's min_std floor)."""
+    collect_trajectories bitwise on CPU, latents, actions, log-probs and terminal rewards
+    included (and the head's min_std floor)."""
     enc = prompt_encoder()
     env = make_env(batch_size=4, steps=5, encoder=enc)
     policy = make_policy(steps=5, guidance=guidance, encoder=enc, min_std=min_std)
@@ -57,8 +57,8 @@ def test_same_seeds_give_the_env_path_trajectories(guidance, min_std):
     env.set_seed(11)
     torch.manual_seed(7)
     out = sampler.sample(num_batches=2)
-    _assert_same_trajectories(ref, out, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(terminal_rewards(out), terminal_rewards(ref))
+    _assert_same_trajectories(ref, out)  # bitwise: the same ops in the same order
+    assert torch.equal(terminal_rewards(out), terminal_rewards(ref))
     assert (out["next", KEYS.reward][:, :-1] == 0).all()
     assert out["next", KEYS.done][:, -1].all() and not out["next", KEYS.done][:, :-1].any()
 
@@ -107,15 +107,14 @@ def test_matches_a_hand_computed_ddim_scheduler_reference():
     torch.testing.assert_close(terminal_rewards(out), (x[:, :3] / 2 + 0.5).clamp(0, 1).mean(dim=(1, 2, 3)))
 
 
-def test_trainer_consumes_fast_trajectories_with_fast_train_options():
+def test_trainer_consumes_fast_trajectories_with_fused_adamw():
     enc = prompt_encoder()
     env, policy = make_env(batch_size=4, encoder=enc), make_policy(encoder=enc)
     traj = FastSampler(env, policy).sample(num_batches=2)
     adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
-    opts = FastTrainOptions(optimizer_impl="auto")
-    optimizer = opts.make_optimizer(policy.parameters(), lr=1e-3)
+    optimizer = make_adamw(policy.parameters(), "fused", lr=1e-3)
     assert optimizer.defaults.get("fused") is True
-    trainer = DDPOTrainer(make_loss("ddpo_is", policy), optimizer, TrainConfig(minibatch_size=4), **opts.trainer_kwargs("cpu"))
+    trainer = DDPOTrainer(make_loss("ddpo_is", policy), optimizer, TrainConfig(minibatch_size=4))
     before = [p.detach().clone() for p in policy.parameters()]
     metrics = trainer.train(with_advantages(traj, adv))
     assert all(torch.isfinite(v) for v in metrics.values())
@@ -133,6 +132,93 @@ def test_bf16_autocast_stays_close_on_cpu():
     assert out[KEYS.log_prob].dtype == torch.float32 and torch.isfinite(out[KEYS.log_prob]).all()
     rel = (out[KEYS.action] - ref[KEYS.action]).abs().mean() / ref[KEYS.action].abs().mean()
     assert rel < 0.02, f"bf16 chain drifts {rel:.3f} (mean relative) from the float32 one"
+
+
+def _seeded(fn, env_seed=5, seed=6):
+    """Run ``fn`` with the env's and the global RNG seeded (what both samplers draw from)."""
+    def run(env):
+        env.set_seed(env_seed)
+        torch.manual_seed(seed)
+        return fn()
+    return run
+
+
+def _train_on_samples(sampler, env, policy):
+    """One DDPO-IS epoch's update (optimizer steps update the weights in place) on fresh samples."""
+    traj = _seeded(lambda: sampler.sample(num_batches=2))(env)
+    adv = compute_advantages(terminal_rewards(traj), env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0]), None)
+    optimizer = make_adamw(policy.parameters(), lr=1e-2)
+    DDPOTrainer(make_loss("ddpo_is", policy, clip_epsilon=1.0), optimizer, TrainConfig(minibatch_size=4)).train(
+        with_advantages(traj, adv)
+    )
+
+
+def test_an_optimizer_step_between_samplings_changes_the_samples_as_the_env_path():
+    """The graphed sampler is never stale: after an optimizer step (in place, as every trainer
+    step is) its samples are the env path's with the new weights, bitwise on CPU."""
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=4, steps=4, encoder=enc), make_policy(steps=4, encoder=enc)
+    sampler = make_sampler("graphed", env, policy)
+    assert isinstance(sampler, FastSampler)
+    before = _seeded(lambda: sampler.sample())(env)
+    _train_on_samples(sampler, env, policy)
+    after = _seeded(lambda: sampler.sample())(env)
+    reference = _seeded(lambda: collect_trajectories(env, policy))(env)
+    _assert_same_trajectories(reference, after)
+    assert not torch.equal(before[KEYS.action], after[KEYS.action])
+    assert sampler.rebuilds == 1  # in-place updates need no new graph
+
+
+def test_rebuilds_when_parameters_are_replaced_lora_is_merged_or_the_mode_changes():
+    """What a captured graph froze (storages, LoRA merge state, module modes; also the env's
+    shapes) is checked before each batch; a change rebuilds the buffers and the graph, and the
+    samples stay the env path's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ddpo_rl.lora import apply_lora
+
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=2, steps=3, encoder=enc), make_policy(steps=3, encoder=enc)
+    apply_lora(policy.noise_model, rank=2)
+    with torch.no_grad():  # a LoRA that changes the output, so merging it is visible
+        for name, p in policy.noise_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    sampler = FastSampler(env, policy)
+
+    def check(expected_rebuilds):
+        out = _seeded(lambda: sampler.sample())(env)
+        ref = _seeded(lambda: collect_trajectories(env, policy))(env)
+        torch.testing.assert_close(out[KEYS.action], ref[KEYS.action], rtol=0, atol=0)
+        assert sampler.rebuilds == expected_rebuilds
+
+    check(1)
+    check(1)  # nothing changed: no rebuild
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.data = p.data.clone()  # replaced storages (what .to(), load_state_dict(assign=True) do)
+    check(2)
+    for module in policy.noise_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    check(3)
+    policy.train(not policy.training)  # a module mode (dropout and the like are frozen at capture)
+    check(4)
+
+
+def test_make_sampler_resolves_auto_by_device():
+    enc = prompt_encoder()
+    env, policy = make_env(batch_size=2, steps=2, encoder=enc), make_policy(steps=2, encoder=enc)
+    assert resolve_sampler("auto", "cpu") == "env" and resolve_sampler("auto", "cuda") == "graphed"
+    assert isinstance(make_sampler("auto", env, policy), EnvSampler)
+    assert isinstance(make_sampler("graphed", env, policy), FastSampler)
+    with pytest.raises(ValueError, match="sampler"):
+        resolve_sampler("fast", "cpu")
+    not_ddim = torch.nn.Module()  # a policy FastSampler cannot replay (e.g. flow matching): auto samples on the env path
+    not_ddim.head = torch.nn.Module()
+    assert isinstance(make_sampler("auto", env, not_ddim), EnvSampler)
+    with pytest.raises(NotImplementedError, match="not a DDIM policy"):
+        make_sampler("graphed", env, not_ddim)
 
 
 def test_refuses_an_env_it_cannot_replay():
@@ -202,3 +288,22 @@ def test_cuda_graph_bf16_channels_last():
     eager = FastSampler(env, policy, FastSamplingConfig(autocast_dtype="bf16", channels_last=True, cuda_graph=False))
     noise = eager.draw_noise(torch.Generator("cuda").manual_seed(0))
     _assert_same_trajectories(eager.sample(noise=noise), fast.sample(noise=noise), atol=1e-3, rtol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_graph_after_an_optimizer_step_and_replaced_parameters():
+    """On CUDA the captured graph follows an optimizer step (in place) and is re-captured when
+    the parameters are replaced: its samples stay the env path's."""
+    env, policy = _cuda_env_policy()
+    sampler = FastSampler(env, policy)
+    _train_on_samples(sampler, env, policy)
+    after = _seeded(lambda: sampler.sample())(env)
+    _assert_same_trajectories(_seeded(lambda: collect_trajectories(env, policy))(env), after, atol=1e-4, rtol=1e-4)
+    assert sampler.rebuilds == 1
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.data = p.data * 1.01  # new storages: the old graph would read freed memory
+    replaced = _seeded(lambda: sampler.sample())(env)
+    assert sampler.rebuilds == 2
+    _assert_same_trajectories(_seeded(lambda: collect_trajectories(env, policy))(env), replaced, atol=1e-4, rtol=1e-4)

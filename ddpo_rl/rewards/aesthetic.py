@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ddpo_rl.hub import PretrainedWeightsNotFoundError, looks_like_local_path
+from ddpo_rl.precision import resolve_dtype
 from ddpo_rl.rewards._clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_images
-from ddpo_rl.rewards.base import resolve_dtype
 from ddpo_rl.rewards.registry import register_reward
 
 AESTHETIC_MLP_URL = (

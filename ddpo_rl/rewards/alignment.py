@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ddpo_rl.hub import PretrainedWeightsNotFoundError, looks_like_local_path
+from ddpo_rl.precision import resolve_dtype
 from ddpo_rl.rewards._clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_images
 from ddpo_rl.rewards.async_reward import AsyncReward
-from ddpo_rl.rewards.base import resolve_dtype
 from ddpo_rl.rewards.registry import register_reward
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"

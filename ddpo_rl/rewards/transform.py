@@ -134,6 +134,14 @@ class RewardTransform(Transform):
                 raise RewardError(f"reward function {_name(self.reward_fn)} raised: {err!r}") from err
         return validate_rewards(rewards, latents.shape[0], self.reward_fn, self.on_invalid), images
 
+    def submit(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Decode a batch of final latents and queue their reward future (asynchronous rewards;
+        collect with :meth:`pop_pending`). Returns the images."""
+        with torch.no_grad():
+            images = self.decode(latents)
+        self._pending.append((self.reward_fn.submit(images, prompts), latents.shape[0]))
+        return images
+
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         env = self._base_env()
         if not env.at_final_step:
@@ -141,9 +149,7 @@ class RewardTransform(Transform):
         latents = next_tensordict[KEYS.latents]
         prompts = env.prompts_of(next_tensordict[KEYS.prompt_id])
         if self.asynchronous:  # submit and go on; the collector fills the reward in
-            with torch.no_grad():
-                images = self.decode(latents)
-            self._pending.append((self.reward_fn.submit(images, prompts), latents.shape[0]))
+            images = self.submit(latents, prompts)
             if self.keep_images:
                 next_tensordict.set(KEYS.images, images)
             return next_tensordict

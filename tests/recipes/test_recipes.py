@@ -74,6 +74,15 @@ def test_recipe_smoke(script, tmp_path):
         (["--reward", "tests.recipes.bad_rewards:nan_for_some"], "--on-invalid-reward drop"),
         (["--reward", "tests.recipes.bad_rewards:wrong_shape"], "wrong_shape_reward returned shape (4, 2)"),
         (["--reward", "tests.recipes.bad_rewards:raises"], "reward server unreachable"),
+        (["--learning-rate", "inf"], "learning_rate: must be a finite number"),
+        (["--clip-range", "nan"], "clip_range: must be a finite number"),
+        (["--learning-rate", "1e300"], "learning_rate: must be in (0, 1]"),
+        (["--epochs", "0"], "epochs: must be positive"),
+        (["--output-dir", "{FILE}/run"], "output_dir: "),
+        (["--prompts", "{LATIN1_FILE}"], "prompts: prompt file"),
+        pytest.param(["--device", "cuda"], "device: 'cuda' requested but CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+        (["--resume", "{EMPTY_DIR}"], "resume: no checkpoint"),
     ],
 )
 def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
@@ -81,11 +90,19 @@ def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
 
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     (tmp_path / "not_a_pipeline").mkdir()
-    args = [a.replace("{EMPTY_FILE}", str(tmp_path / "empty.txt")).replace("{EMPTY_DIR}", str(tmp_path / "not_a_pipeline"))
-            for a in args]
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "latin1.txt").write_bytes("un chat \xe9l\xe9gant\n".encode("latin-1"))
+    subst = {"{EMPTY_FILE}": tmp_path / "empty.txt", "{EMPTY_DIR}": tmp_path / "not_a_pipeline",
+             "{FILE}": tmp_path / "file", "{LATIN1_FILE}": tmp_path / "latin1.txt"}
+    for key, value in subst.items():
+        args = [a.replace(key, str(value)) for a in args]
+    if "--resume" in args:  # the run continues in the resumed directory
+        base = ["--preset", "tiny", "--progress", "false"]
+    else:
+        base = ["--preset", "tiny", "--output-dir", str(tmp_path / "x"), "--progress", "false"]
     t = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
-        main(["--preset", "tiny", "--output-dir", str(tmp_path / "x"), "--progress", "false", *args])
+        main([*base, *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and field in err[0], err
@@ -119,6 +136,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     stopped_at = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"]
     assert 2 <= stopped_at < 4, "the signal should stop the run before its end"
     assert not (part / "final").exists()
+    assert not (part / ".lock").exists(), "a stopped run must release its directory"
 
     res = run_recipe("ddpo_is.py", *common, "--output-dir", str(part), "--resume", str(part))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -267,12 +285,19 @@ def test_compare_algorithms_runs_reuses_and_refuses(tmp_path):
     assert res.returncode == 2 and "learning_rate" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
+def test_fresh_run_does_not_append_to_an_earlier_runs_logs(tmp_path, capsys):
+    from recipes.ddpo_recipe import main
+
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"epoch": 7, "reward_mean": 0.0}) + "\n")
     (out / "eval.jsonl").write_text(json.dumps({"epoch": 0, "eval_reward_mean": 0.0}) + "\n")
-    res = run_recipe("ddpo_is.py", "--preset", "tiny", "--epochs", "1", "--output-dir", str(out), "--progress", "false")
+    args = ["--preset", "tiny", "--epochs", "1", "--output-dir", str(out), "--progress", "false"]
+    with pytest.raises(SystemExit) as exc:  # refused: the directory holds an earlier run
+        main(args)
+    assert exc.value.code == 2 and "--overwrite true" in capsys.readouterr().err
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [7]
+    res = run_recipe("ddpo_is.py", *args, "--overwrite", "true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
     assert [e["epoch"] for e in read_jsonl(out / "eval.jsonl")] == [0, 1]

@@ -1,0 +1,274 @@
+"""The recipes guard their run directory: one run per directory, honest resumes, verified checkpoints,
+one-line errors (tiny model, in-process: seconds each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from ddpo_rl.checkpoint import atomic_torch_save, previous_path
+from ddpo_rl.config import parse_cli
+from ddpo_rl.run_dir import LOCK_NAME, RunLock
+from tests.helpers import read_jsonl
+
+TINY = ["--preset", "tiny", "--progress", "false", "--eval-every", "10"]
+
+
+def _digest(root) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def _fails(capsys, argv, algorithm="ddpo_is") -> str:
+    from recipes.ddpo_recipe import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv, algorithm=algorithm)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the recipe gets as far as loading a model."""
+    import ddpo_rl.models.loading as loading
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(loading, "build_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch tiny run (checkpoints at epochs 1 and 2); tests copy it."""
+    from recipes.ddpo_recipe import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    main([*TINY, "--epochs", "2", "--save-every", "1", "--output-dir", str(out)])
+    return out
+
+
+@pytest.fixture
+def run_dir(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(run_dir, capsys, no_model_load):
+    before = _digest(run_dir)
+    err = _fails(capsys, [*TINY, "--epochs", "2", "--output-dir", str(run_dir)])
+    assert "holds a finished run (2 of 2 epochs)" in err and "--overwrite true" in err and f"--resume {run_dir}" in err
+    assert _digest(run_dir) == before
+
+
+def test_resume_continues_in_the_resumed_directory_and_applies_and_records_changes(run_dir, tmp_path, monkeypatch, capsys):
+    from recipes.ddpo_recipe import main
+
+    monkeypatch.chdir(tmp_path)  # the preset's default output_dir (outputs/tiny) would be here
+    main(["--resume", str(run_dir), "--epochs", "3", "--learning-rate", "0.01"])  # the run's own config otherwise
+    assert "learning_rate: 0.0003 -> 0.01" in capsys.readouterr().out
+    assert not (tmp_path / "outputs").exists(), "resume wrote outside the resumed run"
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert (cfg["epochs"], cfg["learning_rate"], cfg["output_dir"]) == (3, 0.01, str(run_dir))
+    assert [h["event"] for h in cfg["history"]] == ["start", "resume"]
+    assert cfg["history"][1]["epoch"] == 2
+    changed = dict(cfg["history"][1]["changed"])
+    assert changed.pop("output_dir")["to"] == str(run_dir)  # the run was copied here from the fixture's directory
+    assert changed == {"epochs": {"from": 2, "to": 3}, "learning_rate": {"from": 3e-4, "to": 0.01}}
+    ckpt = torch.load(run_dir / "checkpoints" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["learning_rate"] == 0.01 and ckpt["history"] == cfg["history"]
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01]  # applied to the optimizer, not only recorded
+
+
+def test_resume_with_fewer_epochs_than_reached_is_refused(run_dir, capsys, no_model_load):
+    before = _digest(run_dir)
+    err = _fails(capsys, ["--resume", str(run_dir), "--epochs", "1"])
+    assert err.startswith("error: epochs: 1 is below the epoch the run has reached (2)")
+    assert _digest(run_dir) == before
+
+
+@pytest.mark.parametrize("argv, algorithm, field", [
+    ([], "rwr", "algorithm"),
+    (["--seed", "1"], "ddpo_is", "seed"),
+    (["--sample-batch-size", "8"], "ddpo_is", "sample_batch_size"),
+    (["--reward", "jpeg_incompressibility"], "ddpo_is", "reward"),
+])
+def test_resume_refuses_fixed_fields_before_any_model_is_loaded(run_dir, capsys, no_model_load, argv, algorithm, field):
+    before = _digest(run_dir)
+    err = _fails(capsys, [*TINY, "--resume", str(run_dir), *argv], algorithm=algorithm)
+    assert err.startswith(f"error: {field}: cannot change on resume")
+    assert _digest(run_dir) == before
+
+
+def test_resume_with_another_output_dir_is_refused(run_dir, tmp_path, capsys, no_model_load):
+    err = _fails(capsys, [*TINY, "--resume", str(run_dir), "--output-dir", str(tmp_path / "elsewhere")])
+    assert "output_dir: --resume continues the run in its own directory" in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def _damage(path, how):
+    data = open(path, "rb").read()
+    data = {"truncated": data[: len(data) // 2], "zero_bytes": b"", "text": b"hello\n",
+            "overwritten_4k": data[:5000] + b"\0" * 4096 + data[9096:]}[how]
+    open(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero_bytes", "text", "overwritten_4k"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one_and_keeps_it(run_dir, capsys, how):
+    from recipes.ddpo_recipe import DDPORecipe
+
+    newest = run_dir / "checkpoints" / "checkpoint.pt"
+    _damage(newest, how)
+    recipe = DDPORecipe(parse_cli([*TINY, "--resume", str(run_dir)])).setup()
+    try:
+        assert recipe.start_epoch == 1
+        err = capsys.readouterr().err
+        assert f"{newest}" in err and "resuming from the previous checkpoint" in err
+        recipe.save_checkpoint(2)  # the damaged file is replaced, the sound previous one kept
+    finally:
+        recipe.cleanup()
+    assert torch.load(newest, weights_only=False)["epoch"] == 2
+    assert torch.load(previous_path(str(newest)), weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero_bytes", "text", "overwritten_4k"])
+def test_damaged_checkpoints_without_fallback_are_one_line_and_change_nothing(run_dir, capsys, no_model_load, how):
+    newest = run_dir / "checkpoints" / "checkpoint.pt"
+    _damage(newest, how)
+    _damage(previous_path(str(newest)), how)
+    before = _digest(run_dir)
+    err = _fails(capsys, [*TINY, "--resume", str(run_dir)])
+    assert err.startswith(f"error: resume: {newest}: ")
+    assert _digest(run_dir) == before
+
+
+@pytest.mark.parametrize("with_trailer", [True, False])
+def test_resuming_a_dppo_gym_directory_is_refused_as_foreign(tmp_path, capsys, no_model_load, with_trailer):
+    out = tmp_path / "gym"
+    out.mkdir()
+    from recipes.dppo_gym import DPPOGymConfig
+
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(DPPOGymConfig(output_dir=str(out)))))
+    state = {"noise_model": {"w": torch.zeros(2)}, "critic": {}, "optimizer": {}}
+    if with_trailer:
+        atomic_torch_save(state, str(out / "checkpoint.pt"), kind="dppo_gym")
+    else:  # written before checksums existed
+        torch.save(state, out / "checkpoint.pt")
+    before = _digest(out)
+    err = _fails(capsys, [*TINY, "--resume", str(out)])
+    assert "foreign" in err and str(out / "checkpoint.pt") in err
+    assert _digest(out) == before
+
+
+def test_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys, no_model_load):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = RunLock(str(out)).acquire()
+    try:
+        err = _fails(capsys, [*TINY, "--output-dir", str(out)])
+    finally:
+        lock.release()
+    assert f"is in use by another run (pid {os.getpid()} on " in err
+    assert os.listdir(out) == []
+
+
+def test_interrupted_run_releases_its_lock(tmp_path, monkeypatch):
+    from ddpo_rl.trainer import DDPOTrainer
+    from recipes.ddpo_recipe import run
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DDPOTrainer, "train", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_cli([*TINY, "--output-dir", str(out)]))
+    assert not (out / LOCK_NAME).exists()
+    RunLock(str(out)).acquire().release()
+
+
+def test_update_with_non_finite_result_is_undone_and_the_run_ends_with_finite_weights(tmp_path, capsys):
+    from recipes.ddpo_recipe import DDPORecipe
+
+    out = tmp_path / "run"
+    # two optimizer steps per epoch; lr 1e30 (finite) takes the weights to ~1e30, the next step to inf
+    recipe = DDPORecipe(parse_cli([*TINY, "--minibatch-size", "2", "--output-dir", str(out)])).setup()
+    try:
+        for g in recipe.optimizer.param_groups:
+            g["lr"] = 1e30
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    skipped = [m["skipped_steps"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert sum(skipped) >= 1
+    assert "optimizer step(s) undone" in capsys.readouterr().err
+    assert all(torch.isfinite(p).all() for p in recipe.params)
+    from safetensors.torch import load_file
+
+    final = load_file(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--env", "NoSuchEnv-v0"], "env: 'NoSuchEnv-v0' is not a gymnasium env id"),
+    (["--env", "CartPole-v1"], "env: CartPole-v1 has a Discrete action space"),
+    (["--epochs", "0"], "epochs: must be positive"),
+    (["--actor-lr", "nan"], "actor_lr: must be a finite number"),
+    (["--output-dir", "{FILE}/run"], "output_dir: "),
+])
+def test_dppo_gym_user_errors_are_one_line(tmp_path, capsys, argv, field):
+    from recipes.dppo_gym import main
+
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{FILE}", str(tmp_path / "file")) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(["--output-dir", str(tmp_path / "out"), "--progress", "false", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + field), err
+
+
+def test_dppo_gym_rerun_is_refused_unless_overwrite(tmp_path, capsys):
+    from recipes.dppo_gym import main
+
+    out = tmp_path / "gym"
+    small = ["--output-dir", str(out), "--progress", "false", "--epochs", "1", "--num-envs", "2", "--rollout-steps", "10",
+             "--demo-rollouts", "1", "--bc-steps", "5", "--eval-episodes", "2", "--minibatch-size", "20"]
+    main(small)
+    assert json.loads((out / "config.json").read_text())["history"][0]["event"] == "start"
+    before = _digest(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(small)
+    err = capsys.readouterr().err
+    assert "holds a finished run (1 of 1 epochs)" in err and "--overwrite" in err and "--resume" not in err
+    assert _digest(out) == before
+    main([*small, "--overwrite", "true"])
+
+
+def test_compare_algorithms_output_dir_under_a_file_is_one_line(tmp_path, capsys):
+    from recipes.compare_algorithms import main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--output-dir", str(tmp_path / "file" / "cmp"), "--progress", "false", "--preset", "tiny"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output_dir: "), err

@@ -1,0 +1,64 @@
+"""The trainer's non-finite guard: a step whose result is not finite is undone, weights and optimizer state."""
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from ddpo_rl.keys import KEYS
+from ddpo_rl.trainer import DDPOTrainer, TrainConfig
+
+
+class LinearLoss(nn.Module):
+    """loss = mean(advantage * <w, x>): finite for any finite w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1, 1, 3))
+
+    def forward(self, td):
+        return TensorDict({"loss_objective": (td[KEYS.advantage].squeeze(-1) * (td["x"] @ self.w)).mean()}, [])
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict({"x": torch.randn(4, 2, 3, generator=g), KEYS.advantage: torch.randn(4, 2, 1, generator=g)}, [4, 2])
+
+
+def _trainer(lr, minibatch_size=4):
+    loss = LinearLoss()
+    opt = torch.optim.AdamW(loss.parameters(), lr=lr, weight_decay=1e-4, foreach=True)
+    trainer = DDPOTrainer(loss, opt, TrainConfig(minibatch_size=minibatch_size), generator=torch.Generator().manual_seed(0))
+    after_step = []  # what each optimizer step produced, before the guard looks at it
+    opt.register_step_post_hook(lambda o, a, k: after_step.append(
+        (loss.w.detach().clone(), {n: v.clone() for n, v in o.state[loss.w].items()})))
+    return loss, opt, trainer, after_step
+
+
+def test_update_that_overflows_is_undone_and_training_goes_on():
+    # lr 1e30 is finite: the 1st step takes the weights to ~1e30 (finite), the 2nd one's weight decay
+    # (x (1 - lr * wd) = x -1e26) to inf. The guard restores the weights and the Adam state of step 1.
+    loss, opt, trainer, after_step = _trainer(1e30, minibatch_size=2)
+    out = trainer.train(_batch(0))
+    assert len(after_step) == 2 and not torch.isfinite(after_step[1][0]).all(), "the 2nd update should overflow"
+    assert out["skipped_steps"].item() == 1 and trainer.skipped_steps == 1
+    w1, state1 = after_step[0]
+    assert torch.isfinite(w1).all() and w1.abs().max() > 1e20
+    assert torch.equal(loss.w.detach(), w1), "the undone step changed the weights"
+    for k, v in opt.state[loss.w].items():
+        assert torch.equal(v, state1[k]), k
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    trainer.train(_batch(1))  # from the restored state, training goes on
+    assert trainer.skipped_steps == 1 and trainer.params_finite() and not torch.equal(loss.w.detach(), w1)
+
+
+def test_undone_first_step_leaves_the_optimizer_uninitialised():
+    loss, opt, trainer, after_step = _trainer(1e-2)
+    w = loss.w.detach().clone()
+    with torch.no_grad():
+        loss.w.grad = None
+    poisoned = _batch(0)
+    poisoned["x"][0, 0, 0] = float("nan")  # a NaN loss: the step is taken, then undone
+    trainer.train(poisoned)
+    assert trainer.skipped_steps == 1 and torch.equal(loss.w.detach(), w)
+    assert len(opt.state[loss.w]) == 0 and trainer.params_finite()
