@@ -34,16 +34,13 @@ SCHEMA = "ddpo_rl.benchmarks.flow_window/1"
 
 
 def run_variant(name: str, extra: list[str], args, out_root: str) -> dict:
-    import torch
-
     from ddpo_rl.config import parse_cli
     from ddpo_recipe import run
 
     out = os.path.join(out_root, name)
     argv = ["--output-dir", out, "--progress", "false", "--seed", str(args.seed), "--epochs", str(args.epochs),
-            "--eval-every", str(args.epochs), "--save-every", str(args.epochs), *extra]
+            "--eval-every", str(args.epochs), "--save-every", str(args.epochs), "--threads", str(args.threads), *extra]
     cfg = parse_cli(argv, preset="flow-digits")
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     summary = run(cfg)
     wall = time.perf_counter() - t0
