@@ -30,7 +30,7 @@ def test_flow_grpo_raises_compressibility_and_keeps_the_digits(tmp_path):
     for prompts, m in summary["monitors"]["digit_alignment"].items():
         assert m["final_over_base"] >= 0.85, (prompts, m)  # the digits are still the prompted digits
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert len(metrics) == 6 and metrics[0]["mean_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert len(metrics) == 6 and all(m["kl_to_reference"] is not None for m in metrics)
     # the outputs of every recipe; a full fine-tune of the transformer under final/transformer
     for name in ("eval.jsonl", "summary.json", "reward_curve.png", "samples/epoch_0000.png", "samples/epoch_0006.png",
                  "checkpoints/checkpoint.pt", "final/transformer/config.json", "best"):
