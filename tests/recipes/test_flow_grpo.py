@@ -14,7 +14,7 @@ from ddpo_rl.config import parse_cli
 from recipes.ddpo_recipe import run
 
 
-@pytest.mark.slow  # ~40-60 s on an idle 2-core machine
+@pytest.mark.slow  # 35 s (34 CPU s, one thread) on the shared 2-core machine at load ~6
 def test_flow_grpo_raises_compressibility_and_keeps_the_digits(tmp_path):
     out = tmp_path / "run"
     cfg = parse_cli(
