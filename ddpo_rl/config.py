@@ -337,6 +337,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "learning_rate",  # set on the optimizer's param groups after its state is loaded
     "max_grad_norm", "on_invalid_reward", "reward_async", "progress", "device", "prompt_cache_size",  # execution
     "logger", "logger_kwargs", "stop_on_monitor_drop",  # reporting
+    "threads", "sampler", "channels_last", "sdpa_attention",  # speed: the same math (see their docstrings)
     "output_dir", "resume", "overwrite",  # where the run lives (output_dir follows resume)
 })
 
@@ -521,6 +522,12 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
     preset_given = given.pop("preset", None) is not None
     base = resume_base(given["resume"]) if given.get("resume") else None
     if base is not None:  # --resume RUN_DIR: the run's own config, then what this command sets
+        out = given.get("output_dir")
+        if out is not None and os.path.abspath(os.path.expanduser(out)) != base["output_dir"]:
+            raise ConfigError(
+                f"output_dir: --resume continues the run in its own directory ({base['output_dir']}), not in "
+                f"{out}; drop --output-dir (or give that same directory)"
+            )
         explicit = {**defaults, **given, **({"preset": parsed.preset} if preset_given else {})}
         return DDPOConfig.from_dict({**base, **explicit}).validate()
     return preset_config(parsed.preset, **{**defaults, **given}).validate()

@@ -300,6 +300,9 @@ class DDPORecipe:
         )
         state = loaded.state
         changes = resume_changes(state["config"], cfg.to_dict(), CHANGEABLE_ON_RESUME, DDPOConfig().to_dict())
+        if cfg.epochs < state["epoch"]:
+            raise ConfigError(f"epochs: {cfg.epochs} is below the epoch the run has reached ({state['epoch']}); "
+                              f"give --epochs {state['epoch']} or more")
         self._newest_checkpoint_damaged = loaded.fell_back
         self.history = list(state.get("history", [])) + [
             history_entry("resume", state["epoch"], changes, checkpoint=os.path.relpath(loaded.path, self.out))

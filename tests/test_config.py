@@ -188,3 +188,5 @@ def test_resume_starts_from_the_runs_config_and_applies_only_what_the_command_se
     assert (cfg.preset, cfg.model, cfg.seed, cfg.epochs, cfg.output_dir) == ("tiny", "tiny", 3, 5, str(run))
     assert parse_cli(["--resume", str(run)], algorithm="rwr").algorithm == "rwr"  # the script's choice: checked on resume
     assert parse_cli(["--resume", str(run), "--preset", "digits"]).preset == "digits"
+    with pytest.raises(ConfigError, match="^output_dir: --resume continues"):  # even the preset's default path
+        parse_cli(["--resume", str(run), "--output-dir", "outputs/tiny"])

@@ -97,6 +97,13 @@ def test_resume_continues_in_the_resumed_directory_and_applies_and_records_chang
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01]  # applied to the optimizer, not only recorded
 
 
+def test_resume_with_fewer_epochs_than_reached_is_refused(run_dir, capsys, no_model_load):
+    before = _digest(run_dir)
+    err = _fails(capsys, ["--resume", str(run_dir), "--epochs", "1"])
+    assert err.startswith("error: epochs: 1 is below the epoch the run has reached (2)")
+    assert _digest(run_dir) == before
+
+
 @pytest.mark.parametrize("argv, algorithm, field", [
     ([], "rwr", "algorithm"),
     (["--seed", "1"], "ddpo_is", "seed"),
