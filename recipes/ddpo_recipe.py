@@ -146,6 +146,7 @@ class DDPORecipe:
     def _setup_inputs(self) -> None:
         """Prompts, the reward and the monitors: cheap, checked before any model is loaded."""
         cfg = self.cfg
+        from ddpo_rl.models.loading import check_model_reference
         from ddpo_rl.monitors import build_monitors
         from ddpo_rl.rewards.registry import get_reward_factory, make_reward
 
@@ -163,6 +164,7 @@ class DDPORecipe:
             from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
+        check_model_reference(cfg.model)  # a missing model directory is named before the monitors load theirs
         self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
 
     def _setup_processes(self) -> None:
