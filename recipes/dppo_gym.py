@@ -6,10 +6,10 @@ fine-tune it with PPO (ClipPPOLoss + value critic + GAE) through the denoising c
 Stages (see docs/dppo_gym.md for measured figures):
 
 1. demonstrations: the scripted expert of envs/gym_control.py, with action noise;
-2. behaviour cloning: the denoising loss (ddpo_rl/policies/bc.py) on the normalised actions;
+2. behaviour cloning: the denoising loss (ddpo_rl/control/bc.py) on the normalised actions;
 3. RL fine-tuning, ``epochs`` times: collect ``num_envs x rollout_steps`` env steps with the
    :class:`DenoisingChainActor` (K denoising steps per env step, chain and log-probs recorded),
-   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/policies/ppo.py). The policy is evaluated
+   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/control/ppo.py). The policy is evaluated
    on a separate env reseeded each time (same initial states): before fine-tuning, every
    ``eval_every`` epochs, and after the last epoch.
 
@@ -49,7 +49,7 @@ from ddpo_rl.cli import parse
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS, make_run_logger
 from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
-from ddpo_rl.policies import (
+from ddpo_rl.control import (
     BCConfig,
     DenoisingChainActor,
     NoisePredictionMLP,
