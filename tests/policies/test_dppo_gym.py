@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 
-from recipes.dppo_gym import DPPOGymConfig, run
+from envs.gym_control import make_control_env
+from recipes.dppo_gym import DPPOGymConfig, build_policy, evaluate, run
 
 TEST_CONFIG = dict(
     env="Pendulum-v1",
@@ -56,3 +57,18 @@ def test_dppo_raises_pendulum_return(tmp_path):
     assert records[0]["kl_approx"] == 0.0  # critic warm-up: the actor did not move yet
     ckpt = torch.load(tmp_path / "checkpoint.pt")
     assert {"noise_model", "critic", "optimizer"} <= ckpt.keys()
+
+
+def test_evaluate_is_reproducible_and_leaves_the_training_rng_alone():
+    """Same policy, same eval seed: exactly the same return (same initial states AND same sampling
+    noise), and the global RNG stream is where it was (evaluating does not change training)."""
+    cfg = DPPOGymConfig(num_envs=2, hidden_dim=16, num_layers=1, denoising_steps=2)
+    env = make_control_env(cfg.env, 4, seed=cfg.eval_seed)
+    actor, _, _ = build_policy(cfg, env)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = evaluate(env, actor, 200, cfg.eval_seed)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.randn(100)  # the global stream moves on (as training would); the evaluation does not change
+    assert evaluate(env, actor, 200, cfg.eval_seed) == first
+    assert evaluate(env, actor, 200, cfg.eval_seed + 1) != first
