@@ -1,11 +1,19 @@
 """Learning test: DPPO fine-tuning raises the return of a weak behaviour-cloned diffusion policy on Pendulum.
 
-The start is deliberately weak: the diffusion policy clones a half-gain, noisy version of the
-scripted swing-up controller (its return is about -400, the full controller's about -160).
-Fine-tuning must raise the evaluation return (the same 32 initial states before and after) by
-MARGIN = 75, well above the evaluation noise of a fixed policy (two evaluations of the same BC
-policy differ by 20-40) and below the rise measured on seeds 0-3 (+85 to +240; seed 0: about
-+200). Numbers in docs/dppo_gym.md.
+The start is deliberately weak: the diffusion policy clones (1500 BC steps) a half-gain, noisy
+version of the scripted swing-up controller (the cloned controller scores about -400, the full one
+about -160; the clone -700 to -830 on seeds 0-3). Fine-tuning (6 epochs of 16 envs x 200 steps, the first one
+critic-only) must raise the evaluation return by MARGIN. Evaluation uses the same 32 initial states
+and the same sampling noise before and after, so an unchanged policy (actor_lr=0) scores exactly
+the same (rise 0.0, measured); the rises measured on seeds 0-3 and on seed 0 under other MKL kernels
+are in docs/dppo_gym.md (all well above MARGIN).
+
+Why this configuration: a single short PPO run on Pendulum is chaotic, so the exact outcome depends
+on float round-off (the CPU's MKL kernels: MKL_CBWR=AVX2 vs this machine's AVX-512 moved the old
+10-epoch x 8-env test's rise from +72 to +209, same code and seed) and on any change to the RNG
+stream. The old configuration's rise ranged from -23 to +209 over such perturbations; 16 envs per
+epoch (twice the data per update, 6 epochs instead of 10) gave +102 to +196 over 7 such runs,
+at about the same cost.
 """
 
 import json
@@ -19,15 +27,15 @@ from recipes.dppo_gym import DPPOGymConfig, build_policy, evaluate, run
 TEST_CONFIG = dict(
     env="Pendulum-v1",
     seed=0,
-    epochs=10,
-    num_envs=8,
+    epochs=6,
+    num_envs=16,
     rollout_steps=200,
     demo_rollouts=2,
     demo_gain=0.5,
     demo_noise=0.3,
     bc_steps=1500,
     bc_lr=3e-3,
-    critic_warmup_epochs=2,
+    critic_warmup_epochs=1,
     eval_episodes=32,
     eval_every=100,
     progress=False,
