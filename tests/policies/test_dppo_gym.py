@@ -2,8 +2,8 @@
 
 The start is deliberately weak: the diffusion policy clones (1500 BC steps) a half-gain, noisy
 version of the scripted swing-up controller (the cloned controller scores about -400, the full one
-about -160; the clone -700 to -830 on seeds 0-3). Fine-tuning (6 epochs of 16 envs x 200 steps, the first one
-critic-only) must raise the evaluation return by MARGIN. Evaluation uses the same 32 initial states
+about -160; the clone -700 to -830 on seeds 0-3). Fine-tuning (6 epochs of 16 envs x 200 steps,
+the first one critic-only) must raise the evaluation return by MARGIN. Evaluation uses the same 32 initial states
 and the same sampling noise before and after, so an unchanged policy (actor_lr=0) scores exactly
 the same (rise 0.0, measured); the rises measured on seeds 0-3 and on seed 0 under other MKL kernels
 are in docs/dppo_gym.md (all well above MARGIN).
@@ -12,8 +12,8 @@ Why this configuration: a single short PPO run on Pendulum is chaotic, so the ex
 on float round-off (the CPU's MKL kernels: MKL_CBWR=AVX2 vs this machine's AVX-512 moved the old
 10-epoch x 8-env test's rise from +72 to +209, same code and seed) and on any change to the RNG
 stream. The old configuration's rise ranged from -23 to +209 over such perturbations; 16 envs per
-epoch (twice the data per update, 6 epochs instead of 10) gave +102 to +196 over 7 such runs,
-at about the same cost.
+epoch (twice the data per update, 6 epochs instead of 10) gave +102 to +196 over 7 runs (seeds
+0-3, MKL kernel paths, a 3x actor lr), at about the same cost.
 """
 
 import json
