@@ -145,8 +145,8 @@ class DPPOGymConfig:
     eval_episodes: int = 16
     """Episodes of each evaluation (one per env copy of a separate eval env)."""
     eval_seed: int = 12345
-    """The eval env is reseeded with this before every evaluation: same initial states each time,
-    so before/after returns differ by the policy, not by the draw of initial states."""
+    """The eval env and the policy's sampling noise are reseeded with this before every evaluation:
+    same initial states and same noise each time, so before/after returns differ by the policy only."""
     eval_every: int = 5
     """Evaluate every this many epochs (and always before the first and after the last)."""
     progress: bool = True
@@ -231,9 +231,17 @@ def rollout(env, actor, steps: int):
 
 
 def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
-    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env."""
+    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env.
+
+    Both the eval env (initial states) and torch's RNG (the policy's sampling noise) are reseeded
+    with ``seed``, the latter inside ``fork_rng``: every evaluation sees the same initial states and
+    the same noise (an unchanged policy scores exactly the same), and evaluating does not move the
+    training run's RNG stream (``eval_every`` does not change the training trajectory).
+    """
     env.set_seed(seed)
-    returns = completed_episode_returns(rollout(env, actor, steps))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        returns = completed_episode_returns(rollout(env, actor, steps))
     if returns.numel() == 0:
         return float("nan"), 0.0
     return returns.mean().item(), (returns.std().item() if returns.numel() > 1 else 0.0)
