@@ -51,6 +51,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_dppo_raises_pendulum_return(tmp_path):
     summary = run(DPPOGymConfig(output_dir=str(tmp_path), **TEST_CONFIG))
     before, after = summary["return_before"], summary["return_after"]
