@@ -45,12 +45,12 @@ def steps(out: str, dry: bool) -> list[dict]:
     if dry:  # on CPU the gpu tests skip; collect one file to stay fast
         pytest_args[-1] = "tests/test_sampling.py"
     return [
-        {"name": "gpu_tests", "cmd": [py, "-m", "pytest", *pytest_args], "timeout": 150 if not dry else 120, "json": None},
+        {"name": "gpu_tests", "cmd": [py, "-m", "pytest", *pytest_args], "timeout": 120, "json": None},
         {"name": "throughput", "cmd": [py, "benchmarks/throughput.py", *tput, "--json", os.path.join(out, "throughput.json")],
-         "timeout": 210 if not dry else 120, "json": os.path.join(out, "throughput.json")},
+         "timeout": 200 if not dry else 120, "json": os.path.join(out, "throughput.json")},
         {"name": "recipe_epochs", "cmd": [py, "benchmarks/recipe_epoch.py", *recipe, "--epochs", "2", "--json",
                                           os.path.join(out, "recipe_epoch.json")],
-         "timeout": 210 if not dry else 120, "json": os.path.join(out, "recipe_epoch.json")},
+         "timeout": 220 if not dry else 120, "json": os.path.join(out, "recipe_epoch.json")},
     ]
 
 

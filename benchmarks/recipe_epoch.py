@@ -87,6 +87,8 @@ def save_pipeline(model: str, path: str) -> float:
 
     t = time.perf_counter()
     pipe = build_sd15_pipeline() if model == "sd15" else build_tiny_sd_pipeline()
+    if model == "sd15":  # half the bytes to write and read (the loader casts the UNet back to float32)
+        pipe.to(torch.float16)
     pipe.save_pretrained(path)
     del pipe
     if torch.cuda.is_available():
@@ -109,6 +111,7 @@ def recipe_config(args, model_path: str | None, output_dir: str, overrides: dict
         minibatch_size=batch, gradient_accumulation_steps=args.samples // batch, timestep_fraction=1.0,
         stat_min_count=2, eval_every=10_000, save_every=10_000, eval_num_samples=batch, grid_samples_per_prompt=1,
         mixed_precision=args.mixed_precision, reward_kwargs={"resize": 64 if args.model == "tiny" else 512},
+        monitor_rewards=[],  # the SD presets' monitors load hub weights (aesthetic, BLIP)
     )
     return preset_config("sd15-compressibility", **{**values, **common, **dict(args.set or [])})
 

@@ -148,8 +148,9 @@ class DDPOConfig:
     """Below this many rewards for a prompt, use the batch statistics."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
-    clip_range: float = 1e-4
-    """PPO clip range epsilon of DDPO-IS (for mean-reduced log-probs; 1e-4 in the paper)."""
+    clip_epsilon: float = 1e-4
+    """PPO clip range epsilon of DDPO-IS (torchrl's ClipPPOLoss name; the paper's "clip_range", 1e-4 for
+    mean-reduced log-probs)."""
     rwr_mode: RWRMode = "exponential"
     """RWR weights: "exponential" (softmax of A / temperature) or "sparse" (top quantile)."""
     rwr_temperature: float = 1.0
@@ -284,7 +285,7 @@ class DDPOConfig:
         need(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1.0 (1.0 disables guidance)")
         need(0 < self.learning_rate <= 1, "learning_rate",
              f"must be in (0, 1], got {self.learning_rate}: an AdamW step moves each weight by about the learning rate")
-        need(self.clip_range > 0, "clip_range", "must be positive")
+        need(self.clip_epsilon > 0, "clip_epsilon", "must be positive")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
         need(self.kl_coef >= 0, "kl_coef", f"must be >= 0 (0 disables the KL penalty), got {self.kl_coef}")
@@ -332,13 +333,17 @@ class DDPOConfig:
     def from_dict(cls, d: dict) -> DDPOConfig:
         """A config from a dict of fields (a config.json's ``history`` entry is not a field: ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k != "history"}
+        d = {RENAMED_FIELDS.get(k, k): v for k, v in d.items() if k != "history"}
         unknown = sorted(set(d) - names)
         if unknown:
             from ddpo_rl.cli import unknown_field_message
 
             raise ConfigError(f"{unknown[0]}: {unknown_field_message(cls, unknown[0])}")
         return cls(**d)
+
+
+RENAMED_FIELDS = {"clip_range": "clip_epsilon"}
+"""Old field name -> new name: config.json files and checkpoints of earlier versions still load."""
 
 
 # Fields that may differ when a run is resumed; each is applied for real and recorded in config.json's
@@ -405,7 +410,7 @@ _SD15 = dict(
     model="runwayml/stable-diffusion-v1-5", use_lora=True, lora_rank=4, lora_alpha=4.0, mixed_precision="auto",
     num_inference_steps=50, eta=1.0, guidance_scale=5.0, sample_batch_size=8, num_batches_per_epoch=32,
     minibatch_size=8, gradient_accumulation_steps=8, num_inner_epochs=1, timestep_fraction=1.0,
-    learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,
+    learning_rate=3e-4, clip_epsilon=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,
     stat_buffer_size=16, stat_min_count=16, epochs=100, eval_every=10, save_every=10, eval_num_samples=64,
     prompts="simple_animals", eval_prompts="imagenet_animals", adam_weight_decay=1e-4, monitor_rewards=["aesthetic"],
 )
@@ -435,7 +440,7 @@ _SD35 = dict(
     model="stabilityai/stable-diffusion-3.5-medium", use_lora=True, lora_rank=32, lora_alpha=64.0,
     mixed_precision="fp16", num_inference_steps=10, guidance_scale=4.5, noise_level=0.7, group_size=8,
     sample_batch_size=8, num_batches_per_epoch=12, minibatch_size=4, gradient_accumulation_steps=12,
-    num_inner_epochs=1, timestep_fraction=0.99, learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0,
+    num_inner_epochs=1, timestep_fraction=0.99, learning_rate=3e-4, clip_epsilon=1e-4, adv_clip_max=5.0,
     max_grad_norm=1.0, adam_weight_decay=1e-4, per_prompt_stat_tracking=True, epochs=100, eval_every=10,
     save_every=10, eval_num_samples=64, prompts="simple_animals", eval_prompts="imagenet_animals",
 )

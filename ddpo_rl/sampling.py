@@ -187,20 +187,21 @@ class FastSampler:
         LoRA merge or adapter switch, a new attention processor, a mode change or a new env
         batch shape change it."""
         head, env = self.head, self.base_env
-        tensors = tuple(
-            (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device)
-            for t in (*head.parameters(), *head.buffers())
-        )
+        # storages and layouts (a replaced or re-laid-out tensor gets a new data_ptr)
+        tensors = tuple((t.data_ptr(), t.dtype, t.shape) for t in (*head.parameters(), *head.buffers()))
+        # structure, modes, attention processors, peft adapter state; read from __dict__ (plain
+        # attributes: Module.__getattr__ would be slow for the many modules that lack them)
         modules = tuple(
             (
                 id(m),
-                m.training,
-                id(getattr(m, "processor", None)),
-                tuple(getattr(m, "merged_adapters", ()) or ()),
-                repr(getattr(m, "active_adapters", None)) if hasattr(m, "merged_adapters") else None,
-                getattr(m, "disable_adapters", None) if hasattr(m, "merged_adapters") else None,
+                d["training"],
+                id(d.get("processor")),
+                tuple(d.get("merged_adapters") or ()),
+                repr(d.get("_active_adapter")),
+                d.get("_disable_adapters"),
             )
             for m in head.modules()
+            for d in (m.__dict__,)
         )
         scalars = (head.guidance_scale, head.eta, head.min_std, self.event_dim, self.reduction)
         shapes = (

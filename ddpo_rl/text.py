@@ -14,16 +14,20 @@ from torch import nn
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
     """Last hidden state [B, L, D] of ``text_encoder`` on ``prompts`` padded to the tokenizer's
     ``model_max_length`` (Stable Diffusion's conditioning; "" gives the unconditional embedding)."""
-    device = next(text_encoder.parameters()).device
+    return text_encoder(token_ids(tokenizer, prompts, next(text_encoder.parameters()).device))[0]
+
+
+def token_ids(tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
+    """Token ids [B, L] of ``prompts`` padded (and truncated, with a warning) to the tokenizer's
+    ``model_max_length``."""
     warn_truncated_prompts(tokenizer, prompts)
-    ids = tokenizer(
+    return tokenizer(
         list(prompts),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
-    return text_encoder(ids)[0]
 
 
 def warn_truncated_prompts(tokenizer, prompts: Sequence[str]) -> None:
@@ -49,16 +53,7 @@ def encode_prompts_pooled(tokenizer, text_encoder: nn.Module, prompts: Sequence[
     """SD3-style conditioning from one ``CLIPTextModelWithProjection``: its ``last_hidden_state``
     [B, L, D] (the token sequence) and ``text_embeds`` [B, P] (the pooled, projected vector), on
     ``prompts`` padded to the tokenizer's ``model_max_length``."""
-    device = next(text_encoder.parameters()).device
-    warn_truncated_prompts(tokenizer, prompts)
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    out = text_encoder(ids)
+    out = text_encoder(token_ids(tokenizer, prompts, next(text_encoder.parameters()).device))
     return out.last_hidden_state, out.text_embeds
 
 

@@ -58,7 +58,7 @@ from ddpo_rl.run_dir import RunDir, history_entry, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
 from ddpo_rl.loggers import make_run_logger
-from ddpo_rl.objectives import make_loss
+from ddpo_rl.objectives import loss_kwargs, make_loss
 from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
@@ -125,13 +125,31 @@ class DDPORecipe:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> DDPORecipe:
-        """Build everything the run needs, cheapest checks first: prompts and reward, device and
-        processes, model, envs, policy, loss, optimizer and trainer; then load ``cfg.resume``."""
-        cfg = self.cfg
-        set_threads(cfg.threads)  # first: before torch runs any parallel work (ddpo_rl/threads.py)
-        from ddpo_rl.rewards.registry import get_reward_factory, make_reward  # checked before loading models
+        """Build everything the run needs, cheapest checks first (each step is one ``_setup_*``):
+        prompts, reward and monitors; device and processes; the run directory and the checkpoint
+        to resume; the model; the envs; the policy and its loss; the optimizer and trainer. Then
+        load the resumed state and record what runs in config.json."""
+        set_threads(self.cfg.threads)  # first: before torch runs any parallel work (ddpo_rl/threads.py)
+        self._setup_inputs()
+        self._setup_processes()
+        resume_state = self._setup_run_dir()
+        self._setup_model()
+        self._setup_envs()
+        self._setup_policy_and_loss()
+        self._setup_trainer()
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
+            self.run_dir.write_config(self.cfg.to_dict(), self.history)
+        return self
 
-        # 1. prompts and reward: cheap, checked before any model is loaded
+    def _setup_inputs(self) -> None:
+        """Prompts, the reward and the monitors: cheap, checked before any model is loaded."""
+        cfg = self.cfg
+        from ddpo_rl.models.loading import check_model_reference
+        from ddpo_rl.monitors import build_monitors
+        from ddpo_rl.rewards.registry import get_reward_factory, make_reward
+
         self.train_prompts = resolve_prompts(cfg.prompts, "prompts")
         self.eval_prompts = resolve_prompts(cfg.eval_prompts, "eval_prompts")
         try:
@@ -146,26 +164,28 @@ class DDPORecipe:
             from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
-        from ddpo_rl.monitors import build_monitors
-
+        check_model_reference(cfg.model)  # a missing model directory is named before the monitors load theirs
         self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
 
-        # 2. device, processes, seeds, precision
+    def _setup_processes(self) -> None:
+        """Device, torchrun processes, seeds and precision."""
+        cfg = self.cfg
         self.device = resolve_device(cfg.device)
         self.dist = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights (LoRA init included)
-        from ddpo_rl import precision
-
         if self.device.type == "cuda":
             precision.set_tf32(cfg.allow_tf32)
         self.mixed_precision = precision.resolve_mixed_precision(cfg.mixed_precision, self.device)  # "auto" resolved
         self.out = cfg.output_dir
         self.is_main = self.dist.is_main
 
-        # 3. the run directory (rank 0 owns it) and the checkpoint to resume: verified, and its
-        #    config compared with this one, before any model is loaded; an error changes nothing
+    def _setup_run_dir(self) -> dict | None:
+        """The run directory (rank 0 owns it) and the checkpoint to resume: verified, and its config
+        compared with this one, before any model is loaded; an error changes nothing on disk.
+        Returns the resumed state (None for a fresh run)."""
+        cfg = self.cfg
         if self.is_main:
             self.run_dir = RunDir(self.out, RUN_FILES).open(resume=bool(cfg.resume), overwrite=cfg.overwrite)
         resume_state = self._read_resume_state() if cfg.resume else None
@@ -177,8 +197,12 @@ class DDPORecipe:
         self.run_logger = make_run_logger(
             cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
         ) if self.is_main else None
+        return resume_state
 
-        # 4. model: noise network, scheduler, frozen text encoder and decoder
+    def _setup_model(self) -> None:
+        """The noise (or velocity) network, its scheduler, the frozen text encoder and decoder; LoRA
+        and the speed and memory options."""
+        cfg = self.cfg
         from ddpo_rl.models.loading import build_model
 
         frozen_dtype = precision.low_precision_dtype(self.mixed_precision) if self.device.type == "cuda" else None
@@ -205,7 +229,10 @@ class DDPORecipe:
         if cfg.channels_last:
             precision.set_channels_last(unet)
 
-        # 5. envs: training (random prompts) and evaluation (fixed prompts and seeds)
+    def _setup_envs(self) -> None:
+        """The training env (random prompts, or groups of one prompt) and the evaluation envs (fixed
+        prompts and seeds; one for the sample grid)."""
+        cfg = self.cfg
         self.env = self._make_env(self.train_prompts, cfg.sample_batch_size, "random", group_size=cfg.group_size)
         self.rank_seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own prompts and noise
         self.env.set_seed(self.rank_seed)
@@ -218,20 +245,25 @@ class DDPORecipe:
             type(self.train_prompts)(grid_prompts), len(grid_prompts) * cfg.grid_samples_per_prompt, "cycle"
         )
 
-        # 6. policy, loss, optimizer, trainer, advantage statistics
-        self.policy = self._make_policy(unet).to(self.device)
-        loss_kwargs = {
-            "ddpo_is": dict(clip_epsilon=cfg.clip_range),
-            "ddpo_sf": {},
-            "rwr": dict(mode=cfg.rwr_mode, temperature=cfg.rwr_temperature, quantile=cfg.rwr_quantile),
-        }[cfg.algorithm]
-        self.loss = make_loss(cfg.algorithm, self.policy, **loss_kwargs)
+    def _setup_policy_and_loss(self) -> None:
+        """The policy (its family follows the scheduler), the algorithm's loss, and the KL term."""
+        cfg = self.cfg
+        self.policy = self._make_policy(self.model.unet).to(self.device)
+        self.loss = make_loss(cfg.algorithm, self.policy, **loss_kwargs(
+            cfg.algorithm, clip_epsilon=cfg.clip_epsilon, rwr_mode=cfg.rwr_mode,
+            rwr_temperature=cfg.rwr_temperature, rwr_quantile=cfg.rwr_quantile,
+        ))
         if cfg.kl_coef > 0:  # built before a resume loads weights: the reference is the pretrained model
             from ddpo_rl.objectives import KLToReferenceLoss
 
             self.loss = KLToReferenceLoss(
                 self.loss, self.policy.head, cfg.kl_coef, reduction=cfg.log_prob_reduction
             ).to(self.device)
+
+    def _setup_trainer(self) -> None:
+        """The optimizer over the trainable parameters, the trainer, the samplers and the per-prompt
+        reward statistics."""
+        cfg = self.cfg
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("use_lora: the policy has no trainable parameters")
@@ -271,11 +303,6 @@ class DDPORecipe:
             PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count) if cfg.per_prompt_stat_tracking else None
         )
         self.eval_history: list[EvalResult] = []
-        if resume_state is not None:
-            self.load_state_dict(resume_state)
-        if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
-            self.run_dir.write_config(cfg.to_dict(), self.history)
-        return self
 
     def _sample(self, env, num_batches: int):
         """Trajectories [N, T] from ``env`` with the configured sampler (``cfg.sampler``: the env path

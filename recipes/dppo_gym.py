@@ -6,10 +6,10 @@ fine-tune it with PPO (ClipPPOLoss + value critic + GAE) through the denoising c
 Stages (see docs/dppo_gym.md for measured figures):
 
 1. demonstrations: the scripted expert of envs/gym_control.py, with action noise;
-2. behaviour cloning: the denoising loss (ddpo_rl/policies/bc.py) on the normalised actions;
+2. behaviour cloning: the denoising loss (ddpo_rl/control/bc.py) on the normalised actions;
 3. RL fine-tuning, ``epochs`` times: collect ``num_envs x rollout_steps`` env steps with the
    :class:`DenoisingChainActor` (K denoising steps per env step, chain and log-probs recorded),
-   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/policies/ppo.py). The policy is evaluated
+   GAE, ``ppo_passes`` passes of ClipPPOLoss (ddpo_rl/control/ppo.py). The policy is evaluated
    on a separate env reseeded each time (same initial states): before fine-tuning, every
    ``eval_every`` epochs, and after the last epoch.
 
@@ -49,7 +49,7 @@ from ddpo_rl.cli import parse
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS, make_run_logger
 from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
-from ddpo_rl.policies import (
+from ddpo_rl.control import (
     BCConfig,
     DenoisingChainActor,
     NoisePredictionMLP,
@@ -145,8 +145,8 @@ class DPPOGymConfig:
     eval_episodes: int = 16
     """Episodes of each evaluation (one per env copy of a separate eval env)."""
     eval_seed: int = 12345
-    """The eval env is reseeded with this before every evaluation: same initial states each time,
-    so before/after returns differ by the policy, not by the draw of initial states."""
+    """The eval env and the policy's sampling noise are reseeded with this before every evaluation:
+    same initial states and same noise each time, so before/after returns differ by the policy only."""
     eval_every: int = 5
     """Evaluate every this many epochs (and always before the first and after the last)."""
     progress: bool = True
@@ -231,9 +231,17 @@ def rollout(env, actor, steps: int):
 
 
 def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
-    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env."""
+    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env.
+
+    Both the eval env (initial states) and torch's RNG (the policy's sampling noise) are reseeded
+    with ``seed``, the latter inside ``fork_rng``: every evaluation sees the same initial states and
+    the same noise (an unchanged policy scores exactly the same), and evaluating does not move the
+    training run's RNG stream (``eval_every`` does not change the training trajectory).
+    """
     env.set_seed(seed)
-    returns = completed_episode_returns(rollout(env, actor, steps))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        returns = completed_episode_returns(rollout(env, actor, steps))
     if returns.numel() == 0:
         return float("nan"), 0.0
     return returns.mean().item(), (returns.std().item() if returns.numel() > 1 else 0.0)

@@ -72,7 +72,7 @@ def test_sd15_presets_follow_the_paper():
     cfg = preset_config("sd15-compressibility")
     assert cfg.samples_per_epoch == 256
     assert cfg.samples_per_epoch // (cfg.minibatch_size * cfg.gradient_accumulation_steps) == 4
-    assert (cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.clip_range, cfg.adv_clip_max) == (50, 1.0, 5.0, 1e-4, 5.0)
+    assert (cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.clip_epsilon, cfg.adv_clip_max) == (50, 1.0, 5.0, 1e-4, 5.0)
     assert cfg.use_lora and cfg.learning_rate == 3e-4 and (cfg.stat_buffer_size, cfg.stat_min_count) == (16, 16)
 
 

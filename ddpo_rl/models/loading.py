@@ -52,6 +52,30 @@ class DiffusionModel:
         return self.encode_prompts([""])
 
 
+EMBEDDED_MODELS = ("digits", "flow-digits", "tiny")
+"""Model names that need no weights from outside the package."""
+
+
+def check_model_reference(name: str) -> None:
+    """A cheap check of ``name`` before anything is loaded: a local path must be a diffusers pipeline
+    directory (a one-line ``PretrainedWeightsNotFoundError`` naming ``model`` otherwise). Hub ids are
+    only checked when loaded."""
+    import os
+
+    from ddpo_rl.hub import PretrainedWeightsNotFoundError, looks_like_local_path
+    from ddpo_rl.models.stable_diffusion import check_pipeline_dir
+
+    if name in EMBEDDED_MODELS or not looks_like_local_path(name):
+        return
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        return  # a pipeline directory: its family (SD or SD3) and components are checked when loaded
+    try:
+        check_pipeline_dir(path)
+    except PretrainedWeightsNotFoundError as err:
+        raise PretrainedWeightsNotFoundError(f"model: {err}") from err
+
+
 def build_model(name: str, device: torch.device, revision: str | None = None, frozen_dtype=None) -> DiffusionModel:
     """Load or build the model named ``name`` on ``device``.
 

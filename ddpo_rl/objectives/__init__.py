@@ -19,8 +19,24 @@ from ddpo_rl.objectives.rwr import RWRLoss, rwr_weights
 LOSSES = ("ddpo_is", "ddpo_sf", "rwr")
 
 
+LOSS_OPTIONS: dict[str, dict[str, str]] = {
+    "ddpo_is": {"clip_epsilon": "clip_epsilon"},
+    "ddpo_sf": {},
+    "rwr": {"rwr_mode": "mode", "rwr_temperature": "temperature", "rwr_quantile": "quantile"},
+}
+"""For each loss, the run settings it takes (setting name -> the loss's keyword)."""
+
+
+def loss_kwargs(name: str, **settings) -> dict:
+    """The keyword arguments of loss ``name`` among a run's loss ``settings`` (those of
+    :data:`LOSS_OPTIONS`; the others belong to other losses and are left out)."""
+    if name not in LOSS_OPTIONS:
+        raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    return {kw: settings[setting] for setting, kw in LOSS_OPTIONS[name].items() if setting in settings}
+
+
 def make_loss(name: str, actor, **kwargs):
-    """Build a loss by name: "ddpo_is", "ddpo_sf" or "rwr"."""
+    """Build a loss by name: "ddpo_is", "ddpo_sf" or "rwr" (``kwargs``: the loss's own, see :func:`loss_kwargs`)."""
     if name == "ddpo_is":
         return make_ddpo_is_loss(actor, **kwargs)
     if name == "ddpo_sf":
@@ -31,6 +47,6 @@ def make_loss(name: str, actor, **kwargs):
 
 
 __all__ = [
-    "LOSSES", "RATIO_FORMS", "CriticFreePGLoss", "DDPOSFLoss", "KLToReferenceLoss", "RWRLoss", "make_ddpo_is_loss", "make_dppo_loss",
-    "make_loss", "rwr_weights",
+    "LOSSES", "LOSS_OPTIONS", "RATIO_FORMS", "CriticFreePGLoss", "DDPOSFLoss", "KLToReferenceLoss", "RWRLoss", "make_ddpo_is_loss", "make_dppo_loss",
+    "loss_kwargs", "make_loss", "rwr_weights",
 ]

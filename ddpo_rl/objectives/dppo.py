@@ -5,7 +5,7 @@ Two ratio forms (Ren et al. 2024, "Diffusion Policy Policy Optimization"):
 - ``"step"``: one ratio per denoising step, pi_theta(a_{k-1} | a_k, s) / pi_old(...), on the step
   policy (a :class:`~ddpo_rl.policy.DiffusionPolicy`) and one-step transitions;
 - ``"chain"``: one ratio per env step, the whole chain's probability (the product of the K step
-  ratios with ``chain_reduction="sum"``), on the :class:`~ddpo_rl.policies.chain.DenoisingChainActor`.
+  ratios with ``chain_reduction="sum"``), on the :class:`~ddpo_rl.control.chain.DenoisingChainActor`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torchrl.objectives import ClipPPOLoss
 from ddpo_rl.objectives.ddpo_is import make_ddpo_is_loss
 
 if TYPE_CHECKING:
-    from ddpo_rl.policies.chain import DenoisingChainActor
+    from ddpo_rl.control.chain import DenoisingChainActor
 
 RATIO_FORMS = ("step", "chain")
 

@@ -177,9 +177,9 @@ def test_kl_composes_with_the_dppo_loss(ratio):
     from tensordict import TensorDict
     from torchrl.modules import ValueOperator
 
-    from ddpo_rl.policies import make_dppo_loss, make_value_mlp, training_batch
-    from ddpo_rl.policies.ppo import ppo_update
-    from tests.policies.test_chain import OBS_DIM, make_actor
+    from ddpo_rl.control import make_dppo_loss, make_value_mlp, training_batch
+    from ddpo_rl.control.ppo import ppo_update
+    from tests.control.test_chain import OBS_DIM, make_actor
 
     actor, _ = make_actor(step_reduction="mean")
     critic = ValueOperator(make_value_mlp(OBS_DIM, 16), in_keys=["observation"])

@@ -75,7 +75,7 @@ def test_recipe_smoke(script, tmp_path):
         (["--reward", "tests.recipes.bad_rewards:wrong_shape"], "wrong_shape_reward returned shape (4, 2)"),
         (["--reward", "tests.recipes.bad_rewards:raises"], "reward server unreachable"),
         (["--learning-rate", "inf"], "learning_rate: must be a finite number"),
-        (["--clip-range", "nan"], "clip_range: must be a finite number"),
+        (["--clip-epsilon", "nan"], "clip_epsilon: must be a finite number"),
         (["--learning-rate", "1e300"], "learning_rate: must be in (0, 1]"),
         (["--epochs", "0"], "epochs: must be positive"),
         (["--output-dir", "{FILE}/run"], "output_dir: "),

@@ -59,6 +59,7 @@ def sd_args(pipeline_dir, out, *extra):
         "--epochs", "1", "--num-inference-steps", "4", "--sample-batch-size", "2", "--num-batches-per-epoch", "2",
         "--minibatch-size", "2", "--gradient-accumulation-steps", "2", "--stat-min-count", "2",
         "--eval-num-samples", "2", "--grid-samples-per-prompt", "1", "--output-dir", str(out), "--progress", "false",
+        "--monitor-rewards", "",  # the preset's monitors (aesthetic, BLIP) need hub weights; tests/test_monitors.py covers them
         *extra,
     ]
 
@@ -92,8 +93,10 @@ def test_one_lora_epoch_on_a_saved_pipeline(pipeline_dir, tmp_path):
 
     out = tmp_path / "run"
     SEEN_SHAPES.clear()
-    cfg = parse_cli(sd_args(pipeline_dir, out, "--reward", "tests.recipes.test_sd_pipeline:RecordingJpeg"))
-    assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, cfg.clip_range) == (4, 5.0, 1.0, 1e-4)
+    # another reward drops the preset's JPEG kwargs (they follow the reward), so they are given here
+    cfg = parse_cli(sd_args(pipeline_dir, out, "--reward", "tests.recipes.test_sd_pipeline:RecordingJpeg",
+                            "--reward-kwargs", '{"resize": 512}'))
+    assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, cfg.clip_epsilon) == (4, 5.0, 1.0, 1e-4)
     assert cfg.reward_kwargs == {"resize": 512}
     recipe = run_recipe(cfg)
 

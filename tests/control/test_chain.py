@@ -9,7 +9,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ValueOperator
 
 from ddpo_rl.keys import KEYS
-from ddpo_rl.policies import (
+from ddpo_rl.control import (
     CHAIN_KEYS,
     DenoisingChainActor,
     NoisePredictionMLP,

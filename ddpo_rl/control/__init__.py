@@ -3,15 +3,15 @@
 The same machinery as the image case (ddpo_rl.ddim, DDIMGaussian, DiffusionPolicy, torchrl's
 ClipPPOLoss), applied to a control task's two-level MDP: env steps x denoising steps.
 
-- :mod:`~ddpo_rl.policies.mlp`: the noise-prediction MLP eps_theta(x_t, t, s) and a value MLP;
-- :mod:`~ddpo_rl.policies.chain`: the K-step denoising chain as a torchrl actor, its log-prob;
-- :mod:`~ddpo_rl.policies.bc`: behaviour cloning with the denoising loss;
-- :mod:`~ddpo_rl.policies.ppo`: the PPO update (minibatch passes), per-step or per-chain batches;
+- :mod:`~ddpo_rl.control.mlp`: the noise-prediction MLP eps_theta(x_t, t, s) and a value MLP;
+- :mod:`~ddpo_rl.control.chain`: the K-step denoising chain as a torchrl actor, its log-prob;
+- :mod:`~ddpo_rl.control.bc`: behaviour cloning with the denoising loss;
+- :mod:`~ddpo_rl.control.ppo`: the PPO update (minibatch passes), per-step or per-chain batches;
   the loss itself is :func:`ddpo_rl.objectives.make_dppo_loss`.
 """
 
-from ddpo_rl.policies.bc import BCConfig, denoising_loss, fit_behaviour_cloning
-from ddpo_rl.policies.chain import (
+from ddpo_rl.control.bc import BCConfig, denoising_loss, fit_behaviour_cloning
+from ddpo_rl.control.chain import (
     CHAIN_KEYS,
     ChainKeys,
     DenoisingChainActor,
@@ -20,9 +20,9 @@ from ddpo_rl.policies.chain import (
     make_action_scheduler,
     make_step_policy,
 )
-from ddpo_rl.policies.mlp import NoisePredictionMLP, ObservationScaler, make_value_mlp, timestep_embedding
+from ddpo_rl.control.mlp import NoisePredictionMLP, ObservationScaler, make_value_mlp, timestep_embedding
 from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
-from ddpo_rl.policies.ppo import ppo_update, training_batch
+from ddpo_rl.control.ppo import ppo_update, training_batch
 
 __all__ = [
     "BCConfig",

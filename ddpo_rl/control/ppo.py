@@ -1,10 +1,10 @@
 """The PPO update of a diffusion policy on env data: GAE, the two ratio forms, minibatch passes.
 
 One epoch of DPPO (Ren et al. 2024) on a batch of env steps [E, T] collected by a
-:class:`~ddpo_rl.policies.chain.DenoisingChainActor`:
+:class:`~ddpo_rl.control.chain.DenoisingChainActor`:
 
 1. rewards scaled, torchrl's ``GAE`` on the env steps (the critic V(s) sees observations only);
-2. ``ratio="step"``: :func:`~ddpo_rl.policies.chain.flatten_chain` to [E*T*K] one-step transitions
+2. ``ratio="step"``: :func:`~ddpo_rl.control.chain.flatten_chain` to [E*T*K] one-step transitions
    sharing their env step's advantage and value target; ``ratio="chain"``: [E*T] env steps (the
    loss for either form: :func:`ddpo_rl.objectives.make_dppo_loss`);
 3. ``num_passes`` shuffled passes in minibatches (torchrl's ``TensorDictReplayBuffer`` with a
@@ -21,7 +21,7 @@ from torchrl.data import SamplerWithoutReplacement, TensorDictReplayBuffer, Tens
 from torchrl.objectives import ClipPPOLoss
 
 from ddpo_rl.keys import KEYS
-from ddpo_rl.policies.chain import CHAIN_KEYS, DenoisingChainActor, flatten_chain
+from ddpo_rl.control.chain import CHAIN_KEYS, DenoisingChainActor, flatten_chain
 
 
 def training_batch(
