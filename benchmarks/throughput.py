@@ -599,6 +599,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the FLOP/s fraction")
     ap.add_argument("--profile", action="store_true", help="cProfile one env.rollout and one plain loop (printed, and in the JSON)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--flow", action="store_true", help="also time the flow-matching sampler (benchmarks/flow_throughput.py)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.latent_size is None:
@@ -782,6 +783,14 @@ def machine_info(device, load_start) -> dict:
     }
 
 
+def run_flow_collection(args, device) -> dict:
+    """The flow-matching family, same protocol (its own model: an SD3 transformer; benchmarks/flow_throughput.py)."""
+    from flow_throughput import flow_collection
+
+    log("flow-matching collection: warm-up and timed rounds")
+    return flow_collection(args, device, PROMPTS, brightness, latent_to_images, time_interleaved, summarize, paired_overhead_pct)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, autocast_dtype = configure(args)
@@ -796,6 +805,7 @@ def main(argv=None) -> dict:
     profile = None
     if args.profile:
         profile = {name: profile_call(methods[name]) for name in ("ddpo_rl_eager", "plain_policy_loop")}
+    flow = run_flow_collection(args, device) if args.flow else None
     result = {
         "schema": SCHEMA,
         "config": run_config(args, s, device),
@@ -805,6 +815,7 @@ def main(argv=None) -> dict:
         "flops": flops,
         "targets": evaluate_targets(args, device, collected["collection"], collected["env_overhead"], training),
         "profile": profile,
+        "flow_collection": flow,
     }
     _print_tables(result)
     if profile:
@@ -891,6 +902,13 @@ def _print_tables(r: dict) -> None:
         CONSOLE.print(t2)
         CONSOLE.print(
             f"trainer overhead vs bare loop: {tr['trainer_overhead_pct']:.1f}% (paired median {tr['trainer_overhead_pct_paired_median']:.1f}%)"
+        )
+    if r.get("flow_collection"):
+        fl = r["flow_collection"]
+        CONSOLE.print(
+            "flow matching (SD3 transformer, SDE a=0.7): "
+            + ", ".join(f"{k} {v['median_s']:.3f} s ({v['ratio_to_baseline']:.2f}x (fa))" for k, v in fl["methods"].items())
+            + f"; env overhead {fl['env_overhead_pct']:.1f}%"
         )
     tg = r["targets"]
     CONSOLE.print(f"targets apply to this setting: {tg['applies']} ({tg['note']})")

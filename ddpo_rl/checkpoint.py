@@ -289,3 +289,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def network_subfolder(network) -> str:
+    """The pipeline component a trained network is saved as: ``"transformer"`` for an SD3-style
+    transformer (``SD3Transformer2DModel``: the flow-matching family), ``"unet"`` otherwise."""
+    from ddpo_rl.lora import _lora_format
+
+    return _lora_format(network)[1]
+
+
+def save_trained_weights(network, directory: str, use_lora: bool) -> str:
+    """The trained weights in diffusers format under ``directory`` (a run's final/ or best/).
+
+    With LoRA: the adapters in the format of the network's pipeline (``pytorch_lora_weights.safetensors``,
+    read by ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline.load_lora_weights``). A full fine-tune:
+    ``network.save_pretrained(directory/<subfolder>)``, the subfolder being the pipeline's component name
+    (:func:`network_subfolder`: ``unet/``, or ``transformer/`` for SD3 and the flow-digits model), so the
+    folder drops into a pipeline directory in place of the base model's. Returns ``directory``.
+    """
+    if use_lora:
+        from ddpo_rl.lora import save_lora_weights
+
+        save_lora_weights(network, directory)
+    elif hasattr(network, "save_pretrained"):
+        network.save_pretrained(os.path.join(directory, network_subfolder(network)))
+    return directory

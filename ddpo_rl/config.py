@@ -110,6 +110,12 @@ class DDPOConfig:
     group_size: int | None = None
     """GRPO: sample each prompt this many times per batch and standardise the rewards within each group
     (replaces per-prompt statistics). Must divide sample_batch_size. None, 0 or 1: off."""
+    sde_window_size: int | None = None
+    """Flow-matching models only: sample with the SDE (and train) on this many consecutive steps only, and
+    with the deterministic Euler ODE step elsewhere (MixGRPO / Flow-GRPO-Fast): fewer trained steps per
+    epoch. None or 0: every step is an SDE step and trainable (Flow-GRPO)."""
+    sde_window_start: int = 0
+    """First step (0 = the noisiest) of the SDE window of `sde_window_size` steps."""
     prompt_cache_size: int = 1024
     """Prompts whose embeddings are kept (LRU) by each env; prompts are encoded at reset, in batches. SD3 with
     T5 holds ~2.7 MB per prompt."""
@@ -297,6 +303,12 @@ class DDPOConfig:
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
              "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
         need(self.noise_level > 0, "noise_level", f"{self.noise_level}: the flow-matching SDE needs a > 0 (0.7 in Flow-GRPO)")
+        window = self.sde_window_size or 0
+        need(0 <= window <= self.num_inference_steps, "sde_window_size",
+             f"{self.sde_window_size} must be in [0, num_inference_steps={self.num_inference_steps}]")
+        need(self.sde_window_start >= 0 and (not window or self.sde_window_start + window <= self.num_inference_steps),
+             "sde_window_start", f"{self.sde_window_start}: the window [{self.sde_window_start}, "
+             f"{self.sde_window_start + window}) must lie within the {self.num_inference_steps} sampling steps")
         need(self.prompt_cache_size > 0, "prompt_cache_size", f"must be positive, got {self.prompt_cache_size}")
         group = self.group_size or 1
         need(group >= 1 and self.sample_batch_size % group == 0, "group_size",
@@ -377,6 +389,13 @@ PRESETS: dict[str, dict] = {
         reward="digit_alignment", reward_kwargs={}, monitor_rewards=["sample_diversity"], guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
     ),
     "digits-incompressibility": dict(reward="jpeg_incompressibility", output_dir="outputs/digits-incompressibility"),
+    # Flow-GRPO on the embedded flow-matching digits model (recipes/flow_grpo.py's default; values
+    # chosen by measurement, README "Flow-matching policies"). monitor_tolerance 1.5 base std of the
+    # digit classifier (~0.12, i.e. ~0.87 x its base value) is a little stricter than the 0.85 x bar.
+    "flow-digits": dict(
+        model="flow-digits", group_size=4, noise_level=0.7, guidance_scale=5.0, learning_rate=1e-3, epochs=36,
+        eval_every=12, save_every=12, kl_coef=0.015, monitor_tolerance=1.5, output_dir="outputs/flow-digits",
+    ),
     # tiny random model: for smoke tests of the plumbing, not for learning
     "tiny": dict(
         model="tiny", prompts="digits:0-4", eval_prompts="digits:5-9", epochs=2, num_inference_steps=3,
@@ -414,9 +433,9 @@ PRESETS.update(
 # default), LoRA r=32 / alpha=64 on the joint-attention projections (ddpo_rl.lora.DEFAULT_SD3_LORA_TARGETS),
 # PPO clip 1e-4, timestep_fraction 0.99, groups of G images per prompt with group-standardised
 # advantages (24 in the paper on 32 GPUs; 8 here), two optimiser steps per epoch. Its KL coefficient
-# (0 for compressibility, 0.01-0.04 for PickScore/GenEval) belongs to the KL option. Kept out of
-# PRESETS until the flow-matching recipe registers them (docs/stable_diffusion_3.md); each entry is a
-# valid DDPOConfig (tests/models/test_sd3.py).
+# (0 for compressibility, 0.01-0.04 for PickScore/GenEval) is kl_coef (0 here). Registered in PRESETS
+# below, for recipes/flow_grpo.py (docs/stable_diffusion_3.md); each entry is a valid DDPOConfig
+# (tests/models/test_sd3.py).
 _SD35 = dict(
     model="stabilityai/stable-diffusion-3.5-medium", use_lora=True, lora_rank=32, lora_alpha=64.0,
     mixed_precision="fp16", num_inference_steps=10, guidance_scale=4.5, noise_level=0.7, group_size=8,
@@ -427,9 +446,11 @@ _SD35 = dict(
 )
 FLOW_PRESETS: dict[str, dict] = {
     "sd35-compressibility": dict(_SD35, reward="jpeg_compressibility", reward_kwargs={"resize": 512},
-                                 output_dir="outputs/sd35-compressibility"),
-    "sd35-aesthetic": dict(_SD35, reward="aesthetic", reward_kwargs={}, epochs=200, output_dir="outputs/sd35-aesthetic"),
+                                 monitor_rewards=["aesthetic"], output_dir="outputs/sd35-compressibility"),
+    "sd35-aesthetic": dict(_SD35, reward="aesthetic", reward_kwargs={}, monitor_rewards=["vlm_alignment"], epochs=200,
+                           output_dir="outputs/sd35-aesthetic"),
 }
+PRESETS.update(FLOW_PRESETS)
 
 
 # Defaults that belong to another field's value: when the user changes the owner (reward or model)
@@ -511,7 +532,8 @@ def preset_config(name: str, **overrides) -> DDPOConfig:
 def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
     """Build a validated config from ``argv``: ``--preset NAME`` and any ``--field value``.
 
-    The preset's values apply first, then ``defaults`` (the script's own, e.g. ``algorithm="rwr"``),
+    The preset's values apply first (``--preset``, else ``defaults["preset"]``, the script's default
+    preset, else "digits"), then ``defaults`` (the script's own, e.g. ``algorithm="rwr"``),
     then the fields given on the command line: ``preset_config`` receives those explicit fields
     only. ``--help`` lists every field with its docstring (tyro's help).
     """
@@ -524,6 +546,7 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
         parsed, given = cli.parse(DDPOConfig, argv, description=_cli_description())
     except cli.CLIError as err:
         raise ConfigError(str(err)) from None
+    script_preset = defaults.pop("preset", None)  # the script's default preset (recipes/flow_grpo.py)
     preset_given = given.pop("preset", None) is not None
     base = resume_base(given["resume"]) if given.get("resume") else None
     if base is not None:  # --resume RUN_DIR: the run's own config, then what this command sets
@@ -535,7 +558,8 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
             )
         explicit = {**defaults, **given, **({"preset": parsed.preset} if preset_given else {})}
         return DDPOConfig.from_dict({**base, **explicit}).validate()
-    return preset_config(parsed.preset, **{**defaults, **given}).validate()
+    preset = parsed.preset if preset_given else (script_preset or parsed.preset)
+    return preset_config(preset, **{**defaults, **given}).validate()
 
 
 def _cli_description() -> str:

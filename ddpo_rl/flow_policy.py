@@ -31,7 +31,14 @@ from torchrl.envs.utils import ExplorationType
 from torchrl.modules import ProbabilisticActor
 
 from ddpo_rl.distributions import DDIMGaussian
-from ddpo_rl.flow_sde import FlowSchedule, check_flow_log_prob_defined, flow_schedule, flow_sde_step_gaussian
+from ddpo_rl.flow_sde import (
+    FlowSchedule,
+    check_flow_log_prob_defined,
+    flow_mixed_step_gaussian,
+    flow_schedule,
+    flow_sde_step_gaussian,
+    sde_window_mask,
+)
 from ddpo_rl.keys import KEYS
 from ddpo_rl.policy import _prediction, classifier_free_guidance
 
@@ -50,6 +57,10 @@ class FlowSDEHead(nn.Module):
         negative_pooled_prompt_embeds: its pooled embedding, [1, D_pooled]; needed with guidance
             when ``pooled`` is True.
         pooled: pass ``pooled_projections`` to the network (SD3: True).
+        sde_window_size: None or 0: every step is an SDE step (Flow-GRPO). W > 0: only steps
+            ``sde_window_start .. sde_window_start + W - 1`` are (MixGRPO / Flow-GRPO-Fast); the others
+            are deterministic Euler ODE steps (std 0), see :func:`ddpo_rl.flow_sde.flow_mixed_step_gaussian`.
+        sde_window_start: first step of the window (0 = the noisiest).
     """
 
     def __init__(
@@ -62,6 +73,8 @@ class FlowSDEHead(nn.Module):
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         pooled: bool = True,
+        sde_window_size: int | None = None,
+        sde_window_start: int = 0,
     ):
         super().__init__()
         schedule = flow_schedule(scheduler, num_inference_steps)  # checks the scheduler's family
@@ -73,6 +86,10 @@ class FlowSDEHead(nn.Module):
         self.pooled = bool(pooled)
         self.register_buffer("timesteps", schedule.timesteps, persistent=False)
         self.register_buffer("sigmas", schedule.sigmas, persistent=False)
+        self.windowed = bool(sde_window_size)
+        self.register_buffer(
+            "sde_steps", sde_window_mask(self.num_inference_steps, sde_window_size, sde_window_start), persistent=False
+        )
         if self.uses_guidance:
             missing = "negative_prompt_embeds" if negative_prompt_embeds is None else None
             if missing is None and self.pooled and negative_pooled_prompt_embeds is None:
@@ -125,9 +142,18 @@ class FlowSDEHead(nn.Module):
         k = step_index.long()
         velocity = self.predict(latents, k, prompt_embeds, pooled_prompt_embeds)
         sigmas = self.sigmas
+        if self.windowed:  # SDE inside the window, Euler ODE (std 0) outside
+            return flow_mixed_step_gaussian(
+                velocity, sigmas[k], sigmas[k + 1], latents, self.noise_level, self.schedule.sigma_max, self.sde_steps[k]
+            )
         return flow_sde_step_gaussian(
             velocity, sigmas[k], sigmas[k + 1], latents, self.noise_level, self.schedule.sigma_max
         )
+
+    @property
+    def trained_steps(self) -> tuple[int, ...] | None:
+        """The step indices that carry a log-probability (the SDE window), or None when all do."""
+        return tuple(torch.nonzero(self.sde_steps.cpu()).flatten().tolist()) if self.windowed else None
 
 
 def _split_negative(negative_prompt_embeds, negative_pooled_prompt_embeds):
@@ -156,6 +182,9 @@ class FlowMatchingPolicy(ProbabilisticActor):
         negative_pooled_prompt_embeds: the unconditional pooled embedding (if not in the mapping).
         pooled: the network takes ``pooled_projections`` (SD3: True).
         log_prob_reduction: "mean" over latent dims (default, as DDIM's) or "sum".
+        sde_window_size, sde_window_start: train only a window of the steps (see :class:`FlowSDEHead`);
+            the ODE steps outside it store log-prob 0 and are left out of training
+            (:attr:`trained_steps`, read by the recipe's :class:`~ddpo_rl.trainer.TrainConfig`).
         event_dim: trailing dims of one latent (3 for [C, H, W]).
         in_keys: override the (latents, step index, condition[, pooled]) keys.
     """
@@ -172,6 +201,8 @@ class FlowMatchingPolicy(ProbabilisticActor):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         pooled: bool = True,
         log_prob_reduction: str = "mean",
+        sde_window_size: int | None = None,
+        sde_window_start: int = 0,
         event_dim: int = 3,
         in_keys: Sequence | None = None,
     ):
@@ -185,6 +216,8 @@ class FlowMatchingPolicy(ProbabilisticActor):
             negative_prompt_embeds=neg,
             negative_pooled_prompt_embeds=neg_pooled,
             pooled=pooled,
+            sde_window_size=sde_window_size,
+            sde_window_start=sde_window_start,
         )
         if in_keys is None:
             in_keys = [KEYS.latents, KEYS.step_index, KEYS.prompt_embeds]
@@ -196,7 +229,11 @@ class FlowMatchingPolicy(ProbabilisticActor):
             in_keys=[KEYS.loc, KEYS.scale],
             out_keys=[KEYS.action],
             distribution_class=DDIMGaussian,
-            distribution_kwargs={"event_dim": event_dim, "reduction": log_prob_reduction},
+            distribution_kwargs={
+                "event_dim": event_dim,
+                "reduction": log_prob_reduction,
+                **({"point_mass_log_prob": 0.0} if sde_window_size else {}),
+            },
             return_log_prob=True,
             log_prob_key=KEYS.log_prob,
             default_interaction_type=ExplorationType.RANDOM,
@@ -215,3 +252,8 @@ class FlowMatchingPolicy(ProbabilisticActor):
     @property
     def num_inference_steps(self) -> int:
         return self.head.num_inference_steps
+
+    @property
+    def trained_steps(self) -> tuple[int, ...] | None:
+        """The steps to train on: the SDE window's (None: all T steps)."""
+        return self.head.trained_steps

@@ -182,6 +182,66 @@ def flow_sde_step_gaussian(
     return mean, std
 
 
+def flow_ode_step(model_output: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """One deterministic Euler step of the flow ODE, x_{t+dt} = x_t + v dt (diffusers'
+    ``FlowMatchEulerDiscreteScheduler.step``), in float32. ``sigma``/``sigma_next``: [B] or 0-dim."""
+    x_t = sample.float()
+    b = x_t.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x_t.device)
+    t = _bcast(sigma.expand(b) if sigma.dim() == 0 else sigma, x_t)
+    t_next = _bcast(sigma_next.expand(b) if sigma_next.dim() == 0 else sigma_next, x_t)
+    return x_t + model_output.float() * (t_next - t)
+
+
+def sde_window_mask(num_steps: int, window_size: int | None, window_start: int = 0, device=None) -> torch.Tensor:
+    """[T] bool: which of the T steps are SDE steps. ``window_size`` None or 0: all of them (Flow-GRPO);
+    else steps ``window_start .. window_start + window_size - 1`` (MixGRPO / Flow-GRPO-Fast's window)."""
+    steps = torch.arange(num_steps, device=device)
+    if not window_size:
+        return torch.ones(num_steps, dtype=torch.bool, device=device)
+    if window_size < 0 or window_start < 0 or window_start + window_size > num_steps:
+        raise ValueError(
+            f"sde_window_size: a window of {window_size} steps from step {window_start} does not fit in the "
+            f"{num_steps} sampling steps"
+        )
+    return (steps >= window_start) & (steps < window_start + window_size)
+
+
+def flow_mixed_step_gaussian(
+    model_output: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    sample: torch.Tensor,
+    noise_level,
+    sigma_max,
+    sde: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of a sampler that is the SDE inside a window of steps and the ODE outside it.
+
+    MixGRPO (Li et al. 2025, arXiv 2507.21802) and Flow-GRPO-Fast sample with Flow-GRPO's SDE on a
+    window of W consecutive steps only, and with the deterministic Euler ODE step elsewhere; only the
+    window's steps are stochastic, so only they carry a log-probability and are trained on (W of T
+    forward/backward passes per trajectory). The marginals are those of the flow either way (both
+    samplers keep p_t), so the window can sit anywhere.
+
+    Args:
+        model_output, sigma, sigma_next, sample, noise_level, sigma_max: as :func:`flow_sde_step_gaussian`.
+        sde: bool [B]: True where the step is an SDE step (in the window).
+
+    Returns:
+        ``(mean, std)``: the SDE Gaussian's where ``sde``; elsewhere the Euler step x_t + v dt and std 0
+        (a point mass: the step is deterministic and has no log-probability to train on).
+    """
+    # 1. the SDE step's Gaussian (Flow-GRPO eq. 9)
+    mean, std = flow_sde_step_gaussian(model_output, sigma, sigma_next, sample, noise_level, sigma_max)
+    # 2. the ODE's Euler step
+    euler = flow_ode_step(model_output, sigma, sigma_next, sample)
+    # 3. pick per chain: SDE inside the window, ODE (std 0) outside
+    in_window = _bcast(sde.to(device=mean.device, dtype=torch.bool), mean)
+    return torch.where(in_window, mean, euler), torch.where(in_window, std, torch.zeros_like(std))
+
+
 def flow_sde_step_log_prob(
     model_output: torch.Tensor,
     sigma: torch.Tensor,

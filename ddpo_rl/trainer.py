@@ -57,6 +57,9 @@ class TrainConfig:
     """Minibatches per optimizer step (the timesteps of a minibatch are always accumulated)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's T steps trained on (random subset, per trajectory)."""
+    step_indices: tuple[int, ...] | None = None
+    """The steps that can be trained on (None: all T): the flow policy's SDE window
+    (``FlowMatchingPolicy.trained_steps``); ``timestep_fraction`` then applies within them."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping before each optimizer step (None disables)."""
     skip_nonfinite: bool = True
@@ -68,6 +71,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if self.step_indices is not None and not len(self.step_indices):
+            raise ValueError("step_indices: empty; None trains on every step")
         if num_trajectories is not None and num_trajectories < 0:
             raise ValueError("no trajectories to train on")
 
@@ -196,6 +201,9 @@ class DDPOTrainer:
         cfg.validate(N)
         if KEYS.advantage not in batch.keys():
             raise KeyError("the batch has no 'advantage': compute it before training (ddpo_rl.advantages)")
+        if cfg.step_indices is not None:  # e.g. the SDE window: the other steps carry no log-prob
+            batch = batch[:, list(cfg.step_indices)]
+            T = batch.shape[1]
         prepare = getattr(self.loss_module, "prepare_batch", None)
         if prepare is not None and N:
             batch = prepare(batch)

@@ -20,7 +20,7 @@ epoch:
 Outputs (``output_dir``): config.json (the config that ran, and its ``history`` of starts and
 resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
 checkpoints/checkpoint.pt (and checkpoint.prev.pt, the one before), final/ and best/ (trained weights in
-diffusers format: the UNet, or the LoRA adapters).
+diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters).
 
 The directory is guarded (ddpo_rl.run_dir): locked while the run lives, never silently reused by
 a fresh run (``--overwrite true`` replaces an earlier run), and ``--resume RUN_DIR`` continues in
@@ -287,6 +287,7 @@ class DDPORecipe:
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                 timestep_fraction=cfg.timestep_fraction,
                 max_grad_norm=cfg.max_grad_norm,
+                step_indices=getattr(self.policy, "trained_steps", None),  # the flow policy's SDE window
             ),
             params=self.params,
             autocast=lambda: precision.autocast(self.mixed_precision, self.device),
@@ -358,7 +359,13 @@ class DDPORecipe:
                 negative_prompt_embeds=negative,
                 pooled=KEYS.pooled_prompt_embeds in self.env.base_env.condition_keys,
                 log_prob_reduction=cfg.log_prob_reduction,
+                sde_window_size=cfg.sde_window_size,
+                sde_window_start=cfg.sde_window_start,
             )
+        if cfg.sde_window_size:
+            from ddpo_rl.config import ConfigError
+
+            raise ConfigError(f"sde_window_size: the SDE window is for flow-matching models; {cfg.model!r} samples with DDIM")
         return DiffusionPolicy(
             network,
             self.model.scheduler,
@@ -669,15 +676,9 @@ class DDPORecipe:
 
     def save_final_weights(self, name: str = "final") -> str:
         """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/)."""
-        path = os.path.join(self.out, name)
-        unet = self.policy.noise_model
-        if self.cfg.use_lora:
-            from ddpo_rl.lora import save_lora_weights
+        from ddpo_rl.checkpoint import save_trained_weights
 
-            save_lora_weights(unet, path)
-        elif hasattr(unet, "save_pretrained"):
-            unet.save_pretrained(os.path.join(path, "unet"))
-        return path
+        return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), self.cfg.use_lora)
 
     def cleanup(self) -> None:
         for sig, old in self._old_handlers.items():
@@ -702,9 +703,10 @@ def run(cfg: DDPOConfig) -> dict:
         recipe.cleanup()
 
 
-def main(argv=None, algorithm: str = "ddpo_is") -> dict:
-    """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line."""
+def main(argv=None, algorithm: str = "ddpo_is", preset: str | None = None) -> dict:
+    """Command-line entry point of the recipe scripts: parse, run, and report input errors in one line.
+    ``preset``: the script's default preset (``--preset`` overrides it)."""
     from ddpo_rl.config import parse_cli
 
     with report_user_errors():
-        return run(parse_cli(argv, algorithm=algorithm))
+        return run(parse_cli(argv, algorithm=algorithm, **({"preset": preset} if preset else {})))

@@ -190,3 +190,24 @@ def test_resume_starts_from_the_runs_config_and_applies_only_what_the_command_se
     assert parse_cli(["--resume", str(run), "--preset", "digits"]).preset == "digits"
     with pytest.raises(ConfigError, match="^output_dir: --resume continues"):  # even the preset's default path
         parse_cli(["--resume", str(run), "--output-dir", "outputs/tiny"])
+
+
+def test_flow_grpo_presets_registered_and_the_script_default_preset():
+    from ddpo_rl.config import FLOW_PRESETS
+
+    assert "flow-digits" in PRESETS and set(FLOW_PRESETS) <= set(PRESETS)
+    cfg = parse_cli([], preset="flow-digits")  # recipes/flow_grpo.py's default
+    assert cfg.preset == "flow-digits" and cfg.model == "flow-digits" and (cfg.group_size or 1) > 1
+    assert cfg.reward == "jpeg_compressibility" and cfg.monitor_rewards == ["digit_alignment"]
+    assert parse_cli(["--preset", "digits"], preset="flow-digits").model == "digits"  # --preset wins
+    assert preset_config("sd35-compressibility").monitor_rewards == ["aesthetic"]
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--sde-window-size", "11"], "sde_window_size"),
+    (["--sde-window-size", "4", "--sde-window-start", "7"], "sde_window_start"),
+    (["--sde-window-start", "-1"], "sde_window_start"),
+])
+def test_sde_window_bad_values_are_named(argv, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        parse_cli(argv, preset="flow-digits")

@@ -187,3 +187,62 @@ def test_fast_sampler_refuses_the_flow_policy():
     enc = HashEncoder()
     with pytest.raises(NotImplementedError, match="FastSampler replays DDIM steps; FlowMatchingPolicy"):
         FastSampler(make_flow_env(encoder=enc), make_flow_policy(encoder=enc))
+
+
+# --- the SDE window (MixGRPO / Flow-GRPO-Fast): SDE inside, Euler ODE outside, only the window trained
+
+
+def test_window_steps_carry_log_probs_and_outside_steps_are_euler():
+    from ddpo_rl.flow_sde import flow_ode_step
+
+    enc = HashEncoder()
+    env = make_flow_env(batch_size=3, steps=5, encoder=enc)
+    policy = make_flow_policy(steps=5, encoder=enc, sde_window_size=2, sde_window_start=1)
+    assert policy.trained_steps == (1, 2)
+    policy.eval()
+    traj = collect_trajectories(env, policy)
+    assert traj.batch_size == (3, 5)
+    sched = flow_scheduler()
+    sched.set_timesteps(5)
+    for j in range(5):
+        step = traj[:, j]
+        with torch.no_grad():
+            v = policy.head.predict(step[KEYS.latents], step[KEYS.step_index], step[KEYS.prompt_embeds],
+                                    step[KEYS.pooled_prompt_embeds])
+        euler = flow_ode_step(v, sched.sigmas[j], sched.sigmas[j + 1], step[KEYS.latents])
+        if j in (1, 2):  # SDE: a Gaussian with a positive std and a finite, non-zero log-prob
+            assert torch.isfinite(step[KEYS.log_prob]).all() and (step[KEYS.log_prob] != 0).all()
+            assert (step[KEYS.action] - euler).abs().max() > 1e-3  # noise was added
+        else:  # deterministic: exactly diffusers' Euler step, log-prob 0 (never trained on)
+            torch.testing.assert_close(step[KEYS.action], euler)
+            # the scheduler's own step
+            sched._step_index = None
+            ref = sched.step(v, sched.timesteps[j], step[KEYS.latents].clone()).prev_sample
+            torch.testing.assert_close(step[KEYS.action], ref, rtol=1e-5, atol=1e-5)
+            assert (step[KEYS.log_prob] == 0).all()
+
+
+def test_window_training_ratio_is_one_at_the_first_inner_step_and_only_window_steps_train():
+    enc = HashEncoder()
+    env = make_flow_env(batch_size=4, steps=4, encoder=enc, group_size=2)
+    policy = make_flow_policy(steps=4, encoder=enc, sde_window_size=2, sde_window_start=0)
+    policy.eval()
+    traj = collect_trajectories(env, policy)
+    traj = with_advantages(traj, compute_advantages(terminal_rewards(traj), clip=5.0, group_size=2))
+    loss = make_loss("ddpo_is", policy, clip_epsilon=1e-4)
+    for j in policy.trained_steps:  # on-policy: ratio exactly 1 on the stored window steps
+        out = loss(traj[:, j])
+        assert out["kl_approx"].item() == 0.0 and out["clip_fraction"].item() == 0.0
+    seen = []
+    policy.head.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    trainer = DDPOTrainer(loss, torch.optim.AdamW(policy.parameters(), lr=1e-3),
+                          TrainConfig(minibatch_size=4, step_indices=policy.trained_steps))
+    metrics = trainer.train(traj)
+    assert metrics["mean_ratio"].item() == pytest.approx(1.0, abs=1e-5)  # one optimizer step, after its forwards
+    assert sorted({int(k) for s in seen for k in s}) == [0, 1]  # only the window's steps
+    assert len(seen) == 2
+
+
+def test_window_bad_input_is_named():
+    with pytest.raises(ValueError, match="sde_window_size"):
+        make_flow_policy(steps=4, sde_window_size=3, sde_window_start=2)

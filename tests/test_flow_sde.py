@@ -136,3 +136,24 @@ def test_sde_sampling_reproduces_gaussian_data(noise_level):
         x = mean + std * torch.randn_like(x)
     assert abs(x.mean().item() - m) < 0.01
     assert abs(x.std().item() - s) < 0.015
+
+
+def test_mixed_step_is_the_sde_inside_the_window_and_euler_outside():
+    from ddpo_rl.flow_sde import flow_mixed_step_gaussian, flow_ode_step, sde_window_mask
+
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    sigma, sigma_next = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.7, 0.5, 0.3, 0.1])
+    sde = torch.tensor([True, False, True, False])
+    mean, std = flow_mixed_step_gaussian(v, sigma, sigma_next, x, 0.7, 0.9, sde)
+    sde_mean, sde_std = flow_sde_step_gaussian(v, sigma, sigma_next, x, 0.7, 0.9)
+    euler = flow_ode_step(v, sigma, sigma_next, x)
+    torch.testing.assert_close(euler, x + v * (sigma_next - sigma).reshape(4, 1, 1, 1))
+    torch.testing.assert_close(mean[sde], sde_mean[sde])
+    torch.testing.assert_close(std[sde], sde_std[sde])
+    torch.testing.assert_close(mean[~sde], euler[~sde])
+    assert (std[~sde] == 0).all() and (std[sde] > 0).all()
+    assert sde_window_mask(5, 2, 1).tolist() == [False, True, True, False, False]
+    assert sde_window_mask(5, None).all() and sde_window_mask(5, 0).all()
+    with pytest.raises(ValueError, match="sde_window_size"):
+        sde_window_mask(5, 3, 3)

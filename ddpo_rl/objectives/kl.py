@@ -3,8 +3,11 @@
     L = L_inner + beta * E_s[ KL(pi_theta(. | s) || pi_ref(. | s)) ]
 
 The reference pi_ref is the model before fine-tuning. At a denoising state s = (x_t, t, c) both
-policies are DDIM Gaussians with the same sigma_t, so the KL is ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
-per latent dim, reduced over the latent dims like the log-probs (:func:`ddpo_rl.ddim.gaussian_kl`).
+policies are DDIM Gaussians with the same sigma_t (or, for the flow-matching family, Flow-GRPO SDE
+Gaussians with the same std sigma_t sqrt(|dt|): it depends on the schedule and the noise level only),
+so the KL is ||mu_theta - mu_ref||^2 / (2 sigma_t^2) per latent dim, reduced over the latent dims like
+the log-probs (:func:`ddpo_rl.ddim.gaussian_kl`). The head is the policy's own (``DDIMGaussianHead`` or
+``FlowSDEHead``), so the reference forward uses the same family's step.
 
 The states s are exactly those at which the inner loss evaluated the policy: a forward hook on the
 policy's :class:`~ddpo_rl.policy.DDIMGaussianHead` records its inputs and its (mu_theta, sigma_t)
@@ -179,7 +182,7 @@ class KLToReferenceLoss(LossModule):
             self._recording = False
         calls, self._calls = self._calls, []
         if self.kl_coef == 0:  # off: no reference forward, nothing to log
-            out.set("loss_kl", torch.zeros((), device=self.head.alphas_cumprod.device))
+            out.set("loss_kl", torch.zeros((), device=next(iter(self.head.buffers())).device))
             return out
         if not calls:
             raise RuntimeError(

@@ -200,3 +200,37 @@ def test_kl_composes_with_the_dppo_loss(ratio):
     metrics = ppo_update(loss, opt, batch, num_passes=3, minibatch_size=batch.shape[0], train_actor=False)
     assert "kl_to_reference" in metrics
     assert loss(batch.clone())["kl_to_reference"].item() < before
+
+
+@pytest.mark.parametrize("reference", ["copy", "adapters"])
+def test_kl_with_the_flow_policy_is_zero_before_the_first_update(reference):
+    """The flow-matching policy's KL: the reference forward uses the flow head (FlowSDEHead, the SDE
+    step's mean), 0 before any update, the closed form after a drift."""
+    from ddpo_rl.collector import collect_trajectories, with_advantages
+    from tests.helpers import HashEncoder, make_flow_env, make_flow_policy, tiny_sd3_transformer
+
+    enc = HashEncoder()
+    net = tiny_sd3_transformer()
+    if reference == "adapters":
+        apply_lora(net, rank=2)
+    policy = make_flow_policy(steps=3, encoder=enc, transformer=net)
+    policy.eval()
+    traj = collect_trajectories(make_flow_env(batch_size=4, steps=3, encoder=enc, group_size=2), policy)
+    traj = with_advantages(traj, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    loss = _wrapped(policy, "ddpo_is", kl_coef=0.1, reference=reference)
+    assert loss.reference == reference
+    if reference == "copy":
+        assert type(loss.reference_head).__name__ == "FlowSDEHead"
+    for j in range(3):
+        out = loss(traj[:, j])
+        assert out["kl_to_reference"].item() == 0.0 and out["loss_kl"].item() == 0.0
+    _drift(lora_parameters(net) if reference == "adapters" else net.parameters(), 0.05)
+    step = traj[:, 1]
+    out = loss(step)
+    args = (step[KEYS.latents], step[KEYS.step_index], step[KEYS.prompt_embeds], step[KEYS.pooled_prompt_embeds])
+    with torch.no_grad():
+        loc, scale = policy.head(*args)
+        ref_loc = loss.reference_mean(*args)
+    expected = ((loc - ref_loc) ** 2 / (2 * scale**2)).flatten(1).mean(1).mean()
+    assert expected > 0
+    torch.testing.assert_close(out["kl_to_reference"], expected)

@@ -55,6 +55,6 @@ def test_ddpo_recipe_runs_the_flow_digits_model(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["mean_ratio"] == 1.0  # on-policy at the first inner step
     assert metrics[0]["grad_norm"] > 0
-    assert (out / "final" / "unet" / "config.json").exists()
-    saved = json.loads((out / "final" / "unet" / "config.json").read_text())
+    assert not (out / "final" / "unet").exists()  # the pipeline's component name for a transformer
+    saved = json.loads((out / "final" / "transformer" / "config.json").read_text())
     assert saved["_class_name"] == "SD3Transformer2DModel"

@@ -385,4 +385,4 @@ def test_recipe_runs_a_flow_matching_model(algorithm, tmp_path, monkeypatch):
         recipe.cleanup()
     metrics = read_jsonl(out / "metrics.jsonl")
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
-    assert (out / "summary.json").exists() and (out / "final" / "unet" / "config.json").exists()
+    assert (out / "summary.json").exists() and (out / "final" / "transformer" / "config.json").exists()
