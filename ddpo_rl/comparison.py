@@ -54,20 +54,21 @@ class PlannedRun:
         return args + (["--resume", self.out] if self.status == "resume" else [])
 
 
-def _differences(stored: dict, planned: dict) -> list[str]:
-    keys = (set(stored) | set(planned)) - set(_RUN_INDEPENDENT_FIELDS)
+def _differences(stored: dict, planned: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    keys = (set(stored) | set(planned)) - set(_RUN_INDEPENDENT_FIELDS) - set(ignore)
     return sorted(k for k in keys if stored.get(k) != planned.get(k))
 
 
-def run_status(cfg: DDPOConfig) -> str:
-    """"done", "resume" or "new" for ``cfg.output_dir``; ConfigError if it holds another configuration."""
+def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
+    """"done", "resume" or "new" for ``cfg.output_dir``; ConfigError if it holds another configuration
+    (fields in ``ignore`` may differ: settings that do not change training, recomputed by the caller)."""
     out = cfg.output_dir
     cfg_path = os.path.join(out, "config.json")
     if not os.path.exists(cfg_path):
         return "new"
     with open(cfg_path) as f:
         stored = json.load(f)
-    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())))
+    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())), ignore)
     if diff:
         raise ConfigError(
             f"output_dir: {out} holds a run with another configuration (differs in {', '.join(diff)}); "
@@ -199,8 +200,16 @@ FRONT_REWARD_GAIN = 2.0
 """... and "reward up" when its training-prompt reward gained >= this many base std."""
 
 
-def front_row(summary: dict, metrics: list[dict]) -> dict:
-    """One run of a KL front: reward gains, each monitor's final/base ratio, alarm, best epoch, seconds."""
+def front_row(summary: dict, metrics: list[dict], evals: list[dict] | None = None, tolerance: float | None = None) -> dict:
+    """One run of a KL front: reward gains, each monitor's final/base ratio, alarm, best epoch, seconds.
+
+    With ``evals`` (the run's eval.jsonl) and ``tolerance``, the alarm and best epochs are recomputed
+    for that tolerance (they do not change training, so runs made with another tolerance are reused).
+    """
+    if evals is not None and tolerance is not None:
+        from ddpo_rl.monitors import best_evaluation, first_alarm
+
+        summary = dict(summary, monitor_alarm=first_alarm(evals, tolerance), best_epoch=best_evaluation(evals, tolerance)["epoch"])
     row = {
         "kl_coef": summary.get("kl_coef", 0.0), "seed": summary["seed"], "epochs": summary["final"]["epoch"],
         "train_gain": summary["train_prompts_gain_in_base_std"], "eval_gain": summary["eval_prompts_gain_in_base_std"],

@@ -150,9 +150,10 @@ class DDPOConfig:
     training aesthetic). [] for none."""
     monitor_reward_kwargs: dict = field(default_factory=dict)
     """Keyword arguments of the monitors, by monitor name, e.g. {"digit_alignment": {"C": 1.0}}."""
-    monitor_tolerance: float = 0.5
+    monitor_tolerance: float = 1.0
     """A monitor more than this many base std below its base value (on the training or the held-out
-    prompts) counts as over-optimisation: logged once; such evaluations are not candidates for best/."""
+    prompts) counts as over-optimisation: logged once; such evaluations are not candidates for best/.
+    (digits: the classifier's base std is 0.077 on the training prompts, 0.045 on the held-out ones.)"""
     stop_on_monitor_drop: bool = False
     """End the run (with a checkpoint and final/) at the first evaluation whose monitors fall out of tolerance."""
 

@@ -41,7 +41,8 @@ def _plan(preset: str, kl_coefs, seeds, overrides, runs_dir):
             args = ["--preset", preset, *overrides, "--kl-coef", f"{kl:g}", "--seed", str(seed), "--output-dir", out,
                     "--progress", "false"]
             cfg = parse_cli(args)
-            runs.append((cfg, args, run_status(cfg)))
+            # the tolerance only changes the alarm and best epochs, recomputed below from eval.jsonl
+            runs.append((cfg, args, run_status(cfg, ignore=("monitor_tolerance",))))
     return runs
 
 
@@ -91,7 +92,9 @@ def main(argv=None) -> dict:
             with open(path) as f:
                 summary = json.load(f)
             if summary.get("final", {}).get("epoch") == cfg.epochs or summary.get("stopped_on_monitor_drop"):
-                rows.append(front_row(summary, read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))))
+                metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
+                evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
+                rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
     if not rows:
         print("no finished runs to aggregate", file=sys.stderr)
         return {}
@@ -99,6 +102,7 @@ def main(argv=None) -> dict:
     cfg = runs[0][0]
     extra = f" with {' '.join(overrides)}" if overrides else ""
     front["setup"] = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
+                          monitor_tolerance=cfg.monitor_tolerance,
                           monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
                           guidance_scale=cfg.guidance_scale)
     os.makedirs(args.out, exist_ok=True)
