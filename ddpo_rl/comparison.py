@@ -223,11 +223,21 @@ def front_row(summary: dict, metrics: list[dict], evals: list[dict] | None = Non
         }
     ratios = [v["ratio"] for sets in row["monitors"].values() for v in sets.values()]
     row["min_monitor_ratio"] = min(ratios) if ratios and None not in ratios else None
+    row["path"] = [_path_point(evals[0], e) for e in evals[1:]] if evals else []
     row["passes"] = (
         row["train_gain"] is not None and row["train_gain"] >= FRONT_REWARD_GAIN
         and row["min_monitor_ratio"] is not None and row["min_monitor_ratio"] >= FRONT_MONITOR_RATIO
     )
     return row
+
+
+def _path_point(base: dict, record: dict) -> dict:
+    """An intermediate evaluation of a run: training-prompt gain (base std) and smallest monitor final/base."""
+    gain = (record["train_prompts_reward_mean"] - base["train_prompts_reward_mean"]) / base["train_prompts_reward_std"]
+    ratios = [record["monitors"][n][f"{s}_mean"] / b[f"{s}_mean"]
+              for n, b in base.get("monitors", {}).items() for s in ("train", "eval")
+              if b.get(f"{s}_mean") and record["monitors"].get(n, {}).get(f"{s}_mean") is not None]
+    return {"epoch": record["epoch"], "train_gain": gain, "min_monitor_ratio": min(ratios) if ratios else None}
 
 
 def front_table(rows: list[dict]) -> dict:
@@ -255,8 +265,8 @@ def front_markdown(front: dict, header: str = "") -> str:
     cols = [f"{n} final/base (train / held-out)" for n in names]
     lines = [header, "" if header else None,
              "| kl_coef | seed | reward gain, train / held-out (base std) | " + " | ".join(cols)
-             + " | alarm epoch | best epoch | KL at end | seconds | passes |",
-             "|---" * (8 + len(cols)) + "|"]
+             + " | alarm epoch | best epoch | KL at end | seconds | passes | evaluations (epoch: gain, smallest ratio) |",
+             "|---" * (9 + len(cols)) + "|"]
     lines = [ln for ln in lines if ln is not None]
     for r in sorted(rows, key=lambda r: (r["kl_coef"], r["seed"])):
         mons = [f"{m['training prompts']['final']:.3f}/{m['training prompts']['base']:.3f} = "
@@ -265,7 +275,10 @@ def front_markdown(front: dict, header: str = "") -> str:
         lines.append(
             f"| {r['kl_coef']:g} | {r['seed']} | {r['train_gain']:+.2f} / {r['eval_gain']:+.2f} | " + " | ".join(mons)
             + f" | {r['alarm_epoch'] if r['alarm_epoch'] is not None else '-'} | {r['best_epoch']} | {kl_end} "
-            f"| {r['seconds']:.0f} | {'yes' if r['passes'] else 'no'} |"
+            f"| {r['seconds']:.0f} | {'yes' if r['passes'] else 'no'} | "
+            + "; ".join(f"{p['epoch']}: {p['train_gain']:+.2f}, "
+                        + ("-" if p["min_monitor_ratio"] is None else f"{p['min_monitor_ratio']:.2f}") for p in r.get("path", []))
+            + " |"
         )
     lines += ["", "| kl_coef | reward gain, train (base std) | held-out | smallest monitor final/base | seeds passing |",
               "|---|---|---|---|---|"]
