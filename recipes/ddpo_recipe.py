@@ -123,6 +123,16 @@ class DDPORecipe:
             from ddpo_rl.rewards.alignment import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
+        if cfg.model not in ("digits", "tiny"):  # a missing pipeline directory is named before the monitors load
+            from ddpo_rl.models.stable_diffusion import (
+                PretrainedWeightsNotFoundError, check_pipeline_dir, looks_like_local_path,
+            )
+
+            if looks_like_local_path(cfg.model):
+                try:
+                    check_pipeline_dir(os.path.expanduser(cfg.model))
+                except PretrainedWeightsNotFoundError as err:
+                    raise PretrainedWeightsNotFoundError(f"model: {err}") from err
         from ddpo_rl.monitors import build_monitors
 
         self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
