@@ -93,7 +93,9 @@ def test_one_lora_epoch_on_a_saved_pipeline(pipeline_dir, tmp_path):
 
     out = tmp_path / "run"
     SEEN_SHAPES.clear()
-    cfg = parse_cli(sd_args(pipeline_dir, out, "--reward", "tests.recipes.test_sd_pipeline:RecordingJpeg"))
+    # a reward other than the preset's gets its own default kwargs ({} for a custom one): pass the preset's
+    cfg = parse_cli(sd_args(pipeline_dir, out, "--reward", "tests.recipes.test_sd_pipeline:RecordingJpeg",
+                            "--reward-kwargs", '{"resize": 512}'))
     assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, cfg.clip_range) == (4, 5.0, 1.0, 1e-4)
     assert cfg.reward_kwargs == {"resize": 512}
     recipe = run_recipe(cfg)
