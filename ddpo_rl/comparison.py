@@ -60,20 +60,21 @@ class PlannedRun:
         return args
 
 
-def _differences(stored: dict, planned: dict) -> list[str]:
-    keys = (set(stored) | set(planned)) - set(_RUN_INDEPENDENT_FIELDS)
+def _differences(stored: dict, planned: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    keys = (set(stored) | set(planned)) - set(_RUN_INDEPENDENT_FIELDS) - set(ignore)
     return sorted(k for k in keys if stored.get(k) != planned.get(k))
 
 
-def run_status(cfg: DDPOConfig) -> str:
-    """"done", "resume" or "new" for ``cfg.output_dir``; ConfigError if it holds another configuration."""
+def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
+    """"done", "resume" or "new" for ``cfg.output_dir``; ConfigError if it holds another configuration
+    (fields in ``ignore`` may differ: settings that do not change training, recomputed by the caller)."""
     out = cfg.output_dir
     cfg_path = os.path.join(out, "config.json")
     if not os.path.exists(cfg_path):
         return "new"
     with open(cfg_path) as f:
         stored = json.load(f)
-    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())))
+    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())), ignore)
     if diff:
         raise ConfigError(
             f"output_dir: {out} holds a run with another configuration (differs in {', '.join(diff)}); "
@@ -205,8 +206,16 @@ FRONT_REWARD_GAIN = 2.0
 """... and "reward up" when its training-prompt reward gained >= this many base std."""
 
 
-def front_row(summary: dict, metrics: list[dict]) -> dict:
-    """One run of a KL front: reward gains, each monitor's final/base ratio, alarm, best epoch, seconds."""
+def front_row(summary: dict, metrics: list[dict], evals: list[dict] | None = None, tolerance: float | None = None) -> dict:
+    """One run of a KL front: reward gains, each monitor's final/base ratio, alarm, best epoch, seconds.
+
+    With ``evals`` (the run's eval.jsonl) and ``tolerance``, the alarm and best epochs are recomputed
+    for that tolerance (they do not change training, so runs made with another tolerance are reused).
+    """
+    if evals is not None and tolerance is not None:
+        from ddpo_rl.monitors import best_evaluation, first_alarm
+
+        summary = dict(summary, monitor_alarm=first_alarm(evals, tolerance), best_epoch=best_evaluation(evals, tolerance)["epoch"])
     row = {
         "kl_coef": summary.get("kl_coef", 0.0), "seed": summary["seed"], "epochs": summary["final"]["epoch"],
         "train_gain": summary["train_prompts_gain_in_base_std"], "eval_gain": summary["eval_prompts_gain_in_base_std"],
@@ -220,11 +229,21 @@ def front_row(summary: dict, metrics: list[dict]) -> dict:
         }
     ratios = [v["ratio"] for sets in row["monitors"].values() for v in sets.values()]
     row["min_monitor_ratio"] = min(ratios) if ratios and None not in ratios else None
+    row["path"] = [_path_point(evals[0], e) for e in evals[1:]] if evals else []
     row["passes"] = (
         row["train_gain"] is not None and row["train_gain"] >= FRONT_REWARD_GAIN
         and row["min_monitor_ratio"] is not None and row["min_monitor_ratio"] >= FRONT_MONITOR_RATIO
     )
     return row
+
+
+def _path_point(base: dict, record: dict) -> dict:
+    """An intermediate evaluation of a run: training-prompt gain (base std) and smallest monitor final/base."""
+    gain = (record["train_prompts_reward_mean"] - base["train_prompts_reward_mean"]) / base["train_prompts_reward_std"]
+    ratios = [record["monitors"][n][f"{s}_mean"] / b[f"{s}_mean"]
+              for n, b in base.get("monitors", {}).items() for s in ("train", "eval")
+              if b.get(f"{s}_mean") and record["monitors"].get(n, {}).get(f"{s}_mean") is not None]
+    return {"epoch": record["epoch"], "train_gain": gain, "min_monitor_ratio": min(ratios) if ratios else None}
 
 
 def front_table(rows: list[dict]) -> dict:
@@ -252,8 +271,8 @@ def front_markdown(front: dict, header: str = "") -> str:
     cols = [f"{n} final/base (train / held-out)" for n in names]
     lines = [header, "" if header else None,
              "| kl_coef | seed | reward gain, train / held-out (base std) | " + " | ".join(cols)
-             + " | alarm epoch | best epoch | KL at end | seconds | passes |",
-             "|---" * (8 + len(cols)) + "|"]
+             + " | alarm epoch | best epoch | KL at end | seconds | passes | evaluations (epoch: gain, smallest ratio) |",
+             "|---" * (9 + len(cols)) + "|"]
     lines = [ln for ln in lines if ln is not None]
     for r in sorted(rows, key=lambda r: (r["kl_coef"], r["seed"])):
         mons = [f"{m['training prompts']['final']:.3f}/{m['training prompts']['base']:.3f} = "
@@ -262,7 +281,10 @@ def front_markdown(front: dict, header: str = "") -> str:
         lines.append(
             f"| {r['kl_coef']:g} | {r['seed']} | {r['train_gain']:+.2f} / {r['eval_gain']:+.2f} | " + " | ".join(mons)
             + f" | {r['alarm_epoch'] if r['alarm_epoch'] is not None else '-'} | {r['best_epoch']} | {kl_end} "
-            f"| {r['seconds']:.0f} | {'yes' if r['passes'] else 'no'} |"
+            f"| {r['seconds']:.0f} | {'yes' if r['passes'] else 'no'} | "
+            + "; ".join(f"{p['epoch']}: {p['train_gain']:+.2f}, "
+                        + ("-" if p["min_monitor_ratio"] is None else f"{p['min_monitor_ratio']:.2f}") for p in r.get("path", []))
+            + " |"
         )
     lines += ["", "| kl_coef | reward gain, train (base std) | held-out | smallest monitor final/base | seeds passing |",
               "|---|---|---|---|---|"]

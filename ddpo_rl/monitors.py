@@ -51,7 +51,10 @@ def build_monitors(names: Sequence[str], kwargs: Mapping[str, dict] | None = Non
             raise ConfigError(f"monitor_reward_kwargs: {kwargs.get(name, {})} rejected by monitor {name!r}: {err}") from err
         except Exception as err:  # a monitor's model that cannot be loaded (missing weights, no hub, ...)
             msg = " ".join(str(err).split())
-            raise ConfigError(f"monitor_rewards: monitor {name!r} failed to load: {type(err).__name__}: {msg}") from err
+            raise ConfigError(
+                f"monitor_rewards: monitor {name!r} failed to load: {type(err).__name__}: {msg} "
+                "(choose other monitors with --monitor-rewards NAME,..., or none with --monitor-rewards '')"
+            ) from err
     return monitors
 
 

@@ -193,8 +193,11 @@ def save_scatter_png(
     hlines: Sequence[float] = (),
     vlines: Sequence[float] = (),
     size: tuple[int, int] = (760, 480),
+    colors: Mapping[str, int] | None = None,
+    hollow: Sequence[str] = (),
 ) -> str:
-    """Scatter plot of named groups of (x, y) points (one colour each), with dashed threshold lines."""
+    """Scatter plot of named groups of (x, y) points (one colour each, or ``colors[name]`` as a palette
+    index; groups in ``hollow`` drawn as rings), with dashed threshold lines."""
     W, H = size
     left, right, top, bottom = 70, 170, 40, 50
     canvas = Image.new("RGB", (W, H), "white")
@@ -226,13 +229,14 @@ def save_scatter_png(
             draw.line([(a[0], k), (a[0], min(k + 6, b[1]))], fill=(120, 120, 120), width=1)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for k, (name, ps) in enumerate(groups.items()):
-        color = PALETTE[k % len(PALETTE)]
+        color = PALETTE[(colors or {}).get(name, k) % len(PALETTE)]
+        fill, outline = (None, color) if name in hollow else (color, "black")
         for p in ps:
             if all(v is not None and math.isfinite(v) for v in p):
                 cx, cy = px(*p)
-                draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=color, outline="black")
+                draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=fill, outline=outline, width=2 if fill is None else 1)
         lx, ly = W - right + 12, top + 8 + 16 * k
-        draw.ellipse([lx, ly + 2, lx + 8, ly + 10], fill=color, outline="black")
+        draw.ellipse([lx, ly + 2, lx + 8, ly + 10], fill=fill, outline=outline, width=2 if fill is None else 1)
         draw.text((lx + 14, ly), name, fill="black", font=font)
     draw.text((left, 8), title, fill="black", font=_font(14))
     draw.text(((W - left) // 2 + left - 60, H - 22), xlabel, fill="black", font=font)

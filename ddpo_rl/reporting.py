@@ -39,10 +39,11 @@ def write_reward_curve(run_dir: str, title: str = "reward", tolerance: float | N
     base = evals[0]["monitors"]
     monitor_series = {}
     for name in names:
-        for s, label in PROMPT_SETS.items():
+        for s in PROMPT_SETS:
             values = [(base[name][f"{s}_mean"], base[name][f"{s}_std"], e["monitors"][name][f"{s}_mean"]) for e in evals]
             ys = [None if None in v else -drop_in_base_std(*v) for v in values]
-            monitor_series[f"{name}: {label}"] = ([e["epoch"] for e in evals], ys)
+            short = {"train": "train", "eval": "held-out"}[s]  # fits the legend
+            monitor_series[f"{name}, {short}"] = ([e["epoch"] for e in evals], ys)
     if tolerance is not None:
         monitor_series["tolerance"] = ([evals[0]["epoch"], evals[-1]["epoch"]], [-tolerance, -tolerance])
     panels = [

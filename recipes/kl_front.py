@@ -12,7 +12,8 @@ and metrics.jsonl (ddpo_rl.comparison.front_row / front_table / front_markdown):
     OUT/kl_front_<preset>.json   every run's reward gains, monitor ratios, alarm and best epochs, seconds
     OUT/kl_front_<preset>.md     the same as tables (per run, and per kl_coef over seeds)
     OUT/kl_front_<preset>.png    reward gain (training prompts, base std) against the smallest monitor
-                                 final/base ratio, one colour per kl_coef, with the two criteria
+                                 final/base ratio, one colour per kl_coef (and one for each kl_coef's
+                                 earlier evaluations, epochs 10, 20, ...), with the two criteria
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _plan(preset: str, kl_coefs, seeds, overrides, runs_dir):
             args = ["--preset", preset, *overrides, "--kl-coef", f"{kl:g}", "--seed", str(seed), "--output-dir", out,
                     "--progress", "false"]
             cfg = parse_cli(args)
-            runs.append((cfg, args, run_status(cfg)))
+            # the tolerance only changes the alarm and best epochs, recomputed below from eval.jsonl
+            runs.append((cfg, args, run_status(cfg, ignore=("monitor_tolerance",))))
     return runs
 
 
@@ -95,7 +97,9 @@ def main(argv=None) -> dict:
             with open(path) as f:
                 summary = json.load(f)
             if summary.get("final", {}).get("epoch") == cfg.epochs or summary.get("stopped_on_monitor_drop"):
-                rows.append(front_row(summary, read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))))
+                metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
+                evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
+                rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
     if not rows:
         print("no finished runs to aggregate", file=sys.stderr)
         return {}
@@ -103,6 +107,7 @@ def main(argv=None) -> dict:
     cfg = runs[0][0]
     extra = f" with {' '.join(overrides)}" if overrides else ""
     front["setup"] = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
+                          monitor_tolerance=cfg.monitor_tolerance,
                           monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
                           guidance_scale=cfg.guidance_scale)
     os.makedirs(args.out, exist_ok=True)
@@ -114,12 +119,19 @@ def main(argv=None) -> dict:
               "fixed-seed samples per prompt set.")
     with open(stem + ".md", "w") as f:
         f.write(front_markdown(front, header))
-    groups = {}
+    groups, colors, hollow = {}, {}, []
+    kls = sorted({r["kl_coef"] for r in rows})
     for r in rows:
-        groups.setdefault(f"kl_coef {r['kl_coef']:g}", []).append((r["min_monitor_ratio"], r["train_gain"]))
+        name = f"kl_coef {r['kl_coef']:g}"
+        groups.setdefault(name, []).append((r["min_monitor_ratio"], r["train_gain"]))
+        colors[name] = kls.index(r["kl_coef"])
+    for r in rows:  # the runs' earlier evaluations (rings): how each got there
+        name = f"kl_coef {r['kl_coef']:g}, earlier evals"
+        groups.setdefault(name, []).extend((p["min_monitor_ratio"], p["train_gain"]) for p in r["path"][:-1])
+        colors[name], hollow = kls.index(r["kl_coef"]), hollow + [name]
     save_scatter_png(stem + ".png", groups, title=f"{args.preset}: reward gain vs monitor (each point a seed)",
                      xlabel="smallest monitor final/base (train & held-out)", ylabel="reward gain (base std)",
-                     hlines=[FRONT_REWARD_GAIN], vlines=[FRONT_MONITOR_RATIO])
+                     hlines=[FRONT_REWARD_GAIN], vlines=[FRONT_MONITOR_RATIO], colors=colors, hollow=hollow)
     print(front_markdown(front, header))
     return front
 

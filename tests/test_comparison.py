@@ -93,3 +93,33 @@ def test_aggregate_means_stds_and_markdown(tmp_path):
     curves = training_curves(runs)
     assert curves["rwr"][0] == [4, 8, 12]  # reward queries, not epochs
     assert curves["rwr"][1][-1] == pytest.approx(statistics.fmean([-0.9, -0.8, -0.9]))
+
+
+def _front_run(kl, seed, final_reward, final_digit, mid_digit=0.9):
+    from ddpo_rl.comparison import front_row
+
+    def ev(epoch, reward, digit):
+        return {"epoch": epoch, "train_prompts_reward_mean": reward, "train_prompts_reward_std": 0.1,
+                "monitors": {"digit_alignment": {"train_mean": digit, "train_std": 0.1, "eval_mean": digit, "eval_std": 0.1}}}
+
+    evals = [ev(0, -1.0, 0.9), ev(10, -0.9, mid_digit), ev(20, final_reward, final_digit)]
+    mon = {"base_mean": 0.9, "final_mean": final_digit, "final_over_base": final_digit / 0.9}
+    summary = {"kl_coef": kl, "seed": seed, "final": {"epoch": 20}, "train_prompts_gain_in_base_std": (final_reward + 1.0) / 0.1,
+               "eval_prompts_gain_in_base_std": 0.0,
+               "monitors": {"digit_alignment": {"training prompts": mon, "held-out prompts": mon}}}
+    return front_row(summary, [{"seconds": 2.0, "kl_to_reference": 0.1}] * 20, evals, tolerance=1.0)
+
+
+def test_kl_front_rows_criteria_alarm_and_table():
+    from ddpo_rl.comparison import front_markdown, front_table
+
+    good = _front_run(0.1, 0, -0.7, 0.85)   # +3 base std, digits at 0.94 x base
+    bad = _front_run(0.0, 0, -0.5, 0.2)     # +5 base std, digits erased
+    assert good["passes"] and not bad["passes"]
+    assert good["alarm_epoch"] is None and bad["alarm_epoch"] == 20 and bad["best_epoch"] == 10
+    assert [p["epoch"] for p in bad["path"]] == [10, 20] and bad["path"][1]["min_monitor_ratio"] == pytest.approx(0.2 / 0.9)
+    assert good["seconds"] == 40.0
+    front = front_table([good, bad, _front_run(0.1, 1, -0.95, 0.88)])
+    assert front["by_kl_coef"]["0.1"]["passing_seeds"] == 1 and front["by_kl_coef"]["0.0"]["passing_seeds"] == 0
+    md = front_markdown(front, "header")
+    assert md.startswith("header") and "| 0.1 | 1 |" in md and "1/2" in md

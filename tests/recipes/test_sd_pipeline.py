@@ -52,7 +52,7 @@ def prompt_files(tmp_path_factory):
 
 
 def sd_args(pipeline_dir, out, *extra):
-    """The sd15-compressibility preset with its sizes scaled down, on the tiny pipeline."""
+    """The sd15-compressibility preset with its sizes scaled down, on the tiny pipeline, without monitors."""
     return [
         "--preset", "sd15-compressibility", "--model", pipeline_dir, "--device", "cpu",
         "--use-lora", "true", "--guidance-scale", "5", "--mixed-precision", "no",
@@ -130,6 +130,20 @@ def test_one_lora_epoch_on_a_saved_pipeline(pipeline_dir, tmp_path):
         "a cat", num_inference_steps=2, guidance_scale=5.0, output_type="pt", generator=torch.Generator().manual_seed(0)
     ).images
     assert image.shape == (1, 3, side, side) and torch.isfinite(image).all()
+
+
+def test_kl_to_the_lora_free_unet_and_a_monitor_through_the_recipe(pipeline_dir, tmp_path):
+    """LoRA + kl_coef: the reference is the same UNet with its adapters off (no copy); KL logged; monitor in eval.jsonl."""
+    out = tmp_path / "kl"
+    cfg = parse_cli(sd_args(pipeline_dir, out, "--kl-coef", "0.5", "--monitor-rewards", "sample_diversity",
+                            "--eval-num-samples", "4"))
+    recipe = run_recipe(cfg)
+    assert recipe.loss.reference == "adapters" and recipe.loss.reference_head is None
+    (m,) = read_jsonl(out / "metrics.jsonl")
+    assert m["kl_to_reference"] is not None and m["kl_to_reference"] >= 0 and m["loss_kl"] >= 0
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["epoch"] for e in evals] == [0, 1] and "sample_diversity" in evals[-1]["monitors"]
+    assert (out / "best" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_bf16_autocast_epoch_keeps_lora_weights_fp32(pipeline_dir, tmp_path):
