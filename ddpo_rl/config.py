@@ -215,8 +215,9 @@ class DDPOConfig:
     """CPU threads of torch's intra-op pool (torch.set_num_threads), set first thing in setup;
     0 = torch's default (one per core). `import ddpo_rl` also makes waiting OpenMP threads sleep
     rather than spin (OMP_WAIT_POLICY=PASSIVE unless set; ddpo_rl/threads.py). Measured, digits run
-    on 2 cores, s/epoch alone / at load 7: 2 threads passive (the default) 5.4 / 30; 2 spinning
-    4.9 / 167; 1 thread 8.5 / 19 (benchmarks/README.md, "CPU threads"). Use 1 on a crowded machine."""
+    on 2 cores, s/epoch alone / beside one busy process / at load 7: 2 threads passive (the default)
+    12.5 / 14.5 / 30; 2 spinning 5.7 / 20.7 / 167; 1 thread 10.6 / 11.9 / 19 (benchmarks/README.md,
+    "CPU threads"; the default is under review). Use 1 on a crowded machine."""
     channels_last: bool = False
     """Store the UNet's conv weights and feed its inputs in channels_last (tensor-core convs on GPU).
     On CPU (digits run) within the noise: 0.96x sampling, 0.97x training time. GPU: not measured."""
