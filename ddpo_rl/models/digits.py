@@ -297,7 +297,7 @@ def load_digits_model(
         device, dtype: where to put the UNet and the text encoder (default CPU, float32).
     """
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     path = Path(path)
     if not is_digits_model_dir(path):
@@ -308,22 +308,8 @@ def load_digits_model(
     meta = dict(index.get("metadata", {}))
     dtype = dtype or torch.float32
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar for a 1 MB encoder is noise in the recipe's output
-    try:
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+    text_encoder, tokenizer = load_text_encoder_and_tokenizer(path, CLIPTextModel, dtype)
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-    if (path / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    else:
-        from ddpo_rl.models.tokenizer import build_clip_tokenizer
-
-        tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     unet.eval()
     text_encoder.eval().requires_grad_(False)
     model = DigitsModel(
@@ -341,6 +327,28 @@ def load_digits_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def load_text_encoder_and_tokenizer(path: Path, encoder_class, dtype: torch.dtype):
+    """The frozen text encoder (``encoder_class`` from ``path/text_encoder``, without a progress bar)
+    and its tokenizer (``path/tokenizer``, or the offline CLIP tokenizer) of an embedded model."""
+    from transformers import CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a 1 MB encoder is noise in the recipe's output
+    try:
+        text_encoder = encoder_class.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    if (path / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    else:
+        from ddpo_rl.models.tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
+    return text_encoder.eval().requires_grad_(False), tokenizer
 
 
 def load_or_train_digits_model(

@@ -72,6 +72,7 @@ from ddpo_rl.models.digits import (
     default_cache_dir,
     load_digits_dataset,
     pretrain_loop,
+    load_text_encoder_and_tokenizer,
     write_model_dir,
 )
 
@@ -420,8 +421,7 @@ def load_flow_digits_model(
 ) -> FlowDigitsModel:
     """Load a model saved by :func:`save_flow_digits_model` (float32 on the CPU by default)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import CLIPTextModelWithProjection
 
     path = Path(path)
     if not is_flow_digits_model_dir(path):
@@ -432,20 +432,8 @@ def load_flow_digits_model(
     meta = dict(json.loads((path / MODEL_INDEX).read_text()).get("metadata", {}))
     dtype = dtype or torch.float32
     transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar for a 1 MB encoder is noise in the recipe's output
-    try:
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+    text_encoder, tokenizer = load_text_encoder_and_tokenizer(path, CLIPTextModelWithProjection, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-    if (path / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    else:
-        from ddpo_rl.models.tokenizer import build_clip_tokenizer
-
-        tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     transformer.eval()
     text_encoder.eval().requires_grad_(False)
     model = FlowDigitsModel(
