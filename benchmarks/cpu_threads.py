@@ -4,9 +4,11 @@ policies, alone and beside busy processes this script starts itself.
     python benchmarks/cpu_threads.py --json threads.json [--epochs 4] [--busy 1] [--repeats 1]
 
 Each condition runs ``recipes/ddpo_is.py --preset digits --epochs N`` in a fresh process (the
-wait policy is read when torch loads, so it needs one), with ``--threads T`` and
-``OMP_WAIT_POLICY`` set explicitly; "beside busy" starts ``--busy`` single-threaded spinning
-processes (``python -c "while True: pass"``) for the duration of the run and stops them by pid.
+wait policy is read when torch loads, so it needs one), with ``--threads T`` (0 = the default:
+follow the load, ddpo_rl/threads.py) and ``OMP_WAIT_POLICY`` set explicitly (DEFAULT: not set);
+"beside busy" starts ``--busy`` single-threaded spinning processes (``python -c "while True: pass"``)
+for the duration of the run and stops them by pid; "busy later" starts them ``--busy-after``
+seconds into the run (a load that arrives mid-run).
 Conditions are interleaved (every repeat runs every condition once), so a change of the machine's
 load hits all of them alike; the load average is recorded around each run. Reported: median
 seconds per epoch (metrics.jsonl's ``seconds``, which includes the evaluation of the last epoch),
@@ -22,24 +24,35 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONDITIONS = [  # (threads, wait policy, busy processes beside the run)
-    (2, "ACTIVE", False),
-    (2, "PASSIVE", False),
-    (1, "PASSIVE", False),
-    (2, "ACTIVE", True),
-    (2, "PASSIVE", True),
-    (1, "PASSIVE", True),
+CONDITIONS = [  # (threads, wait policy, busy: 0 none, 1 from the start, 2 from --busy-after seconds)
+    (0, "DEFAULT", 0),
+    (2, "ACTIVE", 0),
+    (1, "ACTIVE", 0),
+    (0, "DEFAULT", 1),
+    (2, "ACTIVE", 1),
+    (1, "ACTIVE", 1),
+    (0, "DEFAULT", 2),
 ]
+BUSY_NAMES = {0: "as-is", 1: "busy", 2: "busy later"}
 
 
-def run_once(threads: int, policy: str, busy: int, epochs: int, extra: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env.update(OMP_WAIT_POLICY=policy, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+def run_once(threads: int, policy: str, busy: int, epochs: int, extra: list[str], busy_after: float = 0.0) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env.update(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    if policy != "DEFAULT":
+        env["OMP_WAIT_POLICY"] = policy
+    spinners = []
+
+    def start_spinners():
+        spinners.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy))
+
+    timer = threading.Timer(busy_after, start_spinners)
+    timer.start()
     try:
         with tempfile.TemporaryDirectory() as out:
             load0 = os.getloadavg()[0]
@@ -53,11 +66,14 @@ def run_once(threads: int, policy: str, busy: int, epochs: int, extra: list[str]
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 metrics = [json.loads(line) for line in f if line.strip()]
     finally:
+        timer.cancel()
         for p in spinners:
             p.kill()
             p.wait()
     return {
         "epoch_seconds": [m["seconds"] for m in metrics],
+        "sampling_threads": [m.get("sampling_threads") for m in metrics],
+        "training_threads": [m.get("training_threads") for m in metrics],
         "median_epoch_s": statistics.median(m["seconds"] for m in metrics),
         "median_sampling_s": statistics.median(m["sampling_seconds"] for m in metrics),
         "median_training_s": statistics.median(m["training_seconds"] for m in metrics),
@@ -71,25 +87,27 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--busy", type=int, default=1, help="spinning processes in the 'beside busy' conditions")
+    ap.add_argument("--busy-after", type=float, default=20.0, help="seconds into the run the 'busy later' spinners start")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--conditions", default=None,
-                    help="comma-separated THREADS:POLICY:BUSY (BUSY 0/1), e.g. 2:ACTIVE:0,2:PASSIVE:0,1:PASSIVE:0")
+                    help="comma-separated THREADS:POLICY:BUSY (THREADS 0 = auto; POLICY ACTIVE/PASSIVE/DEFAULT; "
+                         "BUSY 0 none, 1 from the start, 2 from --busy-after s), e.g. 0:DEFAULT:0,2:ACTIVE:1")
     ap.add_argument("--json", default=None)
     ap.add_argument("extra", nargs="*", help="more recipe arguments (after --)")
     args = ap.parse_args(argv)
     conditions = CONDITIONS
     if args.conditions:
-        conditions = [(int(t), p.upper(), bool(int(b))) for t, p, b in (c.split(":") for c in args.conditions.split(","))]
-    results = {f"threads={t} {p} {'busy' if b else 'as-is'}": [] for t, p, b in conditions}
+        conditions = [(int(t), p.upper(), int(b)) for t, p, b in (c.split(":") for c in args.conditions.split(","))]
+    results = {f"threads={t} {p} {BUSY_NAMES[b]}": [] for t, p, b in conditions}
     for r in range(args.repeats):
         for t, p, b in conditions:
-            key = f"threads={t} {p} {'busy' if b else 'as-is'}"
-            res = run_once(t, p, args.busy if b else 0, args.epochs, args.extra)
+            key = f"threads={t} {p} {BUSY_NAMES[b]}"
+            res = run_once(t, p, args.busy if b else 0, args.epochs, args.extra, args.busy_after if b == 2 else 0.0)
             results[key].append(res)
             print(f"[{r}] {key}: median {res['median_epoch_s']:.2f} s/epoch (load {res['loadavg_1min_start']:.1f})", flush=True)
     report = {
         "schema": "ddpo_rl.benchmarks.cpu_threads/1",
-        "config": {"epochs": args.epochs, "busy": args.busy, "repeats": args.repeats, "extra": args.extra,
+        "config": {"epochs": args.epochs, "busy": args.busy, "busy_after": args.busy_after, "repeats": args.repeats, "extra": args.extra,
                    "cpu_count": os.cpu_count()},
         "conditions": {
             k: {"median_epoch_s": statistics.median(x["median_epoch_s"] for x in v), "runs": v} for k, v in results.items()

@@ -9,10 +9,7 @@ The data flow, one module per stage::
     -> loss (ddpo_rl.objectives) -> optimizer (ddpo_rl.trainer)
 """
 
-from ddpo_rl.threads import set_default_wait_policy
-
-set_default_wait_policy()  # before torch is imported: OpenMP reads it once, at load (see ddpo_rl/threads.py)
-
+import ddpo_rl.threads  # noqa: F401  (first look at the machine's load: ddpo_rl/threads.py)
 from ddpo_rl._compat import patch_torchvision  # noqa: E402
 
 patch_torchvision()  # before anything imports torchvision (transformers, diffusers, open_clip)

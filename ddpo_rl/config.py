@@ -189,6 +189,11 @@ class DDPOConfig:
     README: it keeps the digits, 0 erases them).
     With LoRA the reference is the UNet with its adapters disabled (no copy); without LoRA it is a frozen
     copy of the UNet (its parameter bytes again in memory)."""
+    kl_sigma_scale: float = 0.0
+    """0: the KL penalty is the exact per-step KL, which weighs the squared mean difference by
+    1/(2 sigma_t^2), so the last, nearly deterministic steps dominate it. s > 0: each step's KL is
+    weighted by 1 + sigma_t^2/s^2, adding the squared mean distance / (2 s^2) at every step, which holds
+    the early steps (those that decide what the image shows) too. kl_to_reference logs the exact KL."""
     monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment"])
     """Rewards computed on every evaluation's samples and never trained on (reward names, as for
     `reward`), to see what fine-tuning costs. Default: follows `reward` and `model` (digits: the digit
@@ -212,12 +217,13 @@ class DDPOConfig:
     run, and the graphed one is no faster there (1.05x the env path's sampling time, paired rounds,
     tiny UNet batch 32 x 10 steps), hence auto = env on CPU. GPU: not measured (no GPU was lent)."""
     threads: int = 0
-    """CPU threads of torch's intra-op pool (torch.set_num_threads), set first thing in setup;
-    0 = torch's default (one per core). `import ddpo_rl` also makes waiting OpenMP threads sleep
-    rather than spin (OMP_WAIT_POLICY=PASSIVE unless set; ddpo_rl/threads.py). Measured, digits run
-    on 2 cores, s/epoch alone / beside one busy process / at load 7: 2 threads passive (the default)
-    12.5 / 14.5 / 30; 2 spinning 5.7 / 20.7 / 167; 1 thread 10.6 / 11.9 / 19 (benchmarks/README.md,
-    "CPU threads"; the default is under review). Use 1 on a crowded machine."""
+    """CPU threads of torch's intra-op pool. 0 = follow the machine's load: the cores the other
+    processes leave free (between 1 and one per core), looked at after set-up and twice per epoch;
+    metrics.jsonl records sampling_threads / training_threads. N > 0 = exactly N (also what an
+    OMP_NUM_THREADS in the environment does): set it for bitwise-reproducible runs, since the thread
+    count changes float round-off. Measured, digits run on 2 cores, s/epoch alone / beside one busy
+    process: 2 threads 5.7 / 20.7, 1 thread 10.6 / 11.9 (benchmarks/README.md "CPU threads", with
+    the figures of 0; ddpo_rl/threads.py)."""
     channels_last: bool = False
     """Store the UNet's conv weights and feed its inputs in channels_last (tensor-core convs on GPU).
     On CPU (digits run) within the noise: 0.96x sampling, 0.97x training time. GPU: not measured."""
@@ -293,6 +299,7 @@ class DDPOConfig:
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
         need(self.kl_coef >= 0, "kl_coef", f"must be >= 0 (0 disables the KL penalty), got {self.kl_coef}")
+        need(self.kl_sigma_scale >= 0, "kl_sigma_scale", f"must be >= 0 (0 = the exact KL), got {self.kl_sigma_scale}")
         need(self.monitor_tolerance > 0, "monitor_tolerance", f"must be positive (in base std), got {self.monitor_tolerance}")
         need(isinstance(self.monitor_rewards, list) and all(isinstance(m, str) and m.strip() for m in self.monitor_rewards),
              "monitor_rewards", f"must be a list of reward names, got {self.monitor_rewards!r}")
@@ -303,7 +310,7 @@ class DDPOConfig:
              'must map monitor names to keyword dicts, e.g. {"digit_alignment": {"C": 1.0}}')
         need(not self.stop_on_monitor_drop or bool(self.monitor_rewards), "stop_on_monitor_drop",
              "needs at least one monitor: set monitor_rewards (e.g. --monitor-rewards digit_alignment)")
-        need(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
+        need(self.threads >= 0, "threads", f"must be >= 0 (0 = follow the machine's load), got {self.threads}")
         need(self.algorithm != "ddpo_sf" or self.num_inner_epochs == 1, "num_inner_epochs",
              "DDPO-SF is on-policy (one optimizer step per epoch's batch): use 1, or --algorithm ddpo_is")
         need(self.noise_level > 0, "noise_level", f"{self.noise_level}: the flow-matching SDE needs a > 0 (0.7 in Flow-GRPO)")

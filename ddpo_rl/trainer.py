@@ -90,6 +90,8 @@ class DDPOTrainer:
             (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``); default none.
         generator: RNG for the shuffles (default: the global one).
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 autocast (None otherwise).
+        after_step: called (no arguments) after each optimizer step: host-side housekeeping such as
+            the recipes' :class:`~ddpo_rl.threads.ThreadGovernor` update (no device work, no sync).
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class DDPOTrainer:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        after_step: Callable[[], object] | None = None,
     ):
         self.loss_module = loss_module
+        self.after_step = after_step
         self.optimizer = optimizer
         self.config = config or TrainConfig()
         self.config.validate()
@@ -236,6 +240,8 @@ class DDPOTrainer:
                 if (mb_index + 1) % acc == 0:
                     norms.append(self._optimizer_step(pending))
                     pending = []
+                    if self.after_step is not None:
+                        self.after_step()
             if pending:  # a ragged tail (samples dropped for a NaN reward): step on what is there
                 norms.append(self._optimizer_step(pending))
                 pending = []

@@ -65,7 +65,7 @@ from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardTransform
 from ddpo_rl.sampling import make_sampler
 from ddpo_rl.schedules import is_flow_matching_scheduler
-from ddpo_rl.threads import set_threads
+from ddpo_rl.threads import ThreadGovernor
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
 from envs.denoising import DenoisingEnv
 
@@ -129,7 +129,9 @@ class DDPORecipe:
         prompts, reward and monitors; device and processes; the run directory and the checkpoint
         to resume; the model; the envs; the policy and its loss; the optimizer and trainer. Then
         load the resumed state and record what runs in config.json."""
-        set_threads(self.cfg.threads)  # first: before torch runs any parallel work (ddpo_rl/threads.py)
+        # first, before torch runs any parallel work: the intra-op threads (fixed, or following the
+        # machine's load: ddpo_rl/threads.py; looked at again after set-up and twice per epoch)
+        self.threads = ThreadGovernor(self.cfg.threads)
         self._setup_inputs()
         self._setup_processes()
         resume_state = self._setup_run_dir()
@@ -139,6 +141,7 @@ class DDPORecipe:
         self._setup_trainer()
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        self.threads.update()  # the load seen since `import ddpo_rl` (model loading included)
         if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
             self.run_dir.write_config(self.cfg.to_dict(), self.history)
         return self
@@ -257,7 +260,8 @@ class DDPORecipe:
             from ddpo_rl.objectives import KLToReferenceLoss
 
             self.loss = KLToReferenceLoss(
-                self.loss, self.policy.head, cfg.kl_coef, reduction=cfg.log_prob_reduction
+                self.loss, self.policy.head, cfg.kl_coef, reduction=cfg.log_prob_reduction,
+                sigma_scale=cfg.kl_sigma_scale,
             ).to(self.device)
 
     def _setup_trainer(self) -> None:
@@ -295,6 +299,7 @@ class DDPORecipe:
             grad_scaler=precision.grad_scaler(self.mixed_precision, self.device)
             if self.mixed_precision == "fp16"
             else None,
+            after_step=self.threads.update,  # a load arriving mid-epoch is seen at the next step
         )
         # samplers (cfg.sampler), one per env, made at first use; graphed ones share a graph memory pool
         self._samplers = {}
@@ -580,8 +585,10 @@ class DDPORecipe:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
+                sampling_threads = self.threads.threads
                 traj = self._sample(self.env, cfg.num_batches_per_epoch)
                 t1 = time.perf_counter()
+                training_threads = self.threads.update()  # between phases: a change of load is seen within an epoch
                 # 2. per-prompt advantages from terminal rewards, over every rank's samples
                 #    (samples whose reward was dropped as NaN get no weight and are removed)
                 local = terminal_rewards(traj)
@@ -616,7 +623,9 @@ class DDPORecipe:
                 if record.get("skipped_steps") and self.is_main:
                     print(f"warning: epoch {epoch}: {record['skipped_steps']:.0f} optimizer step(s) undone "
                           "(non-finite loss, gradient or updated weights)", file=sys.stderr, flush=True)
-                record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1)
+                record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1,
+                              sampling_threads=sampling_threads, training_threads=training_threads)
+                self.threads.update()
                 # 5. evaluate
                 if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
                     ev = self.evaluate(epoch)

@@ -62,12 +62,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subprocess_env(**extra) -> dict:
-    """Environment of a recipe subprocess: one thread, OpenMP threads that sleep rather than spin
-    while waiting (ddpo_rl/threads.py), unbuffered, the repo root importable. One thread is the
-    choice that does not degrade when the suite shares a loaded machine (benchmarks/README.md,
-    "CPU threads": 19 s per digits epoch at load 7.5, against 30 s with 2 passive threads and
-    190 s with 2 spinning ones)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    """Environment of a recipe subprocess: one thread (``OMP_NUM_THREADS=1``: fixed, so runs that a
+    test compares have the same float round-off, and it does not degrade when the suite shares a
+    loaded machine: benchmarks/README.md "CPU threads"), unbuffered, the repo root importable."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     return {**env, **extra}
 

@@ -124,6 +124,8 @@ def test_monitor_fields_from_the_command_line():
     "argv, field",
     [
         (["--kl-coef", "-1"], "kl_coef"),
+        (["--kl-sigma-scale", "-0.1"], "kl_sigma_scale"),
+        (["--threads", "-1"], "threads"),
         (["--monitor-tolerance", "0"], "monitor_tolerance"),
         (["--monitor-rewards", "", "--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
         (["--monitor-reward-kwargs", '{"aesthetic": {}}'], "monitor_reward_kwargs"),

@@ -62,3 +62,15 @@ def test_undone_first_step_leaves_the_optimizer_uninitialised():
     trainer.train(poisoned)
     assert trainer.skipped_steps == 1 and torch.equal(loss.w.detach(), w)
     assert len(opt.state[loss.w]) == 0 and trainer.params_finite()
+
+
+def test_after_step_is_called_once_per_optimizer_step():
+    """The host-side hook (the recipes' thread governor) runs after every optimizer step, and only then."""
+    loss = LinearLoss()
+    opt = torch.optim.AdamW(loss.parameters(), lr=1e-2)
+    weights_seen = []
+    trainer = DDPOTrainer(loss, opt, TrainConfig(minibatch_size=2), generator=torch.Generator().manual_seed(0),
+                          after_step=lambda: weights_seen.append(loss.w.detach().clone()))
+    trainer.train(_batch(0))  # 4 trajectories, minibatch 2: two optimizer steps
+    assert len(weights_seen) == 2 and not torch.equal(weights_seen[0], weights_seen[1])
+    assert torch.equal(weights_seen[1], loss.w.detach())

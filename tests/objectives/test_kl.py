@@ -94,6 +94,28 @@ def test_loss_kl_gradient_matches_the_closed_form():
     torch.testing.assert_close(got, torch.stack([p.grad for p in params]))
 
 
+def test_sigma_scale_weights_each_steps_kl_by_one_plus_sigma2_over_s2():
+    """kl_sigma_scale: loss_kl = beta * mean(KL_t * (1 + sigma_t^2 / s^2)); kl_to_reference stays the exact KL."""
+    policy = DiffusionPolicy(ScaledNoise(), sd_ddim_scheduler(), 5)
+    exact, weighted = _wrapped(policy, kl_coef=0.5), _wrapped(policy, kl_coef=0.5, sigma_scale=0.2)
+    td = make_batch(policy)
+    _drift(policy.parameters())
+    weighted.reference_head.load_state_dict(exact.reference_head.state_dict())
+    out_exact, out = exact(td.clone()), weighted(td.clone())
+    args = (td[KEYS.latents], td[KEYS.timestep], td[KEYS.prompt_embeds])
+    with torch.no_grad():
+        loc, scale = policy.head(*args)
+        ref_loc, _ = weighted.reference_head(*args)
+    kl = ((loc - ref_loc) ** 2 / (2 * scale**2)).flatten(1).mean(1)
+    sigma2 = scale.expand_as(loc).flatten(1)[:, 0] ** 2
+    assert sigma2.unique().numel() > 1  # the batch holds several timesteps
+    torch.testing.assert_close(out["kl_to_reference"], out_exact["kl_to_reference"])
+    torch.testing.assert_close(out["loss_kl"], 0.5 * (kl * (1 + sigma2 / 0.2**2)).mean())
+    assert out["loss_kl"] > out_exact["loss_kl"]
+    with pytest.raises(ValueError, match="sigma_scale"):
+        _wrapped(policy, sigma_scale=-1.0)
+
+
 def test_zero_coefficient_runs_no_reference():
     policy = DiffusionPolicy(ScaledNoise(), sd_ddim_scheduler(), 5)
     loss = _wrapped(policy, kl_coef=0.0)

@@ -34,6 +34,7 @@ def test_recipe_smoke(script, tmp_path):
         for key in ("epoch", "reward_mean", "reward_std", "eval_reward_mean", "loss", "clip_fraction", "kl_approx", "seconds"):
             assert key in m
         assert m["loss"] is not None and torch.isfinite(torch.tensor(m["loss"]))
+        assert m["sampling_threads"] == m["training_threads"] == 1  # OMP_NUM_THREADS=1 fixes them
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["algorithm"] == script[:-3]
     for name in ("reward_curve.png", "summary.json", "samples/epoch_0000.png", "samples/epoch_0002.png",
