@@ -64,6 +64,24 @@ def _launch(cfg, args, status) -> subprocess.Popen:
     return proc
 
 
+def _included_rows(paths, setup: dict, have: set) -> list[dict]:
+    """Rows of earlier fronts (``--include``) of the same setup whose (kl_coef, seed) is not in ``have``."""
+    rows = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"include: cannot read {path} as a front's JSON ({e})") from None
+        if earlier.get("setup") != setup:
+            raise ValueError(f"include: {path} is the front of another setup ({earlier.get('setup')}); this one is {setup}")
+        for r in earlier["rows"]:
+            if (r["kl_coef"], r["seed"]) not in have:
+                have.add((r["kl_coef"], r["seed"]))
+                rows.append(r)
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="digits")
@@ -73,6 +91,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs-dir", default="outputs/kl_front")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--no-run", action="store_true", help="only aggregate the runs that are finished")
+    parser.add_argument("--include", nargs="*", default=[], metavar="FRONT_JSON",
+                        help="also take the rows of earlier fronts (kl_front_<preset>.json) of the same setup, "
+                             "for the (kl_coef, seed) pairs this one did not run")
     args, overrides = parser.parse_known_args(argv)
     with report_user_errors():
         args.runs_dir, args.out = os.path.expanduser(args.runs_dir), os.path.expanduser(args.out)
@@ -100,16 +121,19 @@ def main(argv=None) -> dict:
                 metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
                 evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
                 rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
+    cfg = runs[0][0]
+    setup = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
+                 monitor_tolerance=cfg.monitor_tolerance,
+                 monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
+                 guidance_scale=cfg.guidance_scale)
+    with report_user_errors():
+        rows += _included_rows(args.include, setup, {(r["kl_coef"], r["seed"]) for r in rows})
     if not rows:
         print("no finished runs to aggregate", file=sys.stderr)
         return {}
     front = front_table(rows)
-    cfg = runs[0][0]
     extra = f" with {' '.join(overrides)}" if overrides else ""
-    front["setup"] = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
-                          monitor_tolerance=cfg.monitor_tolerance,
-                          monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
-                          guidance_scale=cfg.guidance_scale)
+    front["setup"] = setup
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"kl_front_{args.preset}")
     with open(stem + ".json", "w") as f:

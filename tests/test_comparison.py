@@ -123,3 +123,34 @@ def test_kl_front_rows_criteria_alarm_and_table():
     assert front["by_kl_coef"]["0.1"]["passing_seeds"] == 1 and front["by_kl_coef"]["0.0"]["passing_seeds"] == 0
     md = front_markdown(front, "header")
     assert md.startswith("header") and "| 0.1 | 1 |" in md and "1/2" in md
+
+
+def test_kl_front_includes_the_rows_of_an_earlier_front_of_the_same_setup(tmp_path):
+    """recipes/kl_front.py --include: an earlier front's rows join this one's; another setup is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from ddpo_rl.comparison import front_table
+    from tests.helpers import ROOT, subprocess_env
+
+    setup = dict(preset="digits", overrides=[], algorithm="ddpo_is", reward="jpeg_compressibility",
+                 monitor_tolerance=1.0, monitors=["digit_alignment"], epochs=30, eval_num_samples=128,
+                 guidance_scale=3.0)
+    earlier = front_table([_front_run(0.1, 0, -0.7, 0.85), _front_run(0.0, 0, -0.5, 0.2)])
+    earlier["setup"] = setup
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    (tmp_path / "other.json").write_text(json.dumps({**earlier, "setup": {**setup, "epochs": 10}}))
+
+    def kl_front(*args):
+        cmd = [sys.executable, f"{ROOT}/recipes/kl_front.py", "--no-run", "--kl-coefs", "0.1", "--seeds", "0", "1",
+               "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+
+    res = kl_front("--include", str(tmp_path / "earlier.json"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    front = json.loads((tmp_path / "out" / "kl_front_digits.json").read_text())
+    assert sorted((r["kl_coef"], r["seed"]) for r in front["rows"]) == [(0.0, 0), (0.1, 0)]
+    assert front["setup"] == setup and (tmp_path / "out" / "kl_front_digits.png").exists()
+    res = kl_front("--include", str(tmp_path / "other.json"))
+    assert res.returncode == 2 and res.stderr.startswith("error: include:") and len(res.stderr.splitlines()) == 1
