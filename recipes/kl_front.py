@@ -92,15 +92,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--no-run", action="store_true", help="only aggregate the runs that are finished")
     parser.add_argument("--include", nargs="*", default=[], metavar="FRONT_JSON",
-                        help="also take the rows of earlier fronts (kl_front_<preset>.json) of the same setup, "
-                             "for the (kl_coef, seed) pairs this one did not run")
+                        help="also take the rows of earlier fronts (kl_front_<preset>.json) of the same setup; "
+                             "their (kl_coef, seed) pairs are not run again")
     args, overrides = parser.parse_known_args(argv)
     with report_user_errors():
         args.runs_dir, args.out = os.path.expanduser(args.runs_dir), os.path.expanduser(args.out)
         check_directory_path(args.runs_dir, "runs_dir")
         check_directory_path(args.out, "out")
         runs = _plan(args.preset, args.kl_coefs, args.seeds, overrides, args.runs_dir)
-    pending = [] if args.no_run else [r for r in runs if r[2] != "done"]
+        cfg = runs[0][0]
+        setup = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
+                     monitor_tolerance=cfg.monitor_tolerance,
+                     monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
+                     guidance_scale=cfg.guidance_scale)
+        included = _included_rows(args.include, setup, set())
+    done_before = {(r["kl_coef"], r["seed"]) for r in included}  # not run again
+    pending = [] if args.no_run else [r for r in runs if r[2] != "done" and (r[0].kl_coef, r[0].seed) not in done_before]
     active = []
     while pending or active:
         while pending and len(active) < args.jobs:
@@ -121,13 +128,8 @@ def main(argv=None) -> dict:
                 metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
                 evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
                 rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
-    cfg = runs[0][0]
-    setup = dict(preset=args.preset, overrides=overrides, algorithm=cfg.algorithm, reward=cfg.reward,
-                 monitor_tolerance=cfg.monitor_tolerance,
-                 monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
-                 guidance_scale=cfg.guidance_scale)
-    with report_user_errors():
-        rows += _included_rows(args.include, setup, {(r["kl_coef"], r["seed"]) for r in rows})
+    have = {(r["kl_coef"], r["seed"]) for r in rows}
+    rows += [r for r in included if (r["kl_coef"], r["seed"]) not in have]
     if not rows:
         print("no finished runs to aggregate", file=sys.stderr)
         return {}

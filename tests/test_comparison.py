@@ -143,14 +143,18 @@ def test_kl_front_includes_the_rows_of_an_earlier_front_of_the_same_setup(tmp_pa
     (tmp_path / "other.json").write_text(json.dumps({**earlier, "setup": {**setup, "epochs": 10}}))
 
     def kl_front(*args):
-        cmd = [sys.executable, f"{ROOT}/recipes/kl_front.py", "--no-run", "--kl-coefs", "0.1", "--seeds", "0", "1",
+        cmd = [sys.executable, f"{ROOT}/recipes/kl_front.py", "--kl-coefs", "0.1", "--seeds", "0", "1",
                "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
 
-    res = kl_front("--include", str(tmp_path / "earlier.json"))
+    res = kl_front("--no-run", "--include", str(tmp_path / "earlier.json"))
     assert res.returncode == 0, res.stderr[-2000:]
     front = json.loads((tmp_path / "out" / "kl_front_digits.json").read_text())
     assert sorted((r["kl_coef"], r["seed"]) for r in front["rows"]) == [(0.0, 0), (0.1, 0)]
     assert front["setup"] == setup and (tmp_path / "out" / "kl_front_digits.png").exists()
+    # the included (kl_coef, seed) pairs are not run again: nothing left to run here
+    res = kl_front("--include", str(tmp_path / "earlier.json"), "--kl-coefs", "0", "0.1", "--seeds", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (tmp_path / "runs" / "digits" / "kl0" / "seed0").exists()
     res = kl_front("--include", str(tmp_path / "other.json"))
     assert res.returncode == 2 and res.stderr.startswith("error: include:") and len(res.stderr.splitlines()) == 1
