@@ -193,7 +193,9 @@ class DDPOConfig:
     """0: the KL penalty is the exact per-step KL, which weighs the squared mean difference by
     1/(2 sigma_t^2), so the last, nearly deterministic steps dominate it. s > 0: each step's KL is
     weighted by 1 + sigma_t^2/s^2, adding the squared mean distance / (2 s^2) at every step, which holds
-    the early steps (those that decide what the image shows) too. kl_to_reference logs the exact KL."""
+    the early steps (those that decide what the image shows) too. kl_to_reference logs the exact KL.
+    Measured on digits (docs/results/digits_search.md): s 0.2-0.3 moves along the same reward/digit
+    trade-off as the exact KL, so the presets keep 0."""
     monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment"])
     """Rewards computed on every evaluation's samples and never trained on (reward names, as for
     `reward`), to see what fine-tuning costs. Default: follows `reward` and `model` (digits: the digit
