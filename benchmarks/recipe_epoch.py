@@ -38,7 +38,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import ddpo_rl  # noqa: E402,F401  (first: OpenMP wait policy, torchvision shim)
+import ddpo_rl  # noqa: E402,F401  (first: the first look at the load, torchvision shim)
 import torch  # noqa: E402
 
 SCHEMA = "ddpo_rl.benchmarks.recipe_epoch/1"
