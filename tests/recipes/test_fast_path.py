@@ -47,10 +47,11 @@ def test_speed_options_reach_the_components(tmp_path):
     from recipes.ddpo_recipe import DDPORecipe
 
     cfg = preset_config("tiny", output_dir=str(tmp_path / "x"), progress=False, optimizer_impl="for-loop",
-                        sampler="graphed", threads=1, use_lora=True)
+                        sampler="graphed", threads=1, use_lora=True, kl_coef=0.1, kl_sigma_scale=0.3)
     recipe = DDPORecipe(cfg).setup()
     try:
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and recipe.threads.fixed
+        assert recipe.loss.sigma_scale == 0.3 and recipe.loss.reference == "adapters"
         assert recipe.mixed_precision == "no"  # "auto" on CPU
         assert recipe.optimizer.defaults["foreach"] is False and not recipe.optimizer.defaults.get("fused")
         assert all(p.dtype == torch.float32 for p in recipe.params)
