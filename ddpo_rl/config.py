@@ -220,7 +220,8 @@ class DDPOConfig:
     tiny UNet batch 32 x 10 steps), hence auto = env on CPU. GPU: not measured (no GPU was lent)."""
     threads: int = 0
     """CPU threads of torch's intra-op pool. 0 = follow the machine's load: the cores the other
-    processes leave free (between 1 and one per core), looked at after set-up and twice per epoch;
+    processes leave free (between 1 and one per core), looked at after set-up, between an epoch's
+    sampling and training, after each optimizer step and after each epoch;
     metrics.jsonl records sampling_threads / training_threads. N > 0 = exactly N (also what an
     OMP_NUM_THREADS in the environment does): set it for bitwise-reproducible runs, since the thread
     count changes float round-off. Measured, digits run on 2 cores, s/epoch alone / beside one busy

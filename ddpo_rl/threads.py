@@ -148,11 +148,14 @@ class ThreadGovernor:
 
 # the first look, taken when ddpo_rl is imported: the first governor's first update then covers the
 # process's set-up (model loading), so a loaded machine is seen before the first epoch
-_IMPORT_SAMPLE = [read_cpu_sample()]
+_import_sample = read_cpu_sample()
 
 
 def _first_sample() -> CpuSample | None:
-    return _IMPORT_SAMPLE.pop() if _IMPORT_SAMPLE else read_cpu_sample()
+    """The look taken at import for the first governor of the process, a fresh one for the others."""
+    global _import_sample
+    sample, _import_sample = _import_sample, None
+    return sample or read_cpu_sample()
 
 
 __all__ = ["CpuSample", "MIN_INTERVAL_S", "ThreadGovernor", "read_cpu_sample", "threads_for_load"]

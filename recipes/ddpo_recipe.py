@@ -130,7 +130,8 @@ class DDPORecipe:
         to resume; the model; the envs; the policy and its loss; the optimizer and trainer. Then
         load the resumed state and record what runs in config.json."""
         # first, before torch runs any parallel work: the intra-op threads (fixed, or following the
-        # machine's load: ddpo_rl/threads.py; looked at again after set-up and twice per epoch)
+        # machine's load: ddpo_rl/threads.py; looked at again after set-up, between an epoch's
+        # phases, after each optimizer step and after each epoch)
         self.threads = ThreadGovernor(self.cfg.threads)
         self._setup_inputs()
         self._setup_processes()

@@ -64,9 +64,9 @@ def _launch(cfg, args, status) -> subprocess.Popen:
     return proc
 
 
-def _included_rows(paths, setup: dict, have: set) -> list[dict]:
-    """Rows of earlier fronts (``--include``) of the same setup whose (kl_coef, seed) is not in ``have``."""
-    rows = []
+def _included_rows(paths, setup: dict) -> list[dict]:
+    """Rows of earlier fronts (``--include``) of the same setup, one per (kl_coef, seed): the first file wins."""
+    rows, have = [], set()
     for path in paths:
         try:
             with open(path) as f:
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
                      monitor_tolerance=cfg.monitor_tolerance,
                      monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
                      guidance_scale=cfg.guidance_scale)
-        included = _included_rows(args.include, setup, set())
+        included = _included_rows(args.include, setup)
     done_before = {(r["kl_coef"], r["seed"]) for r in included}  # not run again
     pending = [] if args.no_run else [r for r in runs if r[2] != "done" and (r[0].kl_coef, r[0].seed) not in done_before]
     active = []
