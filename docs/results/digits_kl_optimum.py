@@ -1,0 +1,200 @@
+"""Where the optimum of the KL-regularised objective lies on the digits model, for every coefficient.
+
+For a reward R(x_0, c) that depends on the final image only, the policy over denoising chains that
+maximises  E[R] - beta * KL(pi || pi_ref)  (the chain KL) is the reference chain re-weighted by
+exp(R / beta) / Z(c); its images follow the tilted distribution
+
+    pi*_beta(x_0 | c)  =  p_ref(x_0 | c) exp(R(x_0, c) / beta) / Z_beta(c).
+
+So the front that KL regularisation can reach at its optimum (whatever the learning rate, the
+epochs or the per-step weighting) is computed without training: draw many samples of the base
+model (the reference: CFG 3, T 10, eta 1, the default run's sampler), score them with the training
+reward and the monitor, and re-weight them per prompt with w_i proportional to exp(R_i / beta)
+(self-normalised importance weights). For each beta this prints the tilted training-reward gain
+(in the training prompts' base std, the bar's unit), the tilted mean probability of the prompted
+digit over its base value (the monitor's ratio), and the effective sample size per prompt
+(1 / sum w_i^2) that says how far the estimate can be trusted.
+
+Two reward scales: ``raw`` (R in kB; the objective with the raw reward) and ``per-prompt``
+(R standardised per prompt, as the recipe's per-prompt stat tracking trains on); they trace the
+same front with differently spaced betas.
+
+    python docs/results/digits_kl_optimum.py --samples 8192 --json docs/results/digits_kl_optimum.json \
+        --png docs/results/digits_kl_optimum.png --front docs/results/kl_front_digits.json
+
+(``--from-json F`` prints and plots a saved result without sampling again.) The picture puts the
+optimum's points (filled where every prompt's effective sample size is >= 30, rings where fewer
+samples carry the estimate) beside every evaluation of the measured KL front's runs.
+
+Analysis only: nothing here is trained. The samples are the recipe's own (its fixed-seed sampler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: recipes/
+
+from ddpo_rl.config import parse_cli  # noqa: E402
+from ddpo_rl.plotting import save_scatter_png  # noqa: E402
+from ddpo_rl.keys import KEYS  # noqa: E402
+from ddpo_rl.rewards.registry import make_reward  # noqa: E402
+from recipes.ddpo_recipe import DDPORecipe  # noqa: E402
+
+TRAIN_BASE_STD_KB = 0.0931  # the bar's unit: the training prompts' base std (README, digits section)
+SEED = 12345  # not the evaluation seed: these samples are independent of the runs' evaluations
+# betas, from no tilt to a sharp one: in kB for the raw reward, in per-prompt std for the standardised one
+BETAS = {
+    "raw": (math.inf, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.04, 0.03, 0.02),
+    "per-prompt": (math.inf, 5.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3),
+}
+# bins of one sample's gain over its prompt's base mean, in the training prompts' base std
+GAIN_BINS = (-math.inf, -1.0, 0.0, 1.0, 2.0, 3.0, math.inf)
+MIN_ESS = 30  # below this many effective samples in some prompt, the tilted estimate is drawn as a ring
+BAR = (2.0, 0.85)  # issue 11's bar: training-prompt gain (base std), smallest P(digit) ratio
+
+
+def tilt(reward: torch.Tensor, prob: torch.Tensor, groups: torch.Tensor, beta: float, scale: torch.Tensor):
+    """Per group (prompt): self-normalised weights exp(R / (beta * scale)); returns the equally weighted
+    mean over groups of the tilted reward, the tilted digit probability, and the smallest ESS."""
+    rewards, probs, ess = [], [], []
+    for g in groups.unique():
+        m = groups == g
+        r, p = reward[m].double(), prob[m].double()
+        logw = torch.zeros_like(r) if math.isinf(beta) else r / (beta * scale[g])
+        w = torch.softmax(logw, 0)
+        rewards.append((w * r).sum())
+        probs.append((w * p).sum())
+        ess.append(1.0 / (w**2).sum())
+    return torch.stack(rewards).mean().item(), torch.stack(probs).mean().item(), min(e.item() for e in ess)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=4096, help="base samples per prompt set (default 4096)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--from-json", type=Path, default=None, help="print (and plot) a saved result; no sampling")
+    parser.add_argument("--png", type=Path, default=None, help="draw the optimum's front here")
+    parser.add_argument("--front", type=Path, default=None, help="a kl_front JSON whose runs the picture shows too")
+    args = parser.parse_args(argv)
+    results = json.loads(args.from_json.read_text()) if args.from_json else measure(args.samples)
+    report(results)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.png is not None:
+        plot(results, args.png, args.front)
+    return results
+
+
+def measure(samples: int) -> dict:
+    """Draw ``samples`` base samples per prompt set, score them, and tilt them at every beta."""
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = parse_cli(["--output-dir", out, "--epochs", "1", "--progress", "false"], algorithm="ddpo_is")
+        recipe = DDPORecipe(cfg).setup()
+        try:
+            jpeg = make_reward("jpeg_compressibility", **cfg.reward_kwargs)
+            digit = make_reward("digit_alignment")
+            data = {}
+            for name, env in recipe.eval_envs.items():
+                traj = recipe._fixed_seed_rollout(env, math.ceil(samples / cfg.sample_batch_size), SEED)
+                images = recipe.model.decode(traj[KEYS.action][:, -1])
+                ids = traj[KEYS.prompt_id][:, 0].reshape(-1)
+                prompts = env.base_env.prompts_of(ids)
+                data[name] = (jpeg(images, prompts), digit(images, prompts), ids)
+        finally:
+            recipe.cleanup()
+
+    results = {"samples_per_set": samples, "seconds": None, "sets": {}}
+    for name, (reward, prob, ids) in data.items():
+        n_groups = int(ids.max().item()) + 1
+        std = torch.ones(n_groups, dtype=torch.float64)
+        for g in ids.unique():
+            std[g] = reward[ids == g].double().std()
+        base_r, base_p, _ = tilt(reward, prob, ids, math.inf, std)
+        rows = {}
+        for mode, scale in (("raw", torch.ones(n_groups, dtype=torch.float64)), ("per-prompt", std)):
+            for beta in BETAS[mode]:
+                r, p, ess = tilt(reward, prob, ids, beta, scale)
+                rows.setdefault(mode, []).append({
+                    "beta": beta if math.isfinite(beta) else None,
+                    "gain": (r - base_r) / TRAIN_BASE_STD_KB,
+                    "ratio": p / base_p,
+                    "min_ess": ess,
+                })
+        # the correlation behind the tilt: P(digit) of the base samples by how compressible they are
+        means = torch.zeros(n_groups, dtype=torch.float64)
+        for g in ids.unique():
+            means[g] = reward[ids == g].double().mean()
+        gain = (reward.double() - means[ids]) / TRAIN_BASE_STD_KB
+        bins = []
+        for lo, hi in zip(GAIN_BINS[:-1], GAIN_BINS[1:]):
+            m = (gain >= lo) & (gain < hi)
+            bins.append({
+                "from": lo if math.isfinite(lo) else None, "to": hi if math.isfinite(hi) else None,
+                "count": int(m.sum().item()),
+                "ratio": (prob[m].double().mean() / base_p).item() if m.any() else None,
+            })
+        results["sets"][name] = {
+            "base_reward_kb": base_r, "base_p_digit": base_p, "by_gain": bins,
+            "per_prompt_std_kb": [s.item() for s in std if s != 1.0],
+            "counts": torch.bincount(ids).tolist(), "tilt": rows,
+        }
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def report(results: dict) -> None:
+
+    for mode in ("raw", "per-prompt"):
+        unit = "kB" if mode == "raw" else "per-prompt std"
+        print(f"\n{mode} reward (beta in {unit})\n| beta | train: gain, ratio, min ESS | held-out: gain, ratio, min ESS |")
+        print("|---|---|---|")
+        for i, beta in enumerate(BETAS[mode]):
+            cells = []
+            for name in ("train", "eval"):
+                row = results["sets"][name]["tilt"][mode][i]
+                cells.append(f"{row['gain']:+.2f}, {row['ratio']:.3f}, {row['min_ess']:.0f}")
+            print(f"| {'inf (base)' if math.isinf(beta) else beta} | {cells[0]} | {cells[1]} |")
+    print("\n| one sample's gain over its prompt's base mean | train: samples, P(digit) ratio | held-out |\n|---|---|---|")
+    for i, b in enumerate(results["sets"]["train"]["by_gain"]):
+        cells = []
+        for name in ("train", "eval"):
+            row = results["sets"][name]["by_gain"][i]
+            cells.append(f"{row['count']}, " + ("-" if row["ratio"] is None else f"{row['ratio']:.3f}"))
+        print(f"| {b['from']} .. {b['to']} | {cells[0]} | {cells[1]} |")
+    print(f"\n{results['samples_per_set']} samples per prompt set, {results['seconds']} s")
+
+
+def plot(results: dict, path: Path, front: Path | None) -> None:
+    """Training gain against the smaller P(digit) ratio of the two prompt sets, the bar's lines dashed."""
+    groups = {"KL optimum (ESS >= 30)": [], "KL optimum (ESS < 30)": []}
+    train, held_out = results["sets"]["train"]["tilt"], results["sets"]["eval"]["tilt"]
+    for mode in train:
+        for a, b in zip(train[mode], held_out[mode]):
+            trusted = min(a["min_ess"], b["min_ess"]) >= MIN_ESS
+            groups["KL optimum (ESS >= 30)" if trusted else "KL optimum (ESS < 30)"].append(
+                (min(a["ratio"], b["ratio"]), a["gain"]))
+    if front is not None:
+        runs = json.loads(front.read_text())["rows"]
+        groups["runs, every eval"] = [(e["min_monitor_ratio"], e["train_gain"]) for r in runs for e in r["path"]]
+    save_scatter_png(
+        str(path), groups, title="digits: optimum of reward - beta KL (tilted base samples) vs the runs",
+        xlabel="smallest P(digit) final/base (train & held-out)", ylabel="reward gain (base std)",
+        hlines=(BAR[0],), vlines=(BAR[1],), colors={"KL optimum (ESS >= 30)": 1, "KL optimum (ESS < 30)": 1,
+                                                    "runs, every eval": 0},
+        hollow=("KL optimum (ESS < 30)", "runs, every eval"),
+    )
+
+
+if __name__ == "__main__":
+    main()
