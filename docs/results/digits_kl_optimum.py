@@ -20,9 +20,13 @@ Two reward scales: ``raw`` (R in kB; the objective with the raw reward) and ``pe
 same front with differently spaced betas.
 
     python docs/results/digits_kl_optimum.py --samples 8192 --json docs/results/digits_kl_optimum.json \
-        --png docs/results/digits_kl_optimum.png --front docs/results/kl_front_digits.json
+        --png docs/results/digits_kl_optimum.png --front docs/results/kl_front_digits.json \
+        --compare "flow-digits, CFG 3=docs/results/digits_kl_optimum_flow_cfg3.json" \
+        --compare "DDIM, 3000 steps=docs/results/digits_kl_optimum_3k.json"
 
-(``--from-json F`` prints and plots a saved result without sampling again.) The picture puts the
+(``--from-json F`` prints and plots a saved result without sampling again; ``--preset flow-digits``
+and any further recipe flags after ``--``, e.g. ``-- --guidance-scale 3``, measure another model;
+for a preset other than ``digits`` the unit is that run's own pooled training-prompt std.) The picture puts the
 optimum's points (filled where every prompt's effective sample size is >= 30, rings where fewer
 samples carry the estimate) beside every evaluation of the measured KL front's runs.
 
@@ -84,22 +88,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--from-json", type=Path, default=None, help="print (and plot) a saved result; no sampling")
     parser.add_argument("--png", type=Path, default=None, help="draw the optimum's front here")
     parser.add_argument("--front", type=Path, default=None, help="a kl_front JSON whose runs the picture shows too")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=JSON",
+                        help="another saved result whose trusted points (ESS >= 30) the picture shows too")
+    parser.add_argument("--preset", default="digits", help="the recipe preset whose model is measured (default digits)")
+    parser.add_argument("recipe_args", nargs="*", help="further recipe flags, after --")
     args = parser.parse_args(argv)
-    results = json.loads(args.from_json.read_text()) if args.from_json else measure(args.samples)
+    results = (json.loads(args.from_json.read_text()) if args.from_json
+               else measure(args.samples, args.preset, args.recipe_args))
     report(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.png is not None:
-        plot(results, args.png, args.front)
+        others = {label: json.loads(Path(path).read_text()) for label, path in (c.rsplit("=", 1) for c in args.compare)}
+        plot(results, args.png, args.front, others)
     return results
 
 
-def measure(samples: int) -> dict:
+def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -> dict:
     """Draw ``samples`` base samples per prompt set, score them, and tilt them at every beta."""
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        cfg = parse_cli(["--output-dir", out, "--epochs", "1", "--progress", "false"], algorithm="ddpo_is")
+        cli = ["--preset", preset, "--output-dir", out, "--epochs", "1", "--progress", "false", *recipe_args]
+        cfg = parse_cli(cli, algorithm="ddpo_is")
         recipe = DDPORecipe(cfg).setup()
         try:
             jpeg = make_reward("jpeg_compressibility", **cfg.reward_kwargs)
@@ -114,7 +125,10 @@ def measure(samples: int) -> dict:
         finally:
             recipe.cleanup()
 
-    results = {"samples_per_set": samples, "seconds": None, "sets": {}}
+    train_reward = data["train"][0].double()
+    unit = TRAIN_BASE_STD_KB if preset == "digits" and not recipe_args else train_reward.std().item()
+    results = {"samples_per_set": samples, "preset": preset, "recipe_args": list(recipe_args),
+               "unit_kb": unit, "seconds": None, "sets": {}}
     for name, (reward, prob, ids) in data.items():
         n_groups = int(ids.max().item()) + 1
         std = torch.ones(n_groups, dtype=torch.float64)
@@ -127,7 +141,7 @@ def measure(samples: int) -> dict:
                 r, p, ess = tilt(reward, prob, ids, beta, scale)
                 rows.setdefault(mode, []).append({
                     "beta": beta if math.isfinite(beta) else None,
-                    "gain": (r - base_r) / TRAIN_BASE_STD_KB,
+                    "gain": (r - base_r) / unit,
                     "ratio": p / base_p,
                     "min_ess": ess,
                 })
@@ -135,7 +149,7 @@ def measure(samples: int) -> dict:
         means = torch.zeros(n_groups, dtype=torch.float64)
         for g in ids.unique():
             means[g] = reward[ids == g].double().mean()
-        gain = (reward.double() - means[ids]) / TRAIN_BASE_STD_KB
+        gain = (reward.double() - means[ids]) / unit
         bins = []
         for lo, hi in zip(GAIN_BINS[:-1], GAIN_BINS[1:]):
             m = (gain >= lo) & (gain < hi)
@@ -172,26 +186,31 @@ def report(results: dict) -> None:
             row = results["sets"][name]["by_gain"][i]
             cells.append(f"{row['count']}, " + ("-" if row["ratio"] is None else f"{row['ratio']:.3f}"))
         print(f"| {b['from']} .. {b['to']} | {cells[0]} | {cells[1]} |")
-    print(f"\n{results['samples_per_set']} samples per prompt set, {results['seconds']} s")
+    print(f"\n{results['samples_per_set']} samples per prompt set, unit {results.get('unit_kb', TRAIN_BASE_STD_KB):.4f} kB, "
+          f"{results['seconds']} s")
 
 
-def plot(results: dict, path: Path, front: Path | None) -> None:
-    """Training gain against the smaller P(digit) ratio of the two prompt sets, the bar's lines dashed."""
-    groups = {"KL optimum (ESS >= 30)": [], "KL optimum (ESS < 30)": []}
+def _points(results: dict, trusted: bool) -> list[tuple[float, float]]:
+    """(smaller P(digit) ratio of the two prompt sets, training gain) of every tilt, trusted or not."""
     train, held_out = results["sets"]["train"]["tilt"], results["sets"]["eval"]["tilt"]
-    for mode in train:
-        for a, b in zip(train[mode], held_out[mode]):
-            trusted = min(a["min_ess"], b["min_ess"]) >= MIN_ESS
-            groups["KL optimum (ESS >= 30)" if trusted else "KL optimum (ESS < 30)"].append(
-                (min(a["ratio"], b["ratio"]), a["gain"]))
+    return [(min(a["ratio"], b["ratio"]), a["gain"]) for mode in train for a, b in zip(train[mode], held_out[mode])
+            if (min(a["min_ess"], b["min_ess"]) >= MIN_ESS) == trusted]
+
+
+def plot(results: dict, path: Path, front: Path | None, others: dict | None = None) -> None:
+    """Training gain against the smaller P(digit) ratio of the two prompt sets, the bar's lines dashed."""
+    groups = {"KL optimum (ESS >= 30)": _points(results, True), "KL optimum (ESS < 30)": _points(results, False)}
+    colors = {"KL optimum (ESS >= 30)": 1, "KL optimum (ESS < 30)": 1, "runs, every eval": 0}
+    for k, (label, other) in enumerate((others or {}).items()):
+        groups[label] = _points(other, True)
+        colors[label] = 2 + k
     if front is not None:
         runs = json.loads(front.read_text())["rows"]
         groups["runs, every eval"] = [(e["min_monitor_ratio"], e["train_gain"]) for r in runs for e in r["path"]]
     save_scatter_png(
-        str(path), groups, title="digits: optimum of reward - beta KL (tilted base samples) vs the runs",
+        str(path), groups, title="digits: optimum of reward - beta KL (tilted base samples; other models: ESS >= 30 only) vs the runs",
         xlabel="smallest P(digit) final/base (train & held-out)", ylabel="reward gain (base std)",
-        hlines=(BAR[0],), vlines=(BAR[1],), colors={"KL optimum (ESS >= 30)": 1, "KL optimum (ESS < 30)": 1,
-                                                    "runs, every eval": 0},
+        hlines=(BAR[0],), vlines=(BAR[1],), colors=colors, size=(900, 480),
         hollow=("KL optimum (ESS < 30)", "runs, every eval"),
     )
 
