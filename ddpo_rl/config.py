@@ -69,8 +69,10 @@ class DDPOConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = "digits"
     """"digits" (the embedded model, trained on first use), "tiny" (random tiny SD, tests), "flow-digits"
-    (the embedded flow-matching model), or a Stable Diffusion / SD3 hub id or local pipeline directory
-    (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-3.5-medium)."""
+    (the embedded flow-matching model), a directory of a digits / flow-digits model saved by the
+    project (e.g. `recipes/pretrain_digits.py --out DIR`; its defaults are the embedded model's), or
+    a Stable Diffusion / SD3 hub id or local pipeline directory (e.g. runwayml/stable-diffusion-v1-5,
+    stabilityai/stable-diffusion-3.5-medium)."""
     revision: str | None = None
     """Hub revision of an SD model (None = default branch)."""
     use_lora: bool = False
@@ -474,7 +476,7 @@ PRESETS.update(FLOW_PRESETS)
 _JPEG_REWARDS = ("jpeg_compressibility", "compressibility", "jpeg_incompressibility", "incompressibility")
 _DIGIT_ALIGNMENT = ("digit_alignment", "alignment")
 _AESTHETIC = ("aesthetic", "laion_aesthetic")
-_SMALL_MODELS = ("digits", "flow-digits", "tiny")  # 8x8 images: JPEG needs them upscaled
+_SMALL_MODELS = ("digits", "flow-digits", "tiny")  # families of 8x8 images: JPEG needs them upscaled
 DEPENDENT_FIELDS: dict[str, tuple[str, ...]] = {
     "reward_kwargs": ("reward", "model"),
     "monitor_rewards": ("reward", "model"),
@@ -490,8 +492,10 @@ def _reward_key(name: str) -> str:
 def default_reward_kwargs(reward: str, model: str) -> dict:
     """The reward_kwargs that suit ``reward`` on ``model``: JPEG rewards are measured on 32x32 images
     for the 8x8 models (one JPEG block would hold a whole 8x8 image) and at 512 for Stable Diffusion."""
+    from ddpo_rl.models.loading import model_family  # a saved digits directory counts as "digits"
+
     if _reward_key(reward) in _JPEG_REWARDS:
-        return {"resize": 32 if model in _SMALL_MODELS else 512}
+        return {"resize": 32 if model_family(model) in _SMALL_MODELS else 512}
     return {}
 
 
@@ -503,10 +507,12 @@ def default_monitor_rewards(reward: str, model: str) -> list[str]:
     Diffusion: the aesthetic score, or the VLM alignment when training the aesthetic score. The tiny
     random model (plumbing tests) has none.
     """
-    key = _reward_key(reward)
-    if model == "tiny":
+    from ddpo_rl.models.loading import model_family  # a saved digits directory counts as "digits"
+
+    key, family = _reward_key(reward), model_family(model)
+    if family == "tiny":
         return []
-    if model in ("digits", "flow-digits"):
+    if family in ("digits", "flow-digits"):
         return ["sample_diversity"] if key in _DIGIT_ALIGNMENT else ["digit_alignment"]
     return ["vlm_alignment"] if key in _AESTHETIC else ["aesthetic"]
 

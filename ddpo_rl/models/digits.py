@@ -48,6 +48,8 @@ __all__ = [
 
 MODEL_NAME = "digits-v1"
 """Name of the cache subdirectory; bump it when the architecture or the data change."""
+INDEX_CLASS_NAME = "DDPODigitsModel"
+"""``_class_name`` in the saved directory's model_index.json: what marks it as this model."""
 PROMPT_TEMPLATE = "a handwritten digit {}"
 UNCONDITIONAL_PROMPT = ""
 CACHE_ENV_VAR = "DDPO_RL_CACHE"
@@ -261,7 +263,7 @@ def save_digits_model(
         components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
     else:
         components["tokenizer"] = ["ddpo_rl", "build_clip_tokenizer"]
-    index = {"_class_name": "DDPODigitsModel", "name": MODEL_NAME, **components, "metadata": model.metadata()}
+    index = {"_class_name": INDEX_CLASS_NAME, "name": MODEL_NAME, **components, "metadata": model.metadata()}
     return write_model_dir(path, writers, index)
 
 

@@ -78,6 +78,8 @@ from ddpo_rl.models.digits import (
 
 MODEL_NAME = "flow-digits-v1"
 """Name of the cache and asset subdirectory; bump it when the architecture or the data change."""
+INDEX_CLASS_NAME = "DDPOFlowDigitsModel"
+"""``_class_name`` in the saved directory's model_index.json: what marks it as this model."""
 _COMPONENTS = ("transformer", "text_encoder", "scheduler")
 _PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / MODEL_NAME
 
@@ -412,7 +414,7 @@ def save_flow_digits_model(
     if save_tokenizer:
         writers["tokenizer"] = model.tokenizer.save_pretrained
         components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
-    index = {"_class_name": "DDPOFlowDigitsModel", "name": MODEL_NAME, **components, "metadata": model.metadata()}
+    index = {"_class_name": INDEX_CLASS_NAME, "name": MODEL_NAME, **components, "metadata": model.metadata()}
     return write_model_dir(path, writers, index)
 
 

@@ -1,9 +1,11 @@
 """One entry point from a config's ``model`` string to the pieces a DDPO run needs.
 
-- ``"digits"``: the embedded digits model (ddpo_rl.models.digits; trained on first use);
+- ``"digits"``: the embedded digits model (ddpo_rl.models.digits; trained on first use), or a
+  directory written by ``save_digits_model`` (e.g. ``recipes/pretrain_digits.py --out DIR``);
 - ``"tiny"``: a randomly initialised tiny Stable Diffusion (tests, smoke runs);
 - ``"flow-digits"``: the embedded flow-matching digits model (ddpo_rl.models.flow_digits; an
-  SD3-style transformer, trained on first use if the committed checkpoint is missing);
+  SD3-style transformer, trained on first use if the committed checkpoint is missing), or a
+  directory written by ``save_flow_digits_model``;
 - a Stable Diffusion 3 / 3.5 pipeline, by hub id or local directory (ddpo_rl.models.sd3),
   recognised by its ``model_index.json`` or its hub id (:func:`ddpo_rl.models.sd3.is_sd3_pipeline`);
 - anything else: a Stable Diffusion pipeline, by hub id or local directory
@@ -18,6 +20,8 @@ a velocity network in ``unet`` called as SD3's transformer is
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -56,18 +60,42 @@ EMBEDDED_MODELS = ("digits", "flow-digits", "tiny")
 """Model names that need no weights from outside the package."""
 
 
+def model_family(name: str) -> str | None:
+    """The project's own model family that ``name`` is: ``"digits"``, ``"flow-digits"`` or ``"tiny"``
+    for the embedded models' names and for a local directory saved by ``save_digits_model`` /
+    ``save_flow_digits_model`` (recognised by its model_index.json's ``_class_name``); None for a
+    Stable Diffusion / SD3 hub id or pipeline directory. Reads one small JSON file; loads nothing."""
+    from ddpo_rl.models import digits, flow_digits
+
+    if name in EMBEDDED_MODELS:
+        return name
+    index = os.path.join(os.path.expanduser(str(name)), "model_index.json")
+    try:
+        with open(index) as f:
+            class_name = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {digits.INDEX_CLASS_NAME: "digits", flow_digits.INDEX_CLASS_NAME: "flow-digits"}.get(class_name)
+
+
 def check_model_reference(name: str) -> None:
     """A cheap check of ``name`` before anything is loaded: a local path must be a diffusers pipeline
-    directory (a one-line ``PretrainedWeightsNotFoundError`` naming ``model`` otherwise). Hub ids are
-    only checked when loaded."""
-    import os
-
+    directory or a complete saved (flow-)digits model (a one-line ``PretrainedWeightsNotFoundError``
+    naming ``model`` otherwise). Hub ids are only checked when loaded."""
     from ddpo_rl.hub import PretrainedWeightsNotFoundError, looks_like_local_path
     from ddpo_rl.models.stable_diffusion import check_pipeline_dir
 
     if name in EMBEDDED_MODELS or not looks_like_local_path(name):
         return
     path = os.path.expanduser(name)
+    family = model_family(name)
+    if family is not None:  # a saved (flow-)digits model: all its components must be there
+        from ddpo_rl.models.digits import is_digits_model_dir
+        from ddpo_rl.models.flow_digits import is_flow_digits_model_dir
+
+        if not (is_digits_model_dir if family == "digits" else is_flow_digits_model_dir)(path):
+            raise PretrainedWeightsNotFoundError(f"model: {path} is a {family} model directory with components missing")
+        return
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
         return  # a pipeline directory: its family (SD or SD3) and components are checked when loaded
     try:
@@ -81,10 +109,11 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
 
     ``frozen_dtype`` casts the frozen parts (text encoder, VAE) to a low precision on GPU.
     """
-    if name == "digits":
-        from ddpo_rl.models.digits import load_or_train_digits_model
+    family = model_family(name)
+    if family == "digits":
+        from ddpo_rl.models.digits import load_digits_model, load_or_train_digits_model
 
-        m = load_or_train_digits_model().to(device)
+        m = (load_or_train_digits_model() if name == "digits" else load_digits_model(os.path.expanduser(name))).to(device)
         return DiffusionModel(
             unet=m.unet,
             scheduler=m.scheduler,
@@ -94,10 +123,12 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
             kind="digits",
             frozen=(m.text_encoder,),
         )
-    if name == "flow-digits":
-        from ddpo_rl.models.flow_digits import load_or_train_flow_digits_model
+    if family == "flow-digits":
+        from ddpo_rl.models.flow_digits import load_flow_digits_model, load_or_train_flow_digits_model
 
-        m = load_or_train_flow_digits_model().to(device)
+        m = (
+            load_or_train_flow_digits_model() if name == "flow-digits" else load_flow_digits_model(os.path.expanduser(name))
+        ).to(device)
         return DiffusionModel(
             unet=m.transformer,
             scheduler=m.scheduler,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -387,3 +388,25 @@ def test_recipe_runs_a_flow_matching_model(algorithm, tmp_path, monkeypatch):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     assert (out / "summary.json").exists() and (out / "final" / "transformer" / "config.json").exists()
+
+
+def test_recipe_fine_tunes_a_saved_digits_directory_like_the_embedded_model(tmp_path):
+    """`--model DIR` with a directory written by save_digits_model (here a copy of the packaged one)
+    gets the digits defaults (JPEG at 32 px, the digit monitor) and trains exactly as `--model digits`."""
+    from ddpo_rl.models.digits import packaged_model_dir
+    from recipes.ddpo_recipe import main
+
+    model_dir = tmp_path / "my-digits"
+    shutil.copytree(packaged_model_dir(), model_dir)
+    small = ["--epochs", "1", "--sample-batch-size", "8", "--num-batches-per-epoch", "1", "--minibatch-size", "8",
+             "--eval-num-samples", "8", "--grid-samples-per-prompt", "1", "--progress", "false"]
+    for name, model in (("embedded", "digits"), ("dir", str(model_dir))):
+        main(["--model", model, "--output-dir", str(tmp_path / name), *small])
+    configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("embedded", "dir")}
+    assert configs["dir"]["model"] == str(model_dir)
+    assert configs["dir"]["reward_kwargs"] == {"resize": 32} and configs["dir"]["monitor_rewards"] == ["digit_alignment"]
+    metrics = {n: read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("embedded", "dir")}
+    evals = {n: read_jsonl(tmp_path / n / "eval.jsonl") for n in ("embedded", "dir")}
+    for key in ("loss", "reward_mean", "kl_to_reference"):
+        assert metrics["dir"][-1][key] == metrics["embedded"][-1][key], key
+    assert evals["dir"] == evals["embedded"]

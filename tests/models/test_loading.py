@@ -1,0 +1,75 @@
+"""ddpo_rl.models.loading: a config's ``model`` string -> the model, including saved digits directories."""
+
+import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ddpo_rl.config import preset_config
+from ddpo_rl.hub import PretrainedWeightsNotFoundError
+from ddpo_rl.models.digits import build_digits_model, save_digits_model
+from ddpo_rl.models.flow_digits import build_flow_digits_model, save_flow_digits_model
+from ddpo_rl.models.loading import build_model, check_model_reference, model_family
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A digits and a flow-digits model, freshly built (seed 1: not the packaged weights) and saved."""
+    root = tmp_path_factory.mktemp("models")
+    digits, flow = build_digits_model(seed=1), build_flow_digits_model(seed=1)
+    save_digits_model(digits, root / "my-digits")
+    save_flow_digits_model(flow, root / "my-flow-digits")
+    return {"digits": (root / "my-digits", digits.unet), "flow-digits": (root / "my-flow-digits", flow.transformer)}
+
+
+def test_model_family_of_names_and_directories(saved, tmp_path):
+    assert [model_family(n) for n in ("digits", "flow-digits", "tiny")] == ["digits", "flow-digits", "tiny"]
+    assert model_family(str(saved["digits"][0])) == "digits"
+    assert model_family(str(saved["flow-digits"][0])) == "flow-digits"
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "model_index.json").write_text("[1, 2]")
+    for name in (str(sd), str(broken), str(listed), str(tmp_path / "missing"), "runwayml/stable-diffusion-v1-5"):
+        assert model_family(name) is None, name
+
+
+@pytest.mark.parametrize("family", ["digits", "flow-digits"])
+def test_build_model_loads_a_saved_directory(saved, family):
+    path, network = saved[family]
+    model = build_model(str(path), torch.device("cpu"))
+    assert model.kind == family and model.latent_shape == (1, 8, 8)
+    loaded, original = model.unet.state_dict(), network.state_dict()
+    assert loaded.keys() == original.keys()
+    for k in original:
+        torch.testing.assert_close(loaded[k], original[k], rtol=0, atol=0)
+    packaged = build_model(family, torch.device("cpu")).unet.state_dict()
+    assert any(not torch.equal(packaged[k].float(), original[k].float()) for k in original)  # not the packaged model
+
+
+@pytest.mark.parametrize("family, component", [("digits", "unet"), ("flow-digits", "transformer")])
+def test_a_saved_directory_with_a_component_missing_is_refused_by_name(saved, family, component, tmp_path):
+    path = tmp_path / "incomplete"
+    shutil.copytree(saved[family][0], path)
+    check_model_reference(str(path))  # complete: accepted
+    shutil.rmtree(path / component)
+    with pytest.raises(PretrainedWeightsNotFoundError, match=f"^model: .*{family} model directory"):
+        check_model_reference(str(path))
+
+
+@pytest.mark.parametrize("family", ["digits", "flow-digits"])
+def test_a_saved_directory_gets_its_familys_defaults(saved, family):
+    path = str(saved[family][0])
+    cfg = preset_config("digits", model=path)
+    assert cfg.reward_kwargs == {"resize": 32} and cfg.monitor_rewards == ["digit_alignment"]
+    cfg = preset_config("digits", model=path, reward="digit_alignment")
+    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity"]
+    assert preset_config("digits", model="some/sd-hub-id").reward_kwargs == {"resize": 512}
