@@ -55,6 +55,8 @@ UNCONDITIONAL_PROMPT = ""
 CACHE_ENV_VAR = "DDPO_RL_CACHE"
 """Root cache directory of ddpo_rl (default ``~/.cache/ddpo_rl``)."""
 MODEL_INDEX = "model_index.json"
+REQUIRED_ENTRIES = (MODEL_INDEX, "unet", "text_encoder", "scheduler")
+"""What a saved digits model directory must hold (the tokenizer is optional)."""
 
 _PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / MODEL_NAME
 
@@ -225,7 +227,7 @@ def packaged_model_dir() -> Path | None:
 def is_digits_model_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a complete saved digits model."""
     p = Path(path)
-    return all((p / f).exists() for f in (MODEL_INDEX, "unet", "text_encoder", "scheduler"))
+    return all((p / f).exists() for f in REQUIRED_ENTRIES)
 
 
 def save_digits_model(

@@ -81,6 +81,8 @@ MODEL_NAME = "flow-digits-v1"
 INDEX_CLASS_NAME = "DDPOFlowDigitsModel"
 """``_class_name`` in the saved directory's model_index.json: what marks it as this model."""
 _COMPONENTS = ("transformer", "text_encoder", "scheduler")
+REQUIRED_ENTRIES = (MODEL_INDEX, *_COMPONENTS)
+"""What a saved flow-digits model directory must hold (the tokenizer is optional)."""
 _PACKAGED_DIR = Path(__file__).resolve().parent.parent / "assets" / MODEL_NAME
 
 
@@ -380,7 +382,7 @@ def packaged_model_dir() -> Path | None:
 def is_flow_digits_model_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a complete saved flow-matching digits model."""
     p = Path(path)
-    return all((p / f).exists() for f in (MODEL_INDEX, *_COMPONENTS))
+    return all((p / f).exists() for f in REQUIRED_ENTRIES)
 
 
 def save_flow_digits_model(

@@ -90,11 +90,12 @@ def check_model_reference(name: str) -> None:
     path = os.path.expanduser(name)
     family = model_family(name)
     if family is not None:  # a saved (flow-)digits model: all its components must be there
-        from ddpo_rl.models.digits import is_digits_model_dir
-        from ddpo_rl.models.flow_digits import is_flow_digits_model_dir
+        from ddpo_rl.models import digits, flow_digits
 
-        if not (is_digits_model_dir if family == "digits" else is_flow_digits_model_dir)(path):
-            raise PretrainedWeightsNotFoundError(f"model: {path} is a {family} model directory with components missing")
+        required = digits.REQUIRED_ENTRIES if family == "digits" else flow_digits.REQUIRED_ENTRIES
+        missing = [entry for entry in required if not os.path.exists(os.path.join(path, entry))]
+        if missing:
+            raise PretrainedWeightsNotFoundError(f"model: {path} is a saved {family} model without {', '.join(missing)}")
         return
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
         return  # a pipeline directory: its family (SD or SD3) and components are checked when loaded

@@ -61,7 +61,7 @@ def test_a_saved_directory_with_a_component_missing_is_refused_by_name(saved, fa
     shutil.copytree(saved[family][0], path)
     check_model_reference(str(path))  # complete: accepted
     shutil.rmtree(path / component)
-    with pytest.raises(PretrainedWeightsNotFoundError, match=f"^model: .*{family} model directory"):
+    with pytest.raises(PretrainedWeightsNotFoundError, match=f"^model: .* is a saved {family} model without {component}$"):
         check_model_reference(str(path))
 
 

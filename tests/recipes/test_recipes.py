@@ -59,6 +59,7 @@ def test_recipe_smoke(script, tmp_path):
         (["--prompts", "no_such_set"], "prompts: unknown prompt set"),
         (["--eval-prompts", "digits:3-12"], "eval_prompts:"),
         (["--model", "{EMPTY_DIR}"], "model: "),
+        (["--model", "{DIGITS_DIR_WITHOUT_WEIGHTS}"], "is a saved digits model without unet, text_encoder, scheduler"),
         (["--sample-batch-size", "0"], "sample_batch_size"),
         (["--gradient-accumulation-steps", "3"], "minibatch_size"),
         (["--learning-rate", "abc"], "learning_rate"),
@@ -92,10 +93,13 @@ def test_bad_input_fails_fast_with_one_line(args, field, tmp_path, capsys):
 
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     (tmp_path / "not_a_pipeline").mkdir()
+    (tmp_path / "digits_without_weights").mkdir()
+    (tmp_path / "digits_without_weights" / "model_index.json").write_text('{"_class_name": "DDPODigitsModel"}')
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "latin1.txt").write_bytes("un chat \xe9l\xe9gant\n".encode("latin-1"))
     subst = {"{EMPTY_FILE}": tmp_path / "empty.txt", "{EMPTY_DIR}": tmp_path / "not_a_pipeline",
-             "{FILE}": tmp_path / "file", "{LATIN1_FILE}": tmp_path / "latin1.txt"}
+             "{FILE}": tmp_path / "file", "{LATIN1_FILE}": tmp_path / "latin1.txt",
+             "{DIGITS_DIR_WITHOUT_WEIGHTS}": tmp_path / "digits_without_weights"}
     for key, value in subst.items():
         args = [a.replace(key, str(value)) for a in args]
     if "--resume" in args:  # the run continues in the resumed directory
