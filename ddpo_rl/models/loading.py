@@ -69,7 +69,7 @@ def model_family(name: str) -> str | None:
 
     if name in EMBEDDED_MODELS:
         return name
-    index = os.path.join(os.path.expanduser(str(name)), "model_index.json")
+    index = os.path.join(os.path.expanduser(str(name)), digits.MODEL_INDEX)
     try:
         with open(index) as f:
             class_name = json.load(f).get("_class_name")
@@ -92,7 +92,7 @@ def check_model_reference(name: str) -> None:
     if family is not None:  # a saved (flow-)digits model: all its components must be there
         from ddpo_rl.models import digits, flow_digits
 
-        required = digits.REQUIRED_ENTRIES if family == "digits" else flow_digits.REQUIRED_ENTRIES
+        required = {"digits": digits.REQUIRED_ENTRIES, "flow-digits": flow_digits.REQUIRED_ENTRIES}[family]
         missing = [entry for entry in required if not os.path.exists(os.path.join(path, entry))]
         if missing:
             raise PretrainedWeightsNotFoundError(f"model: {path} is a saved {family} model without {', '.join(missing)}")

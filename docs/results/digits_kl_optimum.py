@@ -106,7 +106,6 @@ def main(argv=None) -> dict:
 
 def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -> dict:
     """Draw ``samples`` base samples per prompt set, score them, and tilt them at every beta."""
-
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         cli = ["--preset", preset, "--output-dir", out, "--epochs", "1", "--progress", "false", *recipe_args]
@@ -130,10 +129,11 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
     results = {"samples_per_set": samples, "preset": preset, "recipe_args": list(recipe_args),
                "unit_kb": unit, "seconds": None, "sets": {}}
     for name, (reward, prob, ids) in data.items():
-        n_groups = int(ids.max().item()) + 1
+        n_groups, present = int(ids.max().item()) + 1, ids.unique()
+        means = torch.zeros(n_groups, dtype=torch.float64)  # per prompt id; ids absent from this set stay 0 / 1
         std = torch.ones(n_groups, dtype=torch.float64)
-        for g in ids.unique():
-            std[g] = reward[ids == g].double().std()
+        for g in present:
+            means[g], std[g] = reward[ids == g].double().mean(), reward[ids == g].double().std()
         base_r, base_p, _ = tilt(reward, prob, ids, math.inf, std)
         rows = {}
         for mode, scale in (("raw", torch.ones(n_groups, dtype=torch.float64)), ("per-prompt", std)):
@@ -146,9 +146,6 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
                     "min_ess": ess,
                 })
         # the correlation behind the tilt: P(digit) of the base samples by how compressible they are
-        means = torch.zeros(n_groups, dtype=torch.float64)
-        for g in ids.unique():
-            means[g] = reward[ids == g].double().mean()
         gain = (reward.double() - means[ids]) / unit
         bins = []
         for lo, hi in zip(GAIN_BINS[:-1], GAIN_BINS[1:]):
@@ -160,7 +157,7 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
             })
         results["sets"][name] = {
             "base_reward_kb": base_r, "base_p_digit": base_p, "by_gain": bins,
-            "per_prompt_std_kb": [s.item() for s in std if s != 1.0],
+            "per_prompt_std_kb": std[present].tolist(),
             "counts": torch.bincount(ids).tolist(), "tilt": rows,
         }
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -168,7 +165,7 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
 
 
 def report(results: dict) -> None:
-
+    """Print the tilts of both reward scales and the samples by gain as markdown tables."""
     for mode in ("raw", "per-prompt"):
         unit = "kB" if mode == "raw" else "per-prompt std"
         print(f"\n{mode} reward (beta in {unit})\n| beta | train: gain, ratio, min ESS | held-out: gain, ratio, min ESS |")
@@ -186,7 +183,7 @@ def report(results: dict) -> None:
             row = results["sets"][name]["by_gain"][i]
             cells.append(f"{row['count']}, " + ("-" if row["ratio"] is None else f"{row['ratio']:.3f}"))
         print(f"| {b['from']} .. {b['to']} | {cells[0]} | {cells[1]} |")
-    print(f"\n{results['samples_per_set']} samples per prompt set, unit {results.get('unit_kb', TRAIN_BASE_STD_KB):.4f} kB, "
+    print(f"\n{results['samples_per_set']} samples per prompt set, unit {results['unit_kb']:.4f} kB, "
           f"{results['seconds']} s")
 
 
