@@ -1,11 +1,15 @@
 """How much JPEG compressibility the digits model's own samples leave while the digits stay digits.
 
-Reproduces the two measurements of ``docs/results/digits_search.md`` (second session):
+Reproduces three measurements of ``docs/results/digits_search.md`` (second and fifth sessions):
 
-1. fixed pixel transforms (binarise, grey levels, contrast, fading) of the base model's
-   evaluation samples: reward gain in the training prompts' base std and ratio of the mean
-   probability of the prompted digit, on the training and the held-out prompts;
-2. the reward's response to noise of the late DDIM steps' size added to the final latents.
+1. fixed pixel transforms (binarise, grey levels, contrast, fading, and two that keep the coarse
+   structure while changing the detail: 2x2 block means, a 3x3 blur) of the base model's evaluation
+   samples: reward gain in the training prompts' base std and ratio of the mean probability of the
+   prompted digit, on the training and the held-out prompts;
+2. the reward's response to noise of the late DDIM steps' size added to the final latents;
+3. the real handwritten digits the model was trained on (scikit-learn's 1797): each prompt set's
+   digits, all of them and the most compressible fraction of each digit, scored the same way against
+   the base model's samples of that digit (gain) and of that set (ratio).
 
     python docs/results/digits_headroom.py --json docs/results/digits_headroom.json
 
@@ -23,11 +27,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: recipes/
 
 from ddpo_rl.config import parse_cli  # noqa: E402
 from ddpo_rl.keys import KEYS  # noqa: E402
+from ddpo_rl.models.digits_data import load_digits_dataset  # noqa: E402
+from ddpo_rl.rewards.digits import parse_digit  # noqa: E402
 from ddpo_rl.rewards.registry import make_reward  # noqa: E402
 from recipes.ddpo_recipe import EVAL_SEED_OFFSET, DDPORecipe  # noqa: E402
 
@@ -46,7 +53,10 @@ TRANSFORMS = {
     "contrast x 2 about 0.6, clamped": lambda x: ((x - 0.6) * 2 + 0.5).clamp(0, 1),
     "intensity x 0.8": lambda x: x * 0.8,
     "x^2": lambda x: x**2,
+    "2x2 block means (coarse structure kept)": lambda x: F.interpolate(F.avg_pool2d(x, 2), scale_factor=2),
+    "blur 3x3": lambda x: F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1),
 }
+DATA_FRACTIONS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)  # the most compressible fraction of each digit's real images
 LATE_NOISE = (0.007, 0.015, 0.05, 0.1)  # on the [-1, 1] latents; the last two DDIM steps' sigma first
 
 
@@ -63,7 +73,11 @@ def main(argv=None) -> dict:
         try:
             jpeg = make_reward("jpeg_compressibility", **cfg.reward_kwargs)
             digit = make_reward("digit_alignment")
-            results = {"transforms": {}, "late_noise": {}, "base": {}}
+            results = {"transforms": {}, "late_noise": {}, "base": {}, "dataset": {}}
+            real, labels = load_digits_dataset()
+            real = ((real + 1) / 2).expand(-1, 3, -1, -1)  # [-1, 1] grey -> [0, 1] RGB, like model.decode
+            real_prompts = [f"a handwritten digit {int(d)}" for d in labels]
+            real_reward, real_prob = jpeg(real, real_prompts), digit(real, real_prompts)
             for name, env in recipe.eval_envs.items():
                 n_batches = math.ceil(args.samples / cfg.sample_batch_size)
                 traj = recipe._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET)
@@ -77,6 +91,16 @@ def main(argv=None) -> dict:
                     gain = (jpeg(x, prompts).mean() - reward.mean()).item() / TRAIN_BASE_STD_KB
                     ratio = (digit(x, prompts).mean() / prob.mean()).item()
                     results["transforms"].setdefault(label, {})[name] = {"gain": gain, "ratio": ratio}
+                digits = torch.tensor([parse_digit(p) for p in prompts])
+                for fraction in DATA_FRACTIONS:
+                    gains, probs = [], []
+                    for d in digits.unique():
+                        r, p = real_reward[labels == d], real_prob[labels == d]
+                        top = r.argsort(descending=True)[: max(1, round(fraction * len(r)))]
+                        gains.append((r[top].mean() - reward[digits == d].mean()).item() / TRAIN_BASE_STD_KB)
+                        probs.append(p[top].mean().item())
+                    results["dataset"].setdefault(str(fraction), {})[name] = {
+                        "gain": sum(gains) / len(gains), "ratio": sum(probs) / len(probs) / prob.mean().item()}
                 if name != "train":
                     continue
                 gen = torch.Generator().manual_seed(0)
@@ -97,6 +121,11 @@ def main(argv=None) -> dict:
     for label, by_set in results["transforms"].items():
         cells = [f"{by_set[k]['gain']:+.2f}, {by_set[k]['ratio']:.3f}" for k in ("train", "eval")]
         print(f"| {label} | {cells[0]} | {cells[1]} |")
+    print("\n| real digits (most compressible fraction of each digit) | train: gain, ratio | held-out: gain, ratio |")
+    print("|---|---|---|")
+    for fraction, by_set in results["dataset"].items():
+        cells = [f"{by_set[k]['gain']:+.2f}, {by_set[k]['ratio']:.3f}" for k in ("train", "eval")]
+        print(f"| {'all' if float(fraction) == 1 else f'top {float(fraction):.0%}'} | {cells[0]} | {cells[1]} |")
     print("\n| noise s | changed | mean |change| | mean change |\n|---|---|---|---|")
     for s, v in results["late_noise"].items():
         print(f"| {s} | {v['changed_fraction']:.2f} | {v['mean_abs_change']:.3f} | {v['mean_change']:+.3f} |")
