@@ -25,12 +25,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from tensordict.nn import TensorDictModule
 from torch import nn
-from torchrl.envs.utils import ExplorationType
-from torchrl.modules import ProbabilisticActor
 
-from ddpo_rl.distributions import DDIMGaussian
 from ddpo_rl.flow_sde import (
     FlowSchedule,
     check_flow_log_prob_defined,
@@ -40,7 +36,7 @@ from ddpo_rl.flow_sde import (
     sde_window_mask,
 )
 from ddpo_rl.keys import KEYS
-from ddpo_rl.policy import _prediction, classifier_free_guidance
+from ddpo_rl.policy import GaussianStepActor, _prediction, classifier_free_guidance
 
 
 class FlowSDEHead(nn.Module):
@@ -164,7 +160,7 @@ def _split_negative(negative_prompt_embeds, negative_pooled_prompt_embeds):
     return negative_prompt_embeds, negative_pooled_prompt_embeds
 
 
-class FlowMatchingPolicy(ProbabilisticActor):
+class FlowMatchingPolicy(GaussianStepActor):
     """A flow-matching model as a torchrl actor: TensorDict in, next latent and its log-prob out.
 
     Reads ``latents``, ``step_index``, ``prompt_embeds`` and (SD3) ``pooled_prompt_embeds`` (see
@@ -223,35 +219,11 @@ class FlowMatchingPolicy(ProbabilisticActor):
             in_keys = [KEYS.latents, KEYS.step_index, KEYS.prompt_embeds]
             if pooled:
                 in_keys.append(KEYS.pooled_prompt_embeds)
-        module = TensorDictModule(head, in_keys=list(in_keys), out_keys=[KEYS.loc, KEYS.scale])
         super().__init__(
-            module,
-            in_keys=[KEYS.loc, KEYS.scale],
-            out_keys=[KEYS.action],
-            distribution_class=DDIMGaussian,
-            distribution_kwargs={
-                "event_dim": event_dim,
-                "reduction": log_prob_reduction,
-                **({"point_mass_log_prob": 0.0} if sde_window_size else {}),
-            },
-            return_log_prob=True,
-            log_prob_key=KEYS.log_prob,
-            default_interaction_type=ExplorationType.RANDOM,
+            head, in_keys, log_prob_reduction=log_prob_reduction, event_dim=event_dim,
+            # the ODE steps outside the SDE window are point masses: log-prob 0, not trained
+            distribution_kwargs={"point_mass_log_prob": 0.0} if sde_window_size else None,
         )
-        self.log_prob_reduction = log_prob_reduction
-
-    @property
-    def head(self) -> FlowSDEHead:
-        return self.module[0].module
-
-    @property
-    def noise_model(self) -> nn.Module:
-        """The velocity model (named as DiffusionPolicy's network, so recipes save either the same way)."""
-        return self.head.noise_model
-
-    @property
-    def num_inference_steps(self) -> int:
-        return self.head.num_inference_steps
 
     @property
     def trained_steps(self) -> tuple[int, ...] | None:

@@ -156,7 +156,59 @@ class DDIMGaussianHead(nn.Module):
         return mean, std
 
 
-class DiffusionPolicy(ProbabilisticActor):
+class GaussianStepActor(ProbabilisticActor):
+    """A head (state -> ``(loc, scale)`` of the next latent) as a torchrl actor: samples the action
+    from :class:`~ddpo_rl.distributions.DDIMGaussian` (the one log-prob reduction) and writes it
+    with its log-prob. The base of :class:`DiffusionPolicy` and
+    :class:`~ddpo_rl.flow_policy.FlowMatchingPolicy`, which only build their head.
+
+    Args:
+        head: an ``nn.Module`` called on the tensors of ``in_keys``, returning ``(loc, scale)``; it
+            holds the network as ``noise_model`` and the chain length as ``num_inference_steps``.
+        in_keys: the state's keys, in the head's argument order.
+        log_prob_reduction: "mean" over the latent dims (default) or "sum".
+        event_dim: trailing dims of one latent.
+        distribution_kwargs: further :class:`~ddpo_rl.distributions.DDIMGaussian` arguments.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        in_keys: Sequence,
+        *,
+        log_prob_reduction: str = "mean",
+        event_dim: int = 3,
+        distribution_kwargs: dict | None = None,
+    ):
+        module = TensorDictModule(head, in_keys=list(in_keys), out_keys=[KEYS.loc, KEYS.scale])
+        super().__init__(
+            module,
+            in_keys=[KEYS.loc, KEYS.scale],
+            out_keys=[KEYS.action],
+            distribution_class=DDIMGaussian,
+            distribution_kwargs={"event_dim": event_dim, "reduction": log_prob_reduction, **(distribution_kwargs or {})},
+            return_log_prob=True,
+            log_prob_key=KEYS.log_prob,
+            default_interaction_type=ExplorationType.RANDOM,
+        )
+        self.log_prob_reduction = log_prob_reduction
+
+    @property
+    def head(self) -> nn.Module:
+        return self.module[0].module
+
+    @property
+    def num_inference_steps(self) -> int:
+        """T, the chain length this policy's schedule was built for (checked against the env's)."""
+        return self.head.num_inference_steps
+
+    @property
+    def noise_model(self) -> nn.Module:
+        """The network (a flow policy's velocity model is named so too: recipes save either the same way)."""
+        return self.head.noise_model
+
+
+class DiffusionPolicy(GaussianStepActor):
     """A diffusion model as a torchrl actor: TensorDict in, next latent and its log-prob out.
 
     Reads ``latents``, ``timestep``, ``prompt_embeds`` (see :data:`ddpo_rl.keys.KEYS`), writes
@@ -200,28 +252,4 @@ class DiffusionPolicy(ProbabilisticActor):
             negative_prompt_embeds=negative_prompt_embeds,
             min_std=min_std,
         )
-        module = TensorDictModule(head, in_keys=list(in_keys), out_keys=[KEYS.loc, KEYS.scale])
-        super().__init__(
-            module,
-            in_keys=[KEYS.loc, KEYS.scale],
-            out_keys=[KEYS.action],
-            distribution_class=DDIMGaussian,
-            distribution_kwargs={"event_dim": event_dim, "reduction": log_prob_reduction},
-            return_log_prob=True,
-            log_prob_key=KEYS.log_prob,
-            default_interaction_type=ExplorationType.RANDOM,
-        )
-        self.log_prob_reduction = log_prob_reduction
-
-    @property
-    def head(self) -> DDIMGaussianHead:
-        return self.module[0].module
-
-    @property
-    def num_inference_steps(self) -> int:
-        """T, the chain length this policy's schedule was built for (checked against the env's)."""
-        return self.head.num_inference_steps
-
-    @property
-    def noise_model(self) -> nn.Module:
-        return self.head.noise_model
+        super().__init__(head, in_keys, log_prob_reduction=log_prob_reduction, event_dim=event_dim)

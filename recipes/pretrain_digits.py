@@ -56,16 +56,16 @@ def _log_line(step: int, loss: float) -> None:
     print(f"step {step:5d}  loss {loss:.4f}  {time.perf_counter() - _T0:6.1f} s", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def pretrain_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The command line both embedded models' pretraining recipes share (``steps``: the default)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache dir)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frozen-text-encoder", action="store_true", help="keep the text encoder at its random init")
     p.add_argument("--save-tokenizer", action="store_true", help="also save the 3.6 MB tokenizer files")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     p.add_argument("--grid", type=Path, default=None, help="sample grid PNG (default: <out>/samples.png)")
@@ -74,6 +74,24 @@ def main(argv=None) -> None:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--num-inference-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def save_and_report(save, model, out: Path, args: argparse.Namespace, result) -> None:
+    """``save(model, out, save_tokenizer=..., dtype=...)`` as the flags say, then one line: steps,
+    seconds, the loss at the start and the end, where it went and its size."""
+    save(model, out, save_tokenizer=args.save_tokenizer, dtype=torch.float16 if args.half else None)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    print(
+        f"trained {args.steps} steps in {result.seconds:.1f} s ({result.cpu_seconds:.1f} CPU s); loss first 50 "
+        f"{result.losses[:50].mean():.4f}, last 50 {result.losses[-50:].mean():.4f}; "
+        f"saved to {out} ({size / 1e6:.2f} MB)"
+    )
+
+
+def main(argv=None) -> None:
+    p = pretrain_arguments(__doc__, steps=1000)
+    p.add_argument("--frozen-text-encoder", action="store_true", help="keep the text encoder at its random init")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -94,15 +112,7 @@ def main(argv=None) -> None:
         callback=None if sys.stderr.isatty() else _log_line,
         log_every=50,
     )
-    save_digits_model(
-        model, out, save_tokenizer=args.save_tokenizer, dtype=torch.float16 if args.half else None
-    )
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    print(
-        f"trained {args.steps} steps in {result.seconds:.1f} s ({result.cpu_seconds:.1f} CPU s); loss first 50 "
-        f"{result.losses[:50].mean():.4f}, last 50 {result.losses[-50:].mean():.4f}; "
-        f"saved to {out} ({size / 1e6:.2f} MB)"
-    )
+    save_and_report(save_digits_model, model, out, args, result)
     if not args.no_grid:
         prompts = [p for p in model.prompts for _ in range(args.per_digit)]
         gen = torch.Generator().manual_seed(args.seed)

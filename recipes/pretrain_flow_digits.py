@@ -14,14 +14,13 @@ classifier-free guidance ``--guidance-scale``), and prints, for CFG 1 and for
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import ddpo_rl  # noqa: F401  (before diffusers/transformers: CPU torchvision shim)
 import torch
 
-from ddpo_rl.models.digits import default_cache_dir
+from ddpo_rl.models.embedded import default_cache_dir
 from ddpo_rl.models.flow_digits import (
     MODEL_NAME,
     build_flow_digits_model,
@@ -29,7 +28,7 @@ from ddpo_rl.models.flow_digits import (
     save_flow_digits_model,
     train_flow_digits_model,
 )
-from recipes.pretrain_digits import _log_line, save_grid
+from pretrain_digits import _log_line, pretrain_arguments, save_and_report, save_grid  # this script's folder is on sys.path
 
 
 @torch.no_grad()
@@ -51,23 +50,8 @@ def prompted_digit_scores(model, per_digit: int, guidance_scale: float, steps: i
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache dir)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=96)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--prompt-dropout", type=float, default=0.1)
-    p.add_argument("--ema-decay", type=float, default=0.995)
+    p = pretrain_arguments(__doc__, steps=2000)
     p.add_argument("--time-sampling", choices=("logit_normal", "uniform"), default="logit_normal")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-tokenizer", action="store_true", help="also save the 3.6 MB tokenizer files")
-    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
-    p.add_argument("--grid", type=Path, default=None, help="sample grid PNG (default: <out>/samples.png)")
-    p.add_argument("--no-grid", action="store_true")
-    p.add_argument("--per-digit", type=int, default=10, help="samples per digit in the grid and the scores")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--num-inference-steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -87,15 +71,7 @@ def main(argv=None) -> None:
         callback=None if sys.stderr.isatty() else _log_line,
         log_every=50,
     )
-    save_flow_digits_model(
-        model, out, save_tokenizer=args.save_tokenizer, dtype=torch.float16 if args.half else None
-    )
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    print(
-        f"trained {args.steps} steps in {result.seconds:.1f} s ({result.cpu_seconds:.1f} CPU s); loss first 50 "
-        f"{result.losses[:50].mean():.4f}, last 50 {result.losses[-50:].mean():.4f}; "
-        f"saved to {out} ({size / 1e6:.2f} MB)"
-    )
+    save_and_report(save_flow_digits_model, model, out, args, result)
     if args.no_grid:
         return
     if args.half:  # score what was saved

@@ -39,3 +39,22 @@ def test_library_modules_do_not_import_the_package_top_level():
                     if not ((package / f"{alias.name}.py").exists() or (package / alias.name).is_dir()):
                         offenders.append(f"{path.relative_to(ROOT)}: {alias.name}")
     assert offenders == []
+
+
+def test_recipe_scripts_import_what_a_plain_run_finds():
+    """``python recipes/X.py`` puts recipes/ on sys.path, not the repository root: a recipe script
+    imports its siblings by their own names (``from ddpo_recipe import ...``), never as
+    ``recipes.X`` (which only works where a test or a tool added the root to PYTHONPATH)."""
+    offenders = []
+    scripts = sorted((ROOT / "recipes").glob("*.py"))
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            offenders += [f"{path.name}: {m}" for m in modules if m.split(".")[0] == "recipes"]
+    assert offenders == []
+    assert len(scripts) > 5  # the scan did find the recipes

@@ -13,7 +13,9 @@ choice: docs/digits_model.md.
 
 Modules: this one holds the model, its building, saving and loading, and the cache lookup
 (:func:`load_or_train_digits_model`); ``digits_data`` the dataset; ``digits_pretrain`` the
-pretraining loop and a reference sampler. Their public names are importable from here too.
+pretraining loop and a reference sampler; ``embedded`` what this model shares with flow-digits-v1
+(the text encoder's building, the directory layout, the lookup). Their public names are
+importable from here too.
 
 Directory layout (written by :func:`save_digits_model`)::
 
@@ -27,18 +29,23 @@ Directory layout (written by :func:`save_digits_model`)::
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ddpo_rl._version import __version__
+from ddpo_rl.models import embedded
 from ddpo_rl.models.digits_data import load_digits_dataset
 from ddpo_rl.models.digits_pretrain import TrainResult, pretrain_loop, sample_digits, train_digits_model
+from ddpo_rl.models.embedded import (  # noqa: F401  (CACHE_ENV_VAR, write_model_dir: importable from here too)
+    CACHE_ENV_VAR,
+    MODEL_INDEX,
+    PROMPT_TEMPLATE,
+    UNCONDITIONAL_PROMPT,
+    write_model_dir,
+)
 
 __all__ = [
     "DigitsConfig", "DigitsModel", "TrainResult", "build_digits_model", "default_cache_dir", "is_digits_model_dir",
@@ -50,11 +57,6 @@ MODEL_NAME = "digits-v1"
 """Name of the cache subdirectory; bump it when the architecture or the data change."""
 INDEX_CLASS_NAME = "DDPODigitsModel"
 """``_class_name`` in the saved directory's model_index.json: what marks it as this model."""
-PROMPT_TEMPLATE = "a handwritten digit {}"
-UNCONDITIONAL_PROMPT = ""
-CACHE_ENV_VAR = "DDPO_RL_CACHE"
-"""Root cache directory of ddpo_rl (default ``~/.cache/ddpo_rl``)."""
-MODEL_INDEX = "model_index.json"
 REQUIRED_ENTRIES = (MODEL_INDEX, "unet", "text_encoder", "scheduler")
 """What a saved digits model directory must hold (the tokenizer is optional)."""
 
@@ -155,26 +157,16 @@ class DigitsModel:
 def build_digits_model(config: DigitsConfig | None = None, seed: int = 0) -> DigitsModel:
     """A randomly initialised digits model (untrained UNet, frozen random text encoder)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from ddpo_rl.models.tokenizer import build_clip_tokenizer
 
     cfg = config or DigitsConfig()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=cfg.text_hidden_size,
-            intermediate_size=2 * cfg.text_hidden_size,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=cfg.max_length,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    ).eval()
-    text_encoder.requires_grad_(False)
+    text_encoder = embedded.build_text_encoder(
+        CLIPTextModel, hidden_size=cfg.text_hidden_size, num_layers=cfg.text_layers, num_heads=cfg.text_heads,
+        max_length=cfg.max_length,
+    )
     n = len(cfg.block_out_channels)
     unet = UNet2DConditionModel(
         sample_size=cfg.sample_size,
@@ -214,9 +206,7 @@ def build_digits_model(config: DigitsConfig | None = None, seed: int = 0) -> Dig
 def default_cache_dir(name: str = MODEL_NAME) -> Path:
     """``$DDPO_RL_CACHE/<name>``, or ``~/.cache/ddpo_rl/<name>`` when the variable is unset
     (``name`` defaults to ``digits-v1``)."""
-    root = os.environ.get(CACHE_ENV_VAR)
-    base = Path(root).expanduser() if root else Path("~/.cache/ddpo_rl").expanduser()
-    return base / name
+    return embedded.default_cache_dir(name)
 
 
 def packaged_model_dir() -> Path | None:
@@ -226,8 +216,7 @@ def packaged_model_dir() -> Path | None:
 
 def is_digits_model_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a complete saved digits model."""
-    p = Path(path)
-    return all((p / f).exists() for f in REQUIRED_ENTRIES)
+    return embedded.is_model_dir(path, REQUIRED_ENTRIES)
 
 
 def save_digits_model(
@@ -237,58 +226,20 @@ def save_digits_model(
     save_tokenizer: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Save ``model`` in the diffusers directory layout (see the module docstring).
+    """Save ``model`` in the diffusers directory layout (see the module docstring), atomically.
 
     Each component goes through its own ``save_pretrained`` (safetensors). The tokenizer is
     left out unless ``save_tokenizer`` (it is rebuilt offline at load time). ``dtype`` (e.g.
     ``torch.float16``) stores the weights in that precision, halving the files; the in-memory
-    model is not changed, and :func:`load_digits_model` casts back to float32. Files are
-    written to a temporary sibling directory and moved into place, so an interrupted save
-    never leaves a half-written model that would later be loaded.
+    model is not changed, and :func:`load_digits_model` casts back to float32. An interrupted
+    save never leaves a half-written model that would later be loaded
+    (:func:`~ddpo_rl.models.embedded.write_model_dir`).
     """
-    unet, text_encoder = model.unet, model.text_encoder
-    if dtype is not None:
-        unet = copy.deepcopy(unet).to(dtype)
-        text_encoder = copy.deepcopy(text_encoder).to(dtype)
-    components = {
-        "unet": ["diffusers", type(model.unet).__name__],
-        "text_encoder": ["transformers", type(model.text_encoder).__name__],
-        "scheduler": ["diffusers", type(model.scheduler).__name__],
-    }
-    writers = {
-        "unet": unet.save_pretrained,
-        "text_encoder": text_encoder.save_pretrained,
-        "scheduler": model.scheduler.save_pretrained,
-    }
-    if save_tokenizer:
-        writers["tokenizer"] = model.tokenizer.save_pretrained
-        components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
-    else:
-        components["tokenizer"] = ["ddpo_rl", "build_clip_tokenizer"]
-    index = {"_class_name": INDEX_CLASS_NAME, "name": MODEL_NAME, **components, "metadata": model.metadata()}
-    return write_model_dir(path, writers, index)
-
-
-def write_model_dir(path: str | os.PathLike, writers: dict[str, Callable[[Path], object]], index: dict) -> Path:
-    """Write a model directory atomically: ``writers[name](tmp / name)`` for each component, then
-    ``model_index.json`` (``index`` plus the package version), into a temporary sibling directory
-    that is then moved into place, so an interrupted save never leaves a half-written model."""
-    import shutil
-
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for name, write in writers.items():
-        write(tmp / name)
-    index = {"_class_name": index["_class_name"], "_ddpo_rl_version": __version__, **index}
-    (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    components = {"unet": model.unet, "text_encoder": model.text_encoder, "scheduler": model.scheduler}
+    return embedded.save_model_dir(
+        path, components, model.tokenizer, class_name=INDEX_CLASS_NAME, name=MODEL_NAME,
+        metadata=model.metadata(), save_tokenizer=save_tokenizer, dtype=dtype,
+    )
 
 
 def load_digits_model(
@@ -308,51 +259,13 @@ def load_digits_model(
         raise FileNotFoundError(
             f"{path} is not a saved digits model (expected {MODEL_INDEX}, unet/, text_encoder/, scheduler/)"
         )
-    index = json.loads((path / MODEL_INDEX).read_text())
-    meta = dict(index.get("metadata", {}))
-    dtype = dtype or torch.float32
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    text_encoder, tokenizer = load_text_encoder_and_tokenizer(path, CLIPTextModel, dtype)
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-    unet.eval()
-    text_encoder.eval().requires_grad_(False)
-    model = DigitsModel(
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        sample_size=int(meta.pop("sample_size", unet.config.sample_size)),
-        channels=int(meta.pop("channels", unet.config.in_channels)),
-        prompt_template=meta.pop("prompt_template", PROMPT_TEMPLATE),
-        unconditional_prompt=meta.pop("unconditional_prompt", UNCONDITIONAL_PROMPT),
-        source=str(path),
-        extra={k: v for k, v in meta.items() if k not in ("value_range", "space")},
-    )
+    model = DigitsModel(**embedded.load_model_dir(
+        path, denoiser=("unet", UNet2DConditionModel), encoder_class=CLIPTextModel,
+        scheduler_class=DDIMScheduler, dtype=dtype,
+    ))
     if device is not None:
         model.to(device)
     return model
-
-
-def load_text_encoder_and_tokenizer(path: Path, encoder_class, dtype: torch.dtype):
-    """The frozen text encoder (``encoder_class`` from ``path/text_encoder``, without a progress bar)
-    and its tokenizer (``path/tokenizer``, or the offline CLIP tokenizer) of an embedded model."""
-    from transformers import CLIPTokenizer
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar for a 1 MB encoder is noise in the recipe's output
-    try:
-        text_encoder = encoder_class.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    if (path / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    else:
-        from ddpo_rl.models.tokenizer import build_clip_tokenizer
-
-        tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
-    return text_encoder.eval().requires_grad_(False), tokenizer
 
 
 def load_or_train_digits_model(
@@ -380,41 +293,16 @@ def load_or_train_digits_model(
         FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if is_digits_model_dir(cache):
-        return load_digits_model(cache, device=device)
-    packaged = packaged_model_dir() if use_packaged else None
-    if packaged is not None:
-        return load_digits_model(packaged, device=device)
-    if not train_if_missing:
-        raise FileNotFoundError(
-            f"no digits model in {cache}" + (" nor in the package" if use_packaged else "")
-            + "; run recipes/pretrain_digits.py or pass train_if_missing=True"
-        )
-    _say(
-        f"ddpo_rl: no pretrained digits model found in {cache}; training one now "
-        f"(a few CPU minutes, once). It will be saved there.",
-        progress,
+
+    def train(on):
+        model = build_digits_model(seed=train_kwargs.get("seed", 0))
+        if on is not None:
+            model.to(on)
+        return train_digits_model(model, progress=progress, **train_kwargs)
+
+    return embedded.load_or_train_model(
+        cache, label="digits", pretrain_script="pretrain_digits.py", is_dir=is_digits_model_dir,
+        load=load_digits_model, packaged=packaged_model_dir, train=train,
+        save=lambda model, path: save_digits_model(model, path, save_tokenizer=save_tokenizer),
+        device=device, use_packaged=use_packaged, train_if_missing=train_if_missing, progress=progress,
     )
-    model = build_digits_model(seed=train_kwargs.get("seed", 0))
-    if device is not None:
-        model.to(device)
-    model, result = train_digits_model(model, progress=progress, **train_kwargs)
-    save_digits_model(model, cache, save_tokenizer=save_tokenizer)
-    _say(
-        f"ddpo_rl: digits model trained in {result.seconds:.0f} s "
-        f"(final loss {result.losses[-50:].mean():.4f}), saved to {cache}",
-        progress,
-    )
-    model.source = "trained"
-    return model
-
-
-def _say(message: str, rich_console: bool) -> None:
-    if rich_console:
-        from rich.console import Console
-
-        Console(stderr=True).print(message)
-    else:
-        import sys
-
-        print(message, file=sys.stderr)

@@ -75,14 +75,7 @@ def train_digits_model(
     device = model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    images, labels = load_digits_dataset()
-    images, labels = images.to(device), labels.to(device)
-    prompts = model.prompts + [model.unconditional_prompt]
-    tok = model.tokenizer
-    prompt_ids = tok(
-        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)  # [11, L]; row 10 is the unconditional prompt
-    uncond_index = len(prompts) - 1
+    images, labels, prompt_ids, uncond_index = pretraining_data(model, device)
 
     sched = model.scheduler
     alphas_cumprod = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -122,6 +115,19 @@ def train_digits_model(
     text_encoder.eval().requires_grad_(False)
     model.source = "trained"
     return model, result
+
+
+def pretraining_data(model, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """What both embedded models pretrain on, on ``device``: scikit-learn's digits ``(images, labels)``,
+    the token ids of the 11 distinct prompts (the ten digits, then the unconditional one; [11, L], at
+    the tokenizer's ``model_max_length``) and the unconditional prompt's row (10)."""
+    images, labels = load_digits_dataset()
+    prompts = model.prompts + [model.unconditional_prompt]
+    tok = model.tokenizer
+    prompt_ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return images.to(device), labels.to(device), prompt_ids.to(device), len(prompts) - 1
 
 
 def pretrain_loop(

@@ -53,7 +53,6 @@ Directory layout (written by :func:`save_flow_digits_model`)::
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,19 +61,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ddpo_rl.models.digits import (
-    MODEL_INDEX,
-    PROMPT_TEMPLATE,
-    UNCONDITIONAL_PROMPT,
-    DigitsModel,
-    TrainResult,
-    _say,
-    default_cache_dir,
-    load_digits_dataset,
-    pretrain_loop,
-    load_text_encoder_and_tokenizer,
-    write_model_dir,
-)
+from ddpo_rl.models import embedded
+from ddpo_rl.models.digits import DigitsModel, TrainResult
+from ddpo_rl.models.digits_pretrain import pretrain_loop, pretraining_data
+from ddpo_rl.models.embedded import MODEL_INDEX, PROMPT_TEMPLATE, UNCONDITIONAL_PROMPT
 
 MODEL_NAME = "flow-digits-v1"
 """Name of the cache and asset subdirectory; bump it when the architecture or the data change."""
@@ -170,27 +160,16 @@ class FlowDigitsModel:
 def build_flow_digits_model(config: FlowDigitsConfig | None = None, seed: int = 0) -> FlowDigitsModel:
     """A randomly initialised flow-matching digits model (frozen random text encoder)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     from ddpo_rl.models.tokenizer import build_clip_tokenizer
 
     cfg = config or FlowDigitsConfig()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=cfg.text_hidden_size,
-            intermediate_size=2 * cfg.text_hidden_size,
-            projection_dim=cfg.text_projection_dim,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=cfg.max_length,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    ).eval()
-    text_encoder.requires_grad_(False)
+    text_encoder = embedded.build_text_encoder(
+        CLIPTextModelWithProjection, hidden_size=cfg.text_hidden_size, num_layers=cfg.text_layers,
+        num_heads=cfg.text_heads, max_length=cfg.max_length, projection_dim=cfg.text_projection_dim,
+    )
     inner = cfg.attention_head_dim * cfg.num_attention_heads
     transformer = SD3Transformer2DModel(
         sample_size=cfg.sample_size,
@@ -292,14 +271,7 @@ def train_flow_digits_model(
     device = model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    images, labels = load_digits_dataset()
-    images, labels = images.to(device), labels.to(device)
-    prompts = model.prompts + [model.unconditional_prompt]
-    tok = model.tokenizer
-    prompt_ids = tok(
-        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)  # [11, L]; row 10 is the unconditional prompt
-    uncond_index = len(prompts) - 1
+    images, labels, prompt_ids, uncond_index = pretraining_data(model, device)
     num_t = model.scheduler.config.num_train_timesteps
 
     transformer, text_encoder = model.transformer, model.text_encoder
@@ -381,8 +353,7 @@ def packaged_model_dir() -> Path | None:
 
 def is_flow_digits_model_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a complete saved flow-matching digits model."""
-    p = Path(path)
-    return all((p / f).exists() for f in REQUIRED_ENTRIES)
+    return embedded.is_model_dir(path, REQUIRED_ENTRIES)
 
 
 def save_flow_digits_model(
@@ -398,26 +369,11 @@ def save_flow_digits_model(
     is unchanged and :func:`load_flow_digits_model` casts back to float32. The tokenizer is left
     out unless ``save_tokenizer`` (it is rebuilt offline at load time).
     """
-    transformer, text_encoder = model.transformer, model.text_encoder
-    if dtype is not None:
-        transformer = copy.deepcopy(transformer).to(dtype)
-        text_encoder = copy.deepcopy(text_encoder).to(dtype)
-    writers = {
-        "transformer": transformer.save_pretrained,
-        "text_encoder": text_encoder.save_pretrained,
-        "scheduler": model.scheduler.save_pretrained,
-    }
-    components = {
-        "transformer": ["diffusers", type(model.transformer).__name__],
-        "text_encoder": ["transformers", type(model.text_encoder).__name__],
-        "scheduler": ["diffusers", type(model.scheduler).__name__],
-        "tokenizer": ["ddpo_rl", "build_clip_tokenizer"],
-    }
-    if save_tokenizer:
-        writers["tokenizer"] = model.tokenizer.save_pretrained
-        components["tokenizer"] = ["transformers", type(model.tokenizer).__name__]
-    index = {"_class_name": INDEX_CLASS_NAME, "name": MODEL_NAME, **components, "metadata": model.metadata()}
-    return write_model_dir(path, writers, index)
+    components = {"transformer": model.transformer, "text_encoder": model.text_encoder, "scheduler": model.scheduler}
+    return embedded.save_model_dir(
+        path, components, model.tokenizer, class_name=INDEX_CLASS_NAME, name=MODEL_NAME,
+        metadata=model.metadata(), save_tokenizer=save_tokenizer, dtype=dtype,
+    )
 
 
 def load_flow_digits_model(
@@ -433,25 +389,10 @@ def load_flow_digits_model(
             f"{path} is not a saved flow-matching digits model (expected {MODEL_INDEX}, "
             + ", ".join(f"{c}/" for c in _COMPONENTS) + ")"
         )
-    meta = dict(json.loads((path / MODEL_INDEX).read_text()).get("metadata", {}))
-    dtype = dtype or torch.float32
-    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-    text_encoder, tokenizer = load_text_encoder_and_tokenizer(path, CLIPTextModelWithProjection, dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-    transformer.eval()
-    text_encoder.eval().requires_grad_(False)
-    model = FlowDigitsModel(
-        transformer=transformer,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        sample_size=int(meta.pop("sample_size", transformer.config.sample_size)),
-        channels=int(meta.pop("channels", transformer.config.in_channels)),
-        prompt_template=meta.pop("prompt_template", PROMPT_TEMPLATE),
-        unconditional_prompt=meta.pop("unconditional_prompt", UNCONDITIONAL_PROMPT),
-        source=str(path),
-        extra={k: v for k, v in meta.items() if k not in ("value_range", "space")},
-    )
+    model = FlowDigitsModel(**embedded.load_model_dir(
+        path, denoiser=("transformer", SD3Transformer2DModel), encoder_class=CLIPTextModelWithProjection,
+        scheduler_class=FlowMatchEulerDiscreteScheduler, dtype=dtype,
+    ))
     if device is not None:
         model.to(device)
     return model
@@ -474,22 +415,16 @@ def load_or_train_flow_digits_model(
     Raises:
         FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(MODEL_NAME)
-    if is_flow_digits_model_dir(cache):
-        return load_flow_digits_model(cache, device=device)
-    packaged = packaged_model_dir() if use_packaged else None
-    if packaged is not None:
-        return load_flow_digits_model(packaged, device=device)
-    if not train_if_missing:
-        raise FileNotFoundError(
-            f"no flow-digits model in {cache}" + (" nor in the package" if use_packaged else "")
-            + "; run recipes/pretrain_flow_digits.py or pass train_if_missing=True"
-        )
-    _say(f"ddpo_rl: no pretrained flow-digits model found in {cache}; training one now (a few CPU minutes, once).", progress)
-    model = build_flow_digits_model(seed=train_kwargs.get("seed", 0))
-    if device is not None:
-        model.to(device)
-    model, result = train_flow_digits_model(model, progress=progress, **train_kwargs)
-    save_flow_digits_model(model, cache)
-    _say(f"ddpo_rl: flow-digits model trained in {result.seconds:.0f} s, saved to {cache}", progress)
-    return model
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else embedded.default_cache_dir(MODEL_NAME)
+
+    def train(on):
+        model = build_flow_digits_model(seed=train_kwargs.get("seed", 0))
+        if on is not None:
+            model.to(on)
+        return train_flow_digits_model(model, progress=progress, **train_kwargs)
+
+    return embedded.load_or_train_model(
+        cache, label="flow-digits", pretrain_script="pretrain_flow_digits.py", is_dir=is_flow_digits_model_dir,
+        load=load_flow_digits_model, packaged=packaged_model_dir, train=train, save=save_flow_digits_model,
+        device=device, use_packaged=use_packaged, train_if_missing=train_if_missing, progress=progress,
+    )

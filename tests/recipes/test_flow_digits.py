@@ -20,7 +20,10 @@ def test_pretrain_flow_digits_recipe(tmp_path):
         "--steps", "3", "--batch-size", "8", "--per-digit", "1", "--num-inference-steps", "2", "--grid", str(grid),
         "--threads", "1",
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
+    # as a user runs it: from another directory, the repository root not on PYTHONPATH (the
+    # installed package is importable; the recipes folder only as the script's own)
+    env = subprocess_env(PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "CFG 1, 2 Euler steps" in res.stdout and "CFG 3, 2 Euler steps" in res.stdout
     assert grid.exists()
