@@ -40,7 +40,7 @@ from ddpo_rl.models.stable_diffusion import (
     PretrainedWeightsNotFoundError,
     _load_scheduler_config,
     check_pipeline_dir,
-    looks_like_local_path,
+    pretrained_source,
     weights_not_found,
 )
 
@@ -252,16 +252,9 @@ def load_sd3_components(
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    pretrained = str(pretrained)
-    local = looks_like_local_path(pretrained)
-    if local:
-        pretrained = os.path.expanduser(pretrained)
-        check_pipeline_dir(pretrained, _SD3_SUBFOLDERS, **_CHECK)
-    common: dict[str, Any] = {}
-    if not local and revision is not None:
-        common["revision"] = revision
-    if local_files_only is not None:
-        common["local_files_only"] = local_files_only
+    pretrained, local, common = pretrained_source(
+        pretrained, revision, local_files_only, lambda path: check_pipeline_dir(path, _SD3_SUBFOLDERS, **_CHECK)
+    )
 
     try:
         transformer = SD3Transformer2DModel.from_pretrained(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -123,6 +123,26 @@ def check_pipeline_dir(
         )
 
 
+def pretrained_source(
+    pretrained, revision: str | None, local_files_only: bool | None, check: Callable[[str], None]
+) -> tuple[str, bool, dict[str, Any]]:
+    """Where a pipeline's components load from: ``(directory or hub id, whether it is a directory,
+    the keyword arguments of every component's from_pretrained)``. A directory has its ``~``
+    expanded and is checked first (``check(path)``: a one-line error before any weight is read);
+    ``revision`` applies to hub ids only."""
+    pretrained = str(pretrained)
+    local = looks_like_local_path(pretrained)
+    if local:
+        pretrained = os.path.expanduser(pretrained)
+        check(pretrained)
+    common: dict[str, Any] = {}
+    if not local and revision is not None:
+        common["revision"] = revision
+    if local_files_only is not None:
+        common["local_files_only"] = local_files_only
+    return pretrained, local, common
+
+
 def weights_not_found(
     err: Exception, pretrained: str, local: bool, what: str = "Stable Diffusion"
 ) -> PretrainedWeightsNotFoundError:
@@ -181,16 +201,7 @@ def load_sd_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    pretrained = str(pretrained)
-    local = looks_like_local_path(pretrained)
-    if local:
-        pretrained = os.path.expanduser(pretrained)
-        check_pipeline_dir(pretrained)
-    common: dict[str, Any] = {}
-    if not local and revision is not None:
-        common["revision"] = revision
-    if local_files_only is not None:
-        common["local_files_only"] = local_files_only
+    pretrained, local, common = pretrained_source(pretrained, revision, local_files_only, check_pipeline_dir)
 
     try:
         # diffusers models take the dtype at load time (casting later with .to() warns about
