@@ -198,17 +198,19 @@ class DDPOConfig:
     the early steps (those that decide what the image shows) too. kl_to_reference logs the exact KL.
     Measured on digits (docs/results/digits_search.md): s 0.2-0.3 moves along the same reward/digit
     trade-off as the exact KL, so the presets keep 0."""
-    monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment"])
+    monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment", "digit_realism"])
     """Rewards computed on every evaluation's samples and never trained on (reward names, as for
     `reward`), to see what fine-tuning costs. Default: follows `reward` and `model` (digits: the digit
-    classifier, or sample_diversity when training digit_alignment; SD: aesthetic, or vlm_alignment when
+    classifier, or sample_diversity when training digit_alignment, and digit_realism, the closeness to
+    real digits, which sees artefacts the classifier does not; SD: aesthetic, or vlm_alignment when
     training aesthetic). [] for none."""
     monitor_reward_kwargs: dict = field(default_factory=dict)
     """Keyword arguments of the monitors, by monitor name, e.g. {"digit_alignment": {"C": 1.0}}."""
     monitor_tolerance: float = 1.0
     """A monitor more than this many base std below its base value (on the training or the held-out
     prompts) counts as over-optimisation: logged once; such evaluations are not candidates for best/.
-    (digits: the classifier's base std is 0.077 on the training prompts, 0.045 on the held-out ones.)"""
+    (digits: the classifier's base std is 0.077 on the training prompts, 0.045 on the held-out ones;
+    digit_realism's 0.21 and 0.11.)"""
     stop_on_monitor_drop: bool = False
     """End the run (with a checkpoint and final/) at the first evaluation whose monitors fall out of tolerance."""
 
@@ -402,7 +404,7 @@ def _choice_fields(cls: type) -> dict[str, tuple]:
 PRESETS: dict[str, dict] = {
     "digits": {},
     "digits-alignment": dict(
-        reward="digit_alignment", reward_kwargs={}, monitor_rewards=["sample_diversity"], kl_coef=0.0, guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
+        reward="digit_alignment", reward_kwargs={}, monitor_rewards=["sample_diversity", "digit_realism"], kl_coef=0.0, guidance_scale=1.0, epochs=40, learning_rate=3e-4, output_dir="outputs/digits-alignment"
     ),
     "digits-incompressibility": dict(reward="jpeg_incompressibility", kl_coef=0.0, output_dir="outputs/digits-incompressibility"),
     # Flow-GRPO on the embedded flow-matching digits model (recipes/flow_grpo.py's default; values
@@ -503,7 +505,9 @@ def default_monitor_rewards(reward: str, model: str) -> list[str]:
     """The monitors that show what training ``reward`` on ``model`` costs.
 
     digits: the digit classifier (is it still the prompted digit?), or, when that is the training
-    reward, the sample diversity of each prompt's samples (its failure is mode collapse). Stable
+    reward, the sample diversity of each prompt's samples (its failure is mode collapse); and in both
+    cases the closeness to real digits (``digit_realism``: artefacts a linear classifier keeps, such
+    as bright edge columns, move an image away from every real digit). Stable
     Diffusion: the aesthetic score, or the VLM alignment when training the aesthetic score. The tiny
     random model (plumbing tests) has none.
     """
@@ -513,7 +517,7 @@ def default_monitor_rewards(reward: str, model: str) -> list[str]:
     if family == "tiny":
         return []
     if family in ("digits", "flow-digits"):
-        return ["sample_diversity"] if key in _DIGIT_ALIGNMENT else ["digit_alignment"]
+        return ["sample_diversity" if key in _DIGIT_ALIGNMENT else "digit_alignment", "digit_realism"]
     return ["vlm_alignment"] if key in _AESTHETIC else ["aesthetic"]
 
 

@@ -91,9 +91,9 @@ def test_sf_with_several_inner_epochs_is_refused():
 def test_defaults_that_belong_to_a_field_follow_it():
     # the digits preset's JPEG resize belongs to its reward: switching the reward drops it
     cfg = parse_cli(["--reward", "alignment"])
-    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity"]
+    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity", "digit_realism"]
     assert parse_cli(["--reward", "jpeg_incompressibility"]).reward_kwargs == {"resize": 32}
-    assert parse_cli(["--reward", "jpeg_incompressibility"]).monitor_rewards == ["digit_alignment"]
+    assert parse_cli(["--reward", "jpeg_incompressibility"]).monitor_rewards == ["digit_alignment", "digit_realism"]
     assert parse_cli(["--preset", "digits-alignment", "--reward", "compressibility"]).reward_kwargs == {"resize": 32}
     # the model too: SD-sized JPEG, SD monitors; the tiny plumbing model has none
     sd = preset_config("digits", model="/some/sd/pipeline")
@@ -200,7 +200,7 @@ def test_flow_grpo_presets_registered_and_the_script_default_preset():
     assert "flow-digits" in PRESETS and set(FLOW_PRESETS) <= set(PRESETS)
     cfg = parse_cli([], preset="flow-digits")  # recipes/flow_grpo.py's default
     assert cfg.preset == "flow-digits" and cfg.model == "flow-digits" and (cfg.group_size or 1) > 1
-    assert cfg.reward == "jpeg_compressibility" and cfg.monitor_rewards == ["digit_alignment"]
+    assert cfg.reward == "jpeg_compressibility" and cfg.monitor_rewards == ["digit_alignment", "digit_realism"]
     assert parse_cli(["--preset", "digits"], preset="flow-digits").model == "digits"  # --preset wins
     assert preset_config("sd35-compressibility").monitor_rewards == ["aesthetic"]
 

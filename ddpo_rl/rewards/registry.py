@@ -34,6 +34,8 @@ _LAZY_MODULES: dict[str, str] = {
     "alignment": "ddpo_rl.rewards.digits",
     "aesthetic": "ddpo_rl.rewards.aesthetic",
     "laion_aesthetic": "ddpo_rl.rewards.aesthetic",
+    "digit_realism": "ddpo_rl.rewards.digit_realism",
+    "realism": "ddpo_rl.rewards.digit_realism",
     "sample_diversity": "ddpo_rl.rewards.diversity",
     "diversity": "ddpo_rl.rewards.diversity",
     "vlm_alignment": "ddpo_rl.rewards.alignment",

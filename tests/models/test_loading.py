@@ -69,7 +69,7 @@ def test_a_saved_directory_with_a_component_missing_is_refused_by_name(saved, fa
 def test_a_saved_directory_gets_its_familys_defaults(saved, family):
     path = str(saved[family][0])
     cfg = preset_config("digits", model=path)
-    assert cfg.reward_kwargs == {"resize": 32} and cfg.monitor_rewards == ["digit_alignment"]
+    assert cfg.reward_kwargs == {"resize": 32} and cfg.monitor_rewards == ["digit_alignment", "digit_realism"]
     cfg = preset_config("digits", model=path, reward="digit_alignment")
-    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity"]
+    assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity", "digit_realism"]
     assert preset_config("digits", model="some/sd-hub-id").reward_kwargs == {"resize": 512}

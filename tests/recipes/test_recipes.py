@@ -408,7 +408,7 @@ def test_recipe_fine_tunes_a_saved_digits_directory_like_the_embedded_model(tmp_
         main(["--model", model, "--output-dir", str(tmp_path / name), *small])
     configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("embedded", "dir")}
     assert configs["dir"]["model"] == str(model_dir)
-    assert configs["dir"]["reward_kwargs"] == {"resize": 32} and configs["dir"]["monitor_rewards"] == ["digit_alignment"]
+    assert configs["dir"]["reward_kwargs"] == {"resize": 32} and configs["dir"]["monitor_rewards"] == ["digit_alignment", "digit_realism"]
     metrics = {n: read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("embedded", "dir")}
     evals = {n: read_jsonl(tmp_path / n / "eval.jsonl") for n in ("embedded", "dir")}
     for key in ("loss", "reward_mean", "kl_to_reference"):
