@@ -135,8 +135,8 @@ def test_kl_front_includes_the_rows_of_an_earlier_front_of_the_same_setup(tmp_pa
     from tests.helpers import ROOT, subprocess_env
 
     setup = dict(preset="digits", overrides=[], algorithm="ddpo_is", reward="jpeg_compressibility",
-                 monitor_tolerance=1.0, monitors=["digit_alignment"], epochs=30, eval_num_samples=128,
-                 guidance_scale=3.0)
+                 monitor_tolerance=1.0, monitors=["digit_alignment", "digit_realism"], epochs=30,
+                 eval_num_samples=128, guidance_scale=3.0)
     earlier = front_table([_front_run(0.1, 0, -0.7, 0.85), _front_run(0.0, 0, -0.5, 0.2)])
     earlier["setup"] = setup
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
