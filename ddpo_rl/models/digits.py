@@ -293,16 +293,10 @@ def load_or_train_digits_model(
         FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-    def train(on):
-        model = build_digits_model(seed=train_kwargs.get("seed", 0))
-        if on is not None:
-            model.to(on)
-        return train_digits_model(model, progress=progress, **train_kwargs)
-
     return embedded.load_or_train_model(
         cache, label="digits", pretrain_script="pretrain_digits.py", is_dir=is_digits_model_dir,
-        load=load_digits_model, packaged=packaged_model_dir, train=train,
+        load=load_digits_model, packaged=packaged_model_dir, build=build_digits_model, train=train_digits_model,
         save=lambda model, path: save_digits_model(model, path, save_tokenizer=save_tokenizer),
         device=device, use_packaged=use_packaged, train_if_missing=train_if_missing, progress=progress,
+        train_kwargs=train_kwargs,
     )

@@ -201,17 +201,20 @@ def load_or_train_model(
     is_dir: Callable[[Path], bool],
     load: Callable[..., object],
     packaged: Callable[[], Path | None],
+    build: Callable[..., object],
     train: Callable[..., tuple[object, object]],
     save: Callable[[object, Path], object],
     device=None,
     use_packaged: bool = True,
     train_if_missing: bool = True,
     progress: bool = True,
+    train_kwargs: dict | None = None,
 ):
     """An embedded model: ``load(cache)`` if ``cache`` holds one, else the committed checkpoint
-    (``packaged()``, if ``use_packaged``), else ``train(device)`` -> ``(model, TrainResult)``, saved
-    to ``cache`` with ``save(model, cache)``; a message names the directory before and after
-    training (a few CPU minutes, once).
+    (``packaged()``, if ``use_packaged``), else ``build(seed=...)`` on ``device`` trained by
+    ``train(model, progress=..., **train_kwargs)`` -> ``(model, TrainResult)`` and saved to ``cache``
+    with ``save(model, cache)``; a message names the directory before and after training (a few CPU
+    minutes, once).
 
     Raises:
         FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
@@ -228,7 +231,11 @@ def load_or_train_model(
         )
     say(f"ddpo_rl: no pretrained {label} model found in {cache}; training one now "
         "(a few CPU minutes, once). It will be saved there.", progress)
-    model, result = train(device)
+    train_kwargs = dict(train_kwargs or {})
+    model = build(seed=train_kwargs.get("seed", 0))
+    if device is not None:
+        model.to(device)
+    model, result = train(model, progress=progress, **train_kwargs)
     save(model, cache)
     say(f"ddpo_rl: {label} model trained in {result.seconds:.0f} s "
         f"(final loss {result.losses[-50:].mean():.4f}), saved to {cache}", progress)

@@ -416,15 +416,9 @@ def load_or_train_flow_digits_model(
         FileNotFoundError: nothing saved was found and ``train_if_missing`` is False.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else embedded.default_cache_dir(MODEL_NAME)
-
-    def train(on):
-        model = build_flow_digits_model(seed=train_kwargs.get("seed", 0))
-        if on is not None:
-            model.to(on)
-        return train_flow_digits_model(model, progress=progress, **train_kwargs)
-
     return embedded.load_or_train_model(
         cache, label="flow-digits", pretrain_script="pretrain_flow_digits.py", is_dir=is_flow_digits_model_dir,
-        load=load_flow_digits_model, packaged=packaged_model_dir, train=train, save=save_flow_digits_model,
-        device=device, use_packaged=use_packaged, train_if_missing=train_if_missing, progress=progress,
+        load=load_flow_digits_model, packaged=packaged_model_dir, build=build_flow_digits_model,
+        train=train_flow_digits_model, save=save_flow_digits_model, device=device, use_packaged=use_packaged,
+        train_if_missing=train_if_missing, progress=progress, train_kwargs=train_kwargs,
     )
