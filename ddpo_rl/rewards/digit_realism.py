@@ -66,14 +66,17 @@ class DigitRealism(torch.nn.Module):
         self.k = k
         self.register_buffer("real", real.clone(), persistent=False)
         self.register_buffer("labels", labels.clone(), persistent=False)
-        typical = torch.zeros(10)  # D_d: the real digits' mean distance to their k nearest others
-        for d in range(10):
-            own = real[labels == d]
-            typical[d] = self._distance(torch.cdist(own, own).fill_diagonal_(math.inf)).mean()
+        # D_d: the real digits' mean distance to their k nearest others of the class (not themselves)
+        own = self._distance(real, labels, exclude_self=True)
+        typical = torch.zeros(10).index_add_(0, labels, own) / torch.bincount(labels, minlength=10)
         self.register_buffer("typical", typical, persistent=False)
 
-    def _distance(self, dist: torch.Tensor) -> torch.Tensor:
-        """D of each row of pairwise distances: the mean of its ``k`` smallest, per pixel (RMS)."""
+    def _distance(self, x: torch.Tensor, digits: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+        """D of each row of ``x`` [B, 64]: the mean RMS distance to its ``k`` nearest real digits of class
+        ``digits`` [B] (all classes in one cdist; the other classes masked out)."""
+        dist = torch.cdist(x, self.real).masked_fill(self.labels[None, :] != digits[:, None], math.inf)
+        if exclude_self:
+            dist.fill_diagonal_(math.inf)
         return dist.topk(self.k, dim=1, largest=False).values.mean(1) / math.sqrt(self.real.shape[1])
 
     @torch.no_grad()
@@ -83,9 +86,5 @@ class DigitRealism(torch.nn.Module):
         self.to(images.device)
         x = DigitClassifier.to_features(images)
         digits = torch.tensor([parse_digit(p) for p in prompts], device=x.device)
-        out = torch.empty(len(prompts), device=x.device)
-        for d in digits.unique():
-            rows = digits == d
-            distance = self._distance(torch.cdist(x[rows], self.real[self.labels == d]))
-            out[rows] = self.typical[d] / distance.clamp(min=1e-6)  # a copy of k real digits: large, finite
-        return out
+        # a copy of k real digits has distance 0: its realism is large, not infinite
+        return self.typical[digits] / self._distance(x, digits).clamp(min=1e-6)

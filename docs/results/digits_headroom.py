@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from ddpo_rl.config import parse_cli  # noqa: E402
 from ddpo_rl.keys import KEYS  # noqa: E402
 from ddpo_rl.models.digits_data import load_digits_dataset  # noqa: E402
+from ddpo_rl.models.embedded import PROMPT_TEMPLATE  # noqa: E402
 from ddpo_rl.rewards.digits import parse_digit  # noqa: E402
 from ddpo_rl.rewards.registry import make_reward  # noqa: E402
 from recipes.ddpo_recipe import EVAL_SEED_OFFSET, DDPORecipe  # noqa: E402
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
             results = {"transforms": {}, "late_noise": {}, "base": {}, "dataset": {}}
             real, labels = load_digits_dataset()
             real = ((real + 1) / 2).expand(-1, 3, -1, -1)  # [-1, 1] grey -> [0, 1] RGB, like model.decode
-            real_prompts = [f"a handwritten digit {int(d)}" for d in labels]
+            real_prompts = [PROMPT_TEMPLATE.format(int(d)) for d in labels]
             real_reward, real_prob = jpeg(real, real_prompts), digit(real, real_prompts)
             for name, env in recipe.eval_envs.items():
                 n_batches = math.ceil(args.samples / cfg.sample_batch_size)
