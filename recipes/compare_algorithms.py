@@ -4,8 +4,8 @@
 
 Every run uses the same preset and overrides, so the same number of reward queries
 (epochs x samples per epoch); only the algorithm and the seed change. Each run is its own
-process (recipes/<algorithm>.py, log in its directory's log.txt); ``--jobs`` runs that many at
-once, each with cores/jobs threads. Writes comparison.json, comparison.md and comparison.png
+process (recipes/<algorithm>.py, log in its directory's log.txt; ddpo_rl.run_pool); ``--jobs`` runs
+that many at once, each with cores/jobs threads. Writes comparison.json, comparison.md and comparison.png
 (see ddpo_rl.comparison). Run it again after an interruption: finished runs are reused and
 interrupted ones resume from their checkpoints.
 """
@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
@@ -26,40 +23,20 @@ from ddpo_rl.config import ALGORITHMS
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.run_dir import check_directory_path
 from ddpo_rl.plotting import save_curve_png
-from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.run_pool import PoolRun, run_pool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _launch(run, overrides: list[str], threads: int) -> subprocess.Popen:
-    os.makedirs(run.out, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+def _pool_run(run, overrides: list[str]) -> PoolRun:
     root = os.path.dirname(HERE)  # so that module-path rewards (pkg.module:factory) resolve as here
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    log = open(os.path.join(run.out, "log.txt"), "a")
-    cmd = [sys.executable, os.path.join(HERE, f"{run.algorithm}.py"), *run.cli_args(overrides)]
-    # own session: a Ctrl-C reaches only this script, which forwards one SIGTERM (see main)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    log.close()
-    return proc
-
-
-def _run_all(pending, active, failed, progress, task, runs, overrides, threads, jobs) -> None:
-    """Launch runs, ``jobs`` at a time, until all have exited; progress counts logged epochs."""
-    while pending or active:
-        while pending and len(active) < jobs:
-            r = pending.pop(0)
-            active.append((r, _launch(r, overrides, threads)))
-        for r, proc in list(active):
-            if proc.poll() is not None:
-                active.remove((r, proc))
-                if proc.returncode != 0:
-                    failed.append(r)
-                    progress.console.print(f"[red]{r.algorithm} seed {r.seed} failed (exit {proc.returncode}); "
-                                           f"see {os.path.join(r.out, 'log.txt')}")
-        done = sum(len(read_jsonl(os.path.join(r.out, "metrics.jsonl"))) for r in runs)
-        progress.update(task, completed=done, running=", ".join(f"{r.algorithm} s{r.seed}" for r, _ in active))
-        time.sleep(1.0)
+    return PoolRun(
+        name=f"{run.algorithm} seed {run.seed}",
+        command=[sys.executable, os.path.join(HERE, f"{run.algorithm}.py"), *run.cli_args(overrides)],
+        out=run.out,
+        epochs=run.cfg.epochs,
+        extra_env={"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))},
+    )
 
 
 def main(argv=None) -> dict:
@@ -82,28 +59,12 @@ def main(argv=None) -> dict:
     for r in runs:
         print(f"{r.algorithm} seed {r.seed}: {r.status} -> {r.out}", flush=True)
 
-    # 2. run what is not done, --jobs at a time, with a progress bar over all epochs
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    # 2. run what is not done, --jobs at a time, with a progress bar over all epochs (ddpo_rl.run_pool:
+    #    a Ctrl-C or SIGTERM makes the running runs checkpoint and stop; the same command resumes them)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    total = sum(r.cfg.epochs for r in runs)
-    failed = []
-    with Progress(TextColumn("[bold blue]comparison"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[running]}"),
-                  disable=args.progress == "false") as progress:
-        task = progress.add_task("runs", total=total, running="")
-        pending, active = list(todo), []  # active: (run, process) pairs
-        try:
-            _run_all(pending, active, failed, progress, task, runs, overrides, threads, args.jobs)
-        except KeyboardInterrupt:  # SIGINT or SIGTERM: each running run checkpoints at its epoch's end
-            progress.console.print("interrupted: the running runs checkpoint and stop; "
-                                   "run the same command again to continue")
-            for _, proc in active:
-                proc.send_signal(signal.SIGTERM)
-            for _, proc in active:
-                proc.wait()
-            raise SystemExit(130) from None
+    failed = run_pool([_pool_run(r, overrides) for r in todo], jobs=args.jobs, threads=threads,
+                      progress=args.progress == "true", title="comparison",
+                      planned=[_pool_run(r, overrides) for r in runs])
     if failed:
         print(f"error: {len(failed)} run(s) failed; fix and run the same command again to finish", file=sys.stderr)
         raise SystemExit(1)

@@ -5,8 +5,11 @@
 
 Every run is the preset (plus the extra ``--FIELD VALUE`` overrides) with one ``kl_coef`` and one
 seed, run by recipes/<algorithm>.py in its own process with one thread, ``--jobs`` at a time, in
-RUNS_DIR/<preset>/kl<C>/seed<S>/ (log in log.txt). A directory holding the finished run of the same
-configuration is reused, an interrupted one resumed. Then it writes, from the runs' summary.json
+RUNS_DIR/<preset>/kl<C>/seed<S>/ (log in log.txt; ddpo_rl.run_pool, with a progress bar over the
+runs' epochs). A directory holding the finished run of the same configuration is reused, an
+interrupted one resumed; Ctrl-C or SIGTERM makes the running runs checkpoint and stop (run the
+same command again to continue). A failed or unfinished run stops it before anything is written
+(``--no-run`` aggregates what is finished and names the missing runs in the tables). Then it writes, from the runs' summary.json
 and metrics.jsonl (ddpo_rl.comparison.front_row / front_table / front_markdown):
 
     OUT/kl_front_<preset>.json   every run's reward gains, monitor ratios, alarm and best epochs, seconds
@@ -21,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
@@ -32,6 +33,7 @@ from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
 from ddpo_rl.reporting import read_jsonl
 from ddpo_rl.run_dir import check_directory_path, describe_run
+from ddpo_rl.run_pool import PoolRun, run_pool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,19 +51,31 @@ def _plan(preset: str, kl_coefs, seeds, overrides, runs_dir):
     return runs
 
 
-def _launch(cfg, args, status) -> subprocess.Popen:
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")]))
-    log = open(os.path.join(cfg.output_dir, "log.txt"), "a")
+def _pool_run(cfg, args, status) -> PoolRun:
     cmd = [sys.executable, os.path.join(HERE, f"{cfg.algorithm}.py"), *args]
     if status == "resume":
         cmd += ["--resume", cfg.output_dir]
     elif describe_run(cfg.output_dir) is not None:  # started but never checkpointed: start it again
         cmd += ["--overwrite", "true"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    log.close()
-    return proc
+    return PoolRun(
+        name=f"kl {cfg.kl_coef:g} seed {cfg.seed}",
+        command=cmd,
+        out=cfg.output_dir,
+        epochs=cfg.epochs,
+        extra_env={"PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")]))},
+    )
+
+
+def _finished(cfg) -> dict | None:
+    """The run's summary.json if it ran to its last epoch (or was stopped by the monitor alarm), else None."""
+    path = os.path.join(cfg.output_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    if summary.get("final", {}).get("epoch") == cfg.epochs or summary.get("stopped_on_monitor_drop"):
+        return summary
+    return None
 
 
 def _included_rows(paths, setup: dict) -> list[dict]:
@@ -90,7 +104,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--runs-dir", default="outputs/kl_front")
     parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--no-run", action="store_true", help="only aggregate the runs that are finished")
+    parser.add_argument("--no-run", action="store_true",
+                        help="only aggregate the runs that are finished (the tables then name the missing ones)")
+    parser.add_argument("--progress", default="true", choices=["true", "false"], help="a progress bar over the runs' epochs")
     parser.add_argument("--include", nargs="*", default=[], metavar="FRONT_JSON",
                         help="also take the rows of earlier fronts (kl_front_<preset>.json) of the same setup; "
                              "their (kl_coef, seed) pairs are not run again")
@@ -108,34 +124,37 @@ def main(argv=None) -> dict:
         included = _included_rows(args.include, setup)
     done_before = {(r["kl_coef"], r["seed"]) for r in included}  # not run again
     pending = [] if args.no_run else [r for r in runs if r[2] != "done" and (r[0].kl_coef, r[0].seed) not in done_before]
-    active = []
-    while pending or active:
-        while pending and len(active) < args.jobs:
-            cfg, a, status = pending.pop(0)
-            active.append((cfg, _launch(cfg, a, status)))
-        for cfg, proc in list(active):
-            if proc.poll() is not None:
-                active.remove((cfg, proc))
-                print(f"{cfg.output_dir}: exit {proc.returncode}", flush=True)
-        time.sleep(2.0)
+    # one thread per run, --jobs at a time (ddpo_rl.run_pool: a Ctrl-C or SIGTERM makes the running
+    # runs checkpoint and stop; the same command resumes them)
+    failed = run_pool([_pool_run(*r) for r in pending], jobs=args.jobs, threads=1,
+                      progress=args.progress == "true", title=f"kl front {args.preset}",
+                      planned=[_pool_run(*r) for r in runs if (r[0].kl_coef, r[0].seed) not in done_before])
+    if failed:
+        print(f"error: {len(failed)} run(s) failed; no front written. Fix and run the same command again to finish",
+              file=sys.stderr)
+        raise SystemExit(1)
     rows = []
     for cfg, _, _ in runs:
-        path = os.path.join(cfg.output_dir, "summary.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                summary = json.load(f)
-            if summary.get("final", {}).get("epoch") == cfg.epochs or summary.get("stopped_on_monitor_drop"):
-                metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
-                evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
-                rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
+        summary = _finished(cfg)
+        if summary is not None:
+            metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
+            evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
+            rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
     have = {(r["kl_coef"], r["seed"]) for r in rows}
     rows += [r for r in included if (r["kl_coef"], r["seed"]) not in have]
+    missing = [cfg for cfg, _, _ in runs if (cfg.kl_coef, cfg.seed) not in {(r["kl_coef"], r["seed"]) for r in rows}]
+    if missing and not args.no_run:  # e.g. a run stopped by SIGTERM: it checkpointed instead of finishing
+        print(f"error: {len(missing)} run(s) did not finish ({missing[0].output_dir}, ...); no front written. "
+              "Run the same command again to resume them", file=sys.stderr)
+        raise SystemExit(1)
     if not rows:
         print("no finished runs to aggregate", file=sys.stderr)
         return {}
     front = front_table(rows)
     extra = f" with {' '.join(overrides)}" if overrides else ""
     front["setup"] = setup
+    if missing:  # --no-run over an unfinished front: the runs the tables lack
+        front["missing"] = [dict(kl_coef=c.kl_coef, seed=c.seed) for c in missing]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"kl_front_{args.preset}")
     with open(stem + ".json", "w") as f:
@@ -143,6 +162,9 @@ def main(argv=None) -> dict:
     header = (f"KL front of the {args.preset} preset{extra}: {cfg.algorithm} on {cfg.reward}, {cfg.epochs} epochs, "
               f"monitors {', '.join(cfg.monitor_rewards)} at CFG {cfg.guidance_scale:g}, {cfg.eval_num_samples} "
               "fixed-seed samples per prompt set.")
+    if missing:
+        header += (f" PARTIAL: {len(missing)} of the {len(runs)} planned runs are not finished and not in these "
+                   f"tables ({', '.join(f'kl {c.kl_coef:g} seed {c.seed}' for c in missing)}).")
     with open(stem + ".md", "w") as f:
         f.write(front_markdown(front, header))
     groups, colors, hollow = {}, {}, []

@@ -158,3 +158,37 @@ def test_kl_front_includes_the_rows_of_an_earlier_front_of_the_same_setup(tmp_pa
     assert not (tmp_path / "runs" / "digits" / "kl0" / "seed0").exists()
     res = kl_front("--include", str(tmp_path / "other.json"))
     assert res.returncode == 2 and res.stderr.startswith("error: include:") and len(res.stderr.splitlines()) == 1
+
+
+def test_kl_front_refuses_to_write_a_front_with_a_failed_run_and_labels_a_partial_one(tmp_path):
+    """A run that fails: one line naming its log, exit 1, no front files. ``--no-run`` over a front
+    with an unfinished run: the tables and the JSON name the missing run instead of passing as whole."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    def kl_front(*args, out="out"):
+        cmd = [sys.executable, f"{ROOT}/recipes/kl_front.py", "--preset", "tiny", "--epochs", "1", "--kl-coefs", "0",
+               "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / out), "--progress", "false", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+
+    res = kl_front("--seeds", "0", "--reward-kwargs", '{"bogus": 1}', out="failed")
+    assert res.returncode == 1
+    log = tmp_path / "runs" / "tiny" / "kl0" / "seed0" / "log.txt"
+    assert f"error: kl 0 seed 0 failed (exit 2); see {log}" in res.stderr and "bogus" in log.read_text()
+    assert not (tmp_path / "failed").exists()
+
+    res = kl_front("--seeds", "0")  # the failed run's directory (its log.txt alone) is started again
+    assert res.returncode == 0, res.stderr[-2000:]
+    whole = json.loads((tmp_path / "out" / "kl_front_tiny.json").read_text())
+    assert "missing" not in whole and "PARTIAL" not in (tmp_path / "out" / "kl_front_tiny.md").read_text()
+
+    res = kl_front("--seeds", "0", "1", "--no-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    partial = json.loads((tmp_path / "out" / "kl_front_tiny.json").read_text())
+    assert partial["missing"] == [{"kl_coef": 0.0, "seed": 1}]
+    assert [(r["kl_coef"], r["seed"]) for r in partial["rows"]] == [(0.0, 0)]
+    md = (tmp_path / "out" / "kl_front_tiny.md").read_text()
+    assert "PARTIAL: 1 of the 2 planned runs" in md and "kl 0 seed 1" in md
