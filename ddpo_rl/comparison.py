@@ -238,12 +238,17 @@ def front_row(summary: dict, metrics: list[dict], evals: list[dict] | None = Non
 
 
 def _path_point(base: dict, record: dict) -> dict:
-    """An intermediate evaluation of a run: training-prompt gain (base std) and smallest monitor final/base."""
+    """An intermediate evaluation of a run: training-prompt gain (base std), each monitor's smaller
+    final/base over the two prompt sets (``monitor_ratios``) and the smallest of them."""
     gain = (record["train_prompts_reward_mean"] - base["train_prompts_reward_mean"]) / base["train_prompts_reward_std"]
-    ratios = [record["monitors"][n][f"{s}_mean"] / b[f"{s}_mean"]
-              for n, b in base.get("monitors", {}).items() for s in ("train", "eval")
-              if b.get(f"{s}_mean") and record["monitors"].get(n, {}).get(f"{s}_mean") is not None]
-    return {"epoch": record["epoch"], "train_gain": gain, "min_monitor_ratio": min(ratios) if ratios else None}
+    per_monitor = {}
+    for n, b in base.get("monitors", {}).items():
+        ratios = [record["monitors"][n][f"{s}_mean"] / b[f"{s}_mean"] for s in ("train", "eval")
+                  if b.get(f"{s}_mean") and record["monitors"].get(n, {}).get(f"{s}_mean") is not None]
+        if ratios:
+            per_monitor[n] = min(ratios)
+    return {"epoch": record["epoch"], "train_gain": gain, "monitor_ratios": per_monitor,
+            "min_monitor_ratio": min(per_monitor.values()) if per_monitor else None}
 
 
 def front_table(rows: list[dict]) -> dict:

@@ -118,6 +118,7 @@ def test_kl_front_rows_criteria_alarm_and_table():
     assert good["passes"] and not bad["passes"]
     assert good["alarm_epoch"] is None and bad["alarm_epoch"] == 20 and bad["best_epoch"] == 10
     assert [p["epoch"] for p in bad["path"]] == [10, 20] and bad["path"][1]["min_monitor_ratio"] == pytest.approx(0.2 / 0.9)
+    assert bad["path"][1]["monitor_ratios"] == {"digit_alignment": pytest.approx(0.2 / 0.9)}
     assert good["seconds"] == 40.0
     front = front_table([good, bad, _front_run(0.1, 1, -0.95, 0.88)])
     assert front["by_kl_coef"]["0.1"]["passing_seeds"] == 1 and front["by_kl_coef"]["0.0"]["passing_seeds"] == 0

@@ -203,7 +203,9 @@ def plot(results: dict, path: Path, front: Path | None, others: dict | None = No
         colors[label] = 2 + k
     if front is not None:
         runs = json.loads(front.read_text())["rows"]
-        groups["runs, every eval"] = [(e["min_monitor_ratio"], e["train_gain"]) for r in runs for e in r["path"]]
+        # the digit classifier's ratio (fronts made with more monitors also hold realism's; older ones only this)
+        groups["runs, every eval"] = [(e.get("monitor_ratios", {}).get("digit_alignment", e["min_monitor_ratio"]), e["train_gain"])
+                                      for r in runs for e in r["path"]]
     save_scatter_png(
         str(path), groups, title="digits: optimum of reward - beta KL (tilted base samples; other models: ESS >= 30 only) vs the runs",
         xlabel="smallest P(digit) final/base (train & held-out)", ylabel="reward gain (base std)",
