@@ -9,8 +9,9 @@ RUNS_DIR/<preset>/kl<C>/seed<S>/ (log in log.txt; ddpo_rl.run_pool, with a progr
 runs' epochs). A directory holding the finished run of the same configuration is reused, an
 interrupted one resumed; Ctrl-C or SIGTERM makes the running runs checkpoint and stop (run the
 same command again to continue). A failed or unfinished run stops it before anything is written
-(``--no-run`` aggregates what is finished and names the missing runs in the tables). Then it writes, from the runs' summary.json
-and metrics.jsonl (ddpo_rl.comparison.front_row / front_table / front_markdown):
+(``--no-run`` aggregates what is finished and names the missing runs in the tables). Then it
+writes, from the runs' summary.json and metrics.jsonl (ddpo_rl.comparison.front_row / front_table /
+front_markdown):
 
     OUT/kl_front_<preset>.json   every run's reward gains, monitor ratios, alarm and best epochs, seconds
     OUT/kl_front_<preset>.md     the same as tables (per run, and per kl_coef over seeds)
@@ -142,7 +143,8 @@ def main(argv=None) -> dict:
             rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
     have = {(r["kl_coef"], r["seed"]) for r in rows}
     rows += [r for r in included if (r["kl_coef"], r["seed"]) not in have]
-    missing = [cfg for cfg, _, _ in runs if (cfg.kl_coef, cfg.seed) not in {(r["kl_coef"], r["seed"]) for r in rows}]
+    have |= {(r["kl_coef"], r["seed"]) for r in rows}
+    missing = [cfg for cfg, _, _ in runs if (cfg.kl_coef, cfg.seed) not in have]
     if missing and not args.no_run:  # e.g. a run stopped by SIGTERM: it checkpointed instead of finishing
         print(f"error: {len(missing)} run(s) did not finish ({missing[0].output_dir}, ...); no front written. "
               "Run the same command again to resume them", file=sys.stderr)
