@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -85,7 +86,8 @@ def run_pool(
         return []
     planned = list(planned) if planned is not None else list(runs)
     pending, active, failed = list(runs), [], []
-    old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None  # SIGTERM = Ctrl-C
     try:
         with Progress(TextColumn(f"[bold blue]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[running]}"),
@@ -116,7 +118,8 @@ def run_pool(
                     proc.wait()
                 raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return failed
 
 

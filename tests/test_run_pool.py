@@ -77,6 +77,18 @@ def test_a_failed_run_is_returned_and_named_with_its_log(tmp_path, capsys):
     assert epochs_logged(ok.out) == 3  # the others still ran
 
 
+def test_runs_from_a_thread_other_than_the_main_one(tmp_path):
+    """Signal handlers can only be set in the main thread: elsewhere the pool leaves them alone."""
+    import threading
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(
+        run_pool([_run(tmp_path, "r")], jobs=1, threads=1, progress=False, poll_seconds=0.02)))
+    worker.start()
+    worker.join(60)
+    assert result == [[]] and epochs_logged(str(tmp_path / "r")) == 3
+
+
 def test_nothing_to_run_returns_at_once():
     assert run_pool([], jobs=1, threads=1, progress=False) == []
     with pytest.raises(ValueError, match="jobs"):
