@@ -9,9 +9,14 @@ Reproduces three measurements of ``docs/results/digits_search.md`` (second and f
 2. the reward's response to noise of the late DDIM steps' size added to the final latents;
 3. the real handwritten digits the model was trained on (scikit-learn's 1797): each prompt set's
    digits, all of them and the most compressible fraction of each digit, scored the same way against
-   the base model's samples of that digit (gain) and of that set (ratio).
+   the base model's samples of that digit (gain) and of that set (ratio);
+4. with ``--reference-loss`` (seventh session, about 6 minutes more): the pretrained model's own
+   denoising loss (its pretraining objective, epsilon MSE averaged over a fixed grid of timesteps
+   and noise draws; lower = more likely under the model, an ELBO up to weights and constants) of
+   each transformed image, of a blank image and of the real digits: would a penalty on it, added to
+   the reward, prefer crisp strokes to faded or blank ones?
 
-    python docs/results/digits_headroom.py --json docs/results/digits_headroom.json
+    python docs/results/digits_headroom.py --json docs/results/digits_headroom.json [--reference-loss]
 
 The samples are those of the default run's epoch-0 evaluation (digits preset, CFG 3, T 10, eta 1,
 the evaluation seed), drawn by the recipe itself. Analysis only: nothing here is trained.
@@ -56,9 +61,31 @@ TRANSFORMS = {
     "x^2": lambda x: x**2,
     "2x2 block means (coarse structure kept)": lambda x: F.interpolate(F.avg_pool2d(x, 2), scale_factor=2),
     "blur 3x3": lambda x: F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1),
+    "intensity x 0.6": lambda x: x * 0.6,
+    "blank": torch.zeros_like,
 }
 DATA_FRACTIONS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)  # the most compressible fraction of each digit's real images
 LATE_NOISE = (0.007, 0.015, 0.05, 0.1)  # on the [-1, 1] latents; the last two DDIM steps' sigma first
+LOSS_TIMESTEPS = torch.linspace(10, 990, 25).long()  # the reference-loss grid (of the 1000 training steps)
+
+
+@torch.no_grad()
+def reference_loss(model, images: torch.Tensor, prompts: list[str], draws: int = 4) -> torch.Tensor:
+    """The pretrained model's denoising loss of each image ([B, 3, H, W] in [0, 1]): epsilon MSE at
+    every timestep of ``LOSS_TIMESTEPS``, ``draws`` noise draws each (a fixed generator), averaged: [B]."""
+    x0 = images[:, :1] * 2 - 1  # RGB [0, 1] -> the model's grey [-1, 1]
+    context = model.encode_prompts(prompts)
+    alphas_cumprod = model.scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(1)
+    total = torch.zeros(x0.shape[0])
+    for t in LOSS_TIMESTEPS:
+        a = alphas_cumprod[t]
+        for _ in range(draws):
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            eps = model.unet(x_t, t.expand(x0.shape[0]), encoder_hidden_states=context).sample
+            total += ((eps - noise) ** 2).mean((1, 2, 3))
+    return total / (len(LOSS_TIMESTEPS) * draws)
 
 
 def main(argv=None) -> dict:
@@ -66,6 +93,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=128, help="samples per prompt set (default 128)")
     parser.add_argument("--noise-draws", type=int, default=4, help="noise draws per sample (default 4)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--reference-loss", action="store_true",
+                        help="also score every image by the pretrained model's denoising loss (slow)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as out:
@@ -92,6 +121,16 @@ def main(argv=None) -> dict:
                     gain = (jpeg(x, prompts).mean() - reward.mean()).item() / TRAIN_BASE_STD_KB
                     ratio = (digit(x, prompts).mean() / prob.mean()).item()
                     results["transforms"].setdefault(label, {})[name] = {"gain": gain, "ratio": ratio}
+                    if args.reference_loss:
+                        loss = reference_loss(recipe.model, x, prompts)
+                        results["transforms"][label][name]["reference_loss"] = loss.mean().item()
+                if args.reference_loss:
+                    loss = reference_loss(recipe.model, images, prompts)
+                    results["base"][name]["reference_loss"] = loss.mean().item()
+                    if name == "train":  # the real digits once (every sixth of the 1797, all ten digits)
+                        every = slice(None, None, 6)
+                        loss = reference_loss(recipe.model, real[every], real_prompts[every])
+                        results["real_digits_reference_loss"] = loss.mean().item()
                 digits = torch.tensor([parse_digit(p) for p in prompts])
                 for fraction in DATA_FRACTIONS:
                     gains, probs = [], []
@@ -122,6 +161,13 @@ def main(argv=None) -> dict:
     for label, by_set in results["transforms"].items():
         cells = [f"{by_set[k]['gain']:+.2f}, {by_set[k]['ratio']:.3f}" for k in ("train", "eval")]
         print(f"| {label} | {cells[0]} | {cells[1]} |")
+    if args.reference_loss:
+        print("\n| image | reference loss, train | held-out |\n|---|---|---|")
+        print(f"| base samples | {results['base']['train']['reference_loss']:.4f} | "
+              f"{results['base']['eval']['reference_loss']:.4f} |")
+        for label, by_set in results["transforms"].items():
+            print(f"| {label} | {by_set['train']['reference_loss']:.4f} | {by_set['eval']['reference_loss']:.4f} |")
+        print(f"| real digits (every sixth) | {results['real_digits_reference_loss']:.4f} | |")
     print("\n| real digits (most compressible fraction of each digit) | train: gain, ratio | held-out: gain, ratio |")
     print("|---|---|---|")
     for fraction, by_set in results["dataset"].items():
