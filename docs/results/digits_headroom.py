@@ -15,8 +15,12 @@ Reproduces three measurements of ``docs/results/digits_search.md`` (second and f
    and noise draws; lower = more likely under the model, an ELBO up to weights and constants) of
    each transformed image, of a blank image and of the real digits: would a penalty on it, added to
    the reward, prefer crisp strokes to faded or blank ones?
+5. with ``--prompt-margin`` (seventh session, about 5 minutes more): the pretrained model as a
+   classifier of its ten digit prompts (the same noise under every prompt): per image the margin
+   between its denoising loss under the other digit prompts and under the prompted one, on the
+   first 64 training-prompt samples and their transforms.
 
-    python docs/results/digits_headroom.py --json docs/results/digits_headroom.json [--reference-loss]
+    python docs/results/digits_headroom.py --json docs/results/digits_headroom.json [--reference-loss] [--prompt-margin]
 
 The samples are those of the default run's epoch-0 evaluation (digits preset, CFG 3, T 10, eta 1,
 the evaluation seed), drawn by the recipe itself. Analysis only: nothing here is trained.
@@ -67,25 +71,51 @@ TRANSFORMS = {
 DATA_FRACTIONS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)  # the most compressible fraction of each digit's real images
 LATE_NOISE = (0.007, 0.015, 0.05, 0.1)  # on the [-1, 1] latents; the last two DDIM steps' sigma first
 LOSS_TIMESTEPS = torch.linspace(10, 990, 25).long()  # the reference-loss grid (of the 1000 training steps)
+MARGIN_TIMESTEPS = torch.linspace(10, 990, 10).long()  # the implicit classifier's grid (11 prompts each)
+MARGIN_SAMPLES = 64  # training-prompt samples the implicit classifier scores
 
 
 @torch.no_grad()
-def reference_loss(model, images: torch.Tensor, prompts: list[str], draws: int = 4) -> torch.Tensor:
-    """The pretrained model's denoising loss of each image ([B, 3, H, W] in [0, 1]): epsilon MSE at
-    every timestep of ``LOSS_TIMESTEPS``, ``draws`` noise draws each (a fixed generator), averaged: [B]."""
+def denoising_losses(model, images: torch.Tensor, candidates: list[list[str]], timesteps: torch.Tensor,
+                     draws: int) -> torch.Tensor:
+    """The pretrained model's denoising loss of each image ([B, 3, H, W] in [0, 1]) under each
+    candidate prompt list (``candidates[p][i]`` conditions image i): epsilon MSE at every timestep
+    of ``timesteps``, ``draws`` noise draws each, the same noise for every candidate (a fixed
+    generator), averaged: [B, P]."""
     x0 = images[:, :1] * 2 - 1  # RGB [0, 1] -> the model's grey [-1, 1]
-    context = model.encode_prompts(prompts)
+    contexts = [model.encode_prompts(prompts) for prompts in candidates]
     alphas_cumprod = model.scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(1)
-    total = torch.zeros(x0.shape[0])
-    for t in LOSS_TIMESTEPS:
+    total = torch.zeros(x0.shape[0], len(candidates))
+    for t in timesteps:
         a = alphas_cumprod[t]
         for _ in range(draws):
             noise = torch.randn(x0.shape, generator=gen)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            eps = model.unet(x_t, t.expand(x0.shape[0]), encoder_hidden_states=context).sample
-            total += ((eps - noise) ** 2).mean((1, 2, 3))
-    return total / (len(LOSS_TIMESTEPS) * draws)
+            for p, context in enumerate(contexts):
+                eps = model.unet(x_t, t.expand(x0.shape[0]), encoder_hidden_states=context).sample
+                total[:, p] += ((eps - noise) ** 2).mean((1, 2, 3))
+    return total / (len(timesteps) * draws)
+
+
+def reference_loss(model, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The denoising loss under each image's own prompt (``LOSS_TIMESTEPS``, 4 draws): [B]."""
+    return denoising_losses(model, images, [prompts], LOSS_TIMESTEPS, draws=4)[:, 0]
+
+
+def prompt_margin(model, images: torch.Tensor, digits: torch.Tensor) -> dict:
+    """The pretrained model as a classifier of its ten digit prompts (``MARGIN_TIMESTEPS``, 2
+    draws): margin = mean loss under the nine other digit prompts - loss under the prompted one;
+    top-1 = the prompted digit has the smallest loss; PMI = loss under the unconditional prompt -
+    loss under the prompted one. Means over the images."""
+    n = images.shape[0]
+    candidates = [[PROMPT_TEMPLATE.format(k)] * n for k in range(10)] + [[""] * n]
+    losses = denoising_losses(model, images, candidates, MARGIN_TIMESTEPS, draws=2)
+    own = losses[:, :10].gather(1, digits[:, None])[:, 0]
+    others = (losses[:, :10].sum(1) - own) / 9
+    return {"own_loss": own.mean().item(), "margin": (others - own).mean().item(),
+            "top1": (losses[:, :10].argmin(1) == digits).float().mean().item(),
+            "pmi": (losses[:, 10] - own).mean().item()}
 
 
 def main(argv=None) -> dict:
@@ -95,6 +125,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--reference-loss", action="store_true",
                         help="also score every image by the pretrained model's denoising loss (slow)")
+    parser.add_argument("--prompt-margin", action="store_true",
+                        help="also score the training-prompt images by the pretrained model's implicit "
+                             "classifier of its digit prompts (slow)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as out:
@@ -115,7 +148,11 @@ def main(argv=None) -> dict:
                 images = recipe.model.decode(latents)
                 prompts = env.base_env.prompts_of(traj[KEYS.prompt_id][:, 0])
                 reward, prob = jpeg(images, prompts), digit(images, prompts)
+                digits = torch.tensor([parse_digit(p) for p in prompts])
                 results["base"][name] = {"reward_kb": reward.mean().item(), "p_digit": prob.mean().item()}
+                if args.prompt_margin and name == "train":
+                    results["base"][name]["prompt_margin"] = prompt_margin(
+                        recipe.model, images[:MARGIN_SAMPLES], digits[:MARGIN_SAMPLES])
                 for label, fn in TRANSFORMS.items():
                     x = fn(images)
                     gain = (jpeg(x, prompts).mean() - reward.mean()).item() / TRAIN_BASE_STD_KB
@@ -124,6 +161,9 @@ def main(argv=None) -> dict:
                     if args.reference_loss:
                         loss = reference_loss(recipe.model, x, prompts)
                         results["transforms"][label][name]["reference_loss"] = loss.mean().item()
+                    if args.prompt_margin and name == "train":
+                        results["transforms"][label][name]["prompt_margin"] = prompt_margin(
+                            recipe.model, x[:MARGIN_SAMPLES], digits[:MARGIN_SAMPLES])
                 if args.reference_loss:
                     loss = reference_loss(recipe.model, images, prompts)
                     results["base"][name]["reference_loss"] = loss.mean().item()
@@ -131,7 +171,6 @@ def main(argv=None) -> dict:
                         every = slice(None, None, 6)
                         loss = reference_loss(recipe.model, real[every], real_prompts[every])
                         results["real_digits_reference_loss"] = loss.mean().item()
-                digits = torch.tensor([parse_digit(p) for p in prompts])
                 for fraction in DATA_FRACTIONS:
                     gains, probs = [], []
                     for d in digits.unique():
@@ -168,6 +207,14 @@ def main(argv=None) -> dict:
         for label, by_set in results["transforms"].items():
             print(f"| {label} | {by_set['train']['reference_loss']:.4f} | {by_set['eval']['reference_loss']:.4f} |")
         print(f"| real digits (every sixth) | {results['real_digits_reference_loss']:.4f} | |")
+    if args.prompt_margin:
+        print(f"\n| image ({MARGIN_SAMPLES} training-prompt samples) | loss, own prompt | margin | top-1 | PMI |")
+        print("|---|---|---|---|---|")
+        rows = [("base samples", results["base"]["train"])] + [
+            (label, by_set["train"]) for label, by_set in results["transforms"].items()]
+        for label, row in rows:
+            m = row["prompt_margin"]
+            print(f"| {label} | {m['own_loss']:.4f} | {m['margin']:.4f} | {m['top1']:.2f} | {m['pmi']:.4f} |")
     print("\n| real digits (most compressible fraction of each digit) | train: gain, ratio | held-out: gain, ratio |")
     print("|---|---|---|")
     for fraction, by_set in results["dataset"].items():
