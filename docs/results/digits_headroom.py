@@ -84,14 +84,12 @@ def denoising_losses(model, images: torch.Tensor, candidates: list[list[str]], t
     generator), averaged: [B, P]."""
     x0 = images[:, :1] * 2 - 1  # RGB [0, 1] -> the model's grey [-1, 1]
     contexts = [model.encode_prompts(prompts) for prompts in candidates]
-    alphas_cumprod = model.scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(1)
     total = torch.zeros(x0.shape[0], len(candidates))
     for t in timesteps:
-        a = alphas_cumprod[t]
         for _ in range(draws):
             noise = torch.randn(x0.shape, generator=gen)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            x_t = model.scheduler.add_noise(x0, noise, t.expand(x0.shape[0]))
             for p, context in enumerate(contexts):
                 eps = model.unet(x_t, t.expand(x0.shape[0]), encoder_hidden_states=context).sample
                 total[:, p] += ((eps - noise) ** 2).mean((1, 2, 3))
