@@ -24,6 +24,15 @@ same front with differently spaced betas.
         --compare "flow-digits, CFG 3=docs/results/digits_kl_optimum_flow_cfg3.json" \
         --compare "DDIM, 3000 steps=docs/results/digits_kl_optimum_3k.json"
 
+A second bound, wider than any tilt: the best that ANY re-weighting of the base samples can do
+(``reweighting``). Every objective of the form E[R] - D_f(pi || pi_ref) with an f-divergence (the KL
+at every coefficient, chi^2, ...) and every filtering of the model's own samples (RWR, rejection
+sampling, best-of-n distillation) ends at a distribution that re-weights the reference; the largest
+training-reward gain such a distribution reaches while keeping the digit probability at >= r x its
+base value is a linear programme over the samples' weights (each prompt keeps its share, the
+weights are non-negative and, optionally, at most K x the reference's, i.e. a density ratio <= K,
+KL <= log K). Solved exactly (scipy's HiGHS) for r in RATIOS and K in DENSITY_BOUNDS.
+
 (``--from-json F`` prints and plots a saved result without sampling again; ``--preset flow-digits``
 and any further recipe flags after ``--``, e.g. ``-- --guidance-scale 3``, measure another model;
 for a preset other than ``digits`` the unit is that run's own pooled training-prompt std.) The picture puts the
@@ -63,6 +72,8 @@ BETAS = {
 # bins of one sample's gain over its prompt's base mean, in the training prompts' base std
 GAIN_BINS = (-math.inf, -1.0, 0.0, 1.0, 2.0, 3.0, math.inf)
 MIN_ESS = 30  # below this many effective samples in some prompt, the tilted estimate is drawn as a ring
+RATIOS = (0.8, 0.85, 0.9, 0.95)  # digit-probability ratios at which the re-weighting bound is solved
+DENSITY_BOUNDS = (10.0, 100.0, 1000.0, None)  # largest density ratio pi / pi_ref allowed (None: any)
 BAR = (2.0, 0.85)  # issue 11's bar: training-prompt gain (base std), smallest P(digit) ratio
 
 
@@ -79,6 +90,32 @@ def tilt(reward: torch.Tensor, prob: torch.Tensor, groups: torch.Tensor, beta: f
         probs.append((w * p).sum())
         ess.append(1.0 / (w**2).sum())
     return torch.stack(rewards).mean().item(), torch.stack(probs).mean().item(), min(e.item() for e in ess)
+
+
+def reweighting_bound(reward: torch.Tensor, prob: torch.Tensor, groups: torch.Tensor, ratio: float,
+                      density_bound: float | None) -> tuple[float, float] | None:
+    """The largest mean reward over any re-weighting of the samples that keeps the mean digit probability
+    >= ratio x its base value (equally weighted prompts, as ``tilt``); None if no re-weighting can.
+
+    Variables: one weight per sample, >= 0, summing to 1/G within each of the G prompts, and at most
+    density_bound x that prompt's uniform weight. Returns (mean reward, mean probability) at the optimum.
+    """
+    from scipy.optimize import linprog
+
+    r, p = reward.double().numpy(), prob.double().numpy()
+    present = groups.unique()
+    n_groups = len(present)
+    a_eq = torch.stack([(groups == g).double() for g in present]).numpy()
+    counts = a_eq.sum(1)
+    base_p = float(sum(p[groups.numpy() == g.item()].mean() for g in present) / n_groups)
+    index = torch.searchsorted(present, groups).numpy()  # each sample's position among the prompts
+    cap = None if density_bound is None else density_bound / (n_groups * counts[index])
+    bounds = [(0.0, None)] * len(r) if cap is None else [(0.0, float(c)) for c in cap]
+    sol = linprog(-r, A_ub=-p[None], b_ub=[-ratio * base_p], A_eq=a_eq, b_eq=[1.0 / n_groups] * n_groups,
+                  bounds=bounds, method="highs")
+    if sol.status != 0:
+        return None
+    return float(sol.x @ r), float(sol.x @ p)
 
 
 def main(argv=None) -> dict:
@@ -155,8 +192,18 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
                 "count": int(m.sum().item()),
                 "ratio": (prob[m].double().mean() / base_p).item() if m.any() else None,
             })
+        # the best any re-weighting of these samples can do (the bound on every f-divergence objective)
+        bound_rows = []
+        for density_bound in DENSITY_BOUNDS:
+            for ratio in RATIOS:
+                best = reweighting_bound(reward, prob, ids, ratio, density_bound)
+                bound_rows.append({
+                    "density_bound": density_bound, "ratio": ratio,
+                    "gain": None if best is None else (best[0] - base_r) / unit,
+                    "p_ratio": None if best is None else best[1] / base_p,
+                })
         results["sets"][name] = {
-            "base_reward_kb": base_r, "base_p_digit": base_p, "by_gain": bins,
+            "base_reward_kb": base_r, "base_p_digit": base_p, "by_gain": bins, "reweighting": bound_rows,
             "per_prompt_std_kb": std[present].tolist(),
             "counts": torch.bincount(ids).tolist(), "tilt": rows,
         }
@@ -183,6 +230,18 @@ def report(results: dict) -> None:
             row = results["sets"][name]["by_gain"][i]
             cells.append(f"{row['count']}, " + ("-" if row["ratio"] is None else f"{row['ratio']:.3f}"))
         print(f"| {b['from']} .. {b['to']} | {cells[0]} | {cells[1]} |")
+    if "reweighting" in results["sets"]["train"]:
+        print("\nlargest gain of any re-weighting of the base samples at P(digit) >= r x base "
+              "(density ratio <= K)\n| K | " + " | ".join(f"r {r}: train / held-out" for r in RATIOS) + " |")
+        print("|---" * (len(RATIOS) + 1) + "|")
+        for density_bound in DENSITY_BOUNDS:
+            cells = []
+            for ratio in RATIOS:
+                pair = [next(row["gain"] for row in results["sets"][name]["reweighting"]
+                             if row["density_bound"] == density_bound and row["ratio"] == ratio)
+                        for name in ("train", "eval")]
+                cells.append(" / ".join("-" if g is None else f"{g:+.2f}" for g in pair))
+            print(f"| {'any' if density_bound is None else f'{density_bound:g}'} | " + " | ".join(cells) + " |")
     print(f"\n{results['samples_per_set']} samples per prompt set, unit {results['unit_kb']:.4f} kB, "
           f"{results['seconds']} s")
 
@@ -194,6 +253,16 @@ def _points(results: dict, trusted: bool) -> list[tuple[float, float]]:
             if (min(a["min_ess"], b["min_ess"]) >= MIN_ESS) == trusted]
 
 
+def _bound_points(results: dict, density_bound: float | None) -> list[tuple[float, float]]:
+    """(r, largest training gain of a re-weighting at P(digit) >= r x base) where both sets can keep r."""
+    if "reweighting" not in results["sets"]["train"]:
+        return []
+    rows = {name: {row["ratio"]: row for row in results["sets"][name]["reweighting"]
+                   if row["density_bound"] == density_bound} for name in ("train", "eval")}
+    return [(r, row["gain"]) for r, row in rows["train"].items()
+            if row["gain"] is not None and rows["eval"].get(r, {}).get("gain") is not None]
+
+
 def plot(results: dict, path: Path, front: Path | None, others: dict | None = None) -> None:
     """Training gain against the smaller P(digit) ratio of the two prompt sets, the bar's lines dashed."""
     groups = {"KL optimum (ESS >= 30)": _points(results, True), "KL optimum (ESS < 30)": _points(results, False)}
@@ -201,13 +270,18 @@ def plot(results: dict, path: Path, front: Path | None, others: dict | None = No
     for k, (label, other) in enumerate((others or {}).items()):
         groups[label] = _points(other, True)
         colors[label] = 2 + k
+    # the best any re-weighting of the base samples can do (any density ratio; at most 100 x the reference's)
+    for density_bound, label, color in ((None, "re-weighting, any", 5), (100.0, "re-weighting, <= 100x", 4)):
+        points = _bound_points(results, density_bound)
+        if points:
+            groups[label], colors[label] = points, color
     if front is not None:
         runs = json.loads(front.read_text())["rows"]
         # the digit classifier's ratio (fronts made with more monitors also hold realism's; older ones only this)
         groups["runs, every eval"] = [(e.get("monitor_ratios", {}).get("digit_alignment", e["min_monitor_ratio"]), e["train_gain"])
                                       for r in runs for e in r["path"]]
     save_scatter_png(
-        str(path), groups, title="digits: optimum of reward - beta KL (tilted base samples; other models: ESS >= 30 only) vs the runs",
+        str(path), groups, title="digits: optimum of reward - beta KL and the best re-weighting of the base samples, vs the runs",
         xlabel="smallest P(digit) final/base (train & held-out)", ylabel="reward gain (base std)",
         hlines=(BAR[0],), vlines=(BAR[1],), colors=colors, size=(900, 480),
         hollow=("KL optimum (ESS < 30)", "runs, every eval"),
