@@ -25,13 +25,14 @@ same front with differently spaced betas.
         --compare "DDIM, 3000 steps=docs/results/digits_kl_optimum_3k.json"
 
 A second bound, wider than any tilt: the best that ANY re-weighting of the base samples can do
-(``reweighting``). Every objective of the form E[R] - D_f(pi || pi_ref) with an f-divergence (the KL
-at every coefficient, chi^2, ...) and every filtering of the model's own samples (RWR, rejection
-sampling, best-of-n distillation) ends at a distribution that re-weights the reference; the largest
-training-reward gain such a distribution reaches while keeping the digit probability at >= r x its
-base value is a linear programme over the samples' weights (each prompt keeps its share, the
-weights are non-negative and, optionally, at most K x the reference's, i.e. a density ratio <= K,
-KL <= log K). Solved exactly (scipy's HiGHS) for r in RATIOS and K in DENSITY_BOUNDS.
+(``reweighting``). Every objective E[R] - D(pi || pi_ref) whose divergence grows without bound with
+the density ratio pi / pi_ref (the KL at every coefficient, chi^2) and every filtering of the
+model's own samples (RWR, rejection sampling, best-of-n distillation) ends at a distribution that
+re-weights the reference; the largest training-reward gain such a distribution reaches while keeping
+the digit probability at >= r x its base value is a linear programme over the samples' weights (each
+prompt keeps its share, the weights are non-negative and, optionally, at most K x the reference's,
+i.e. a density ratio <= K, KL <= log K). Solved exactly (scipy's HiGHS) for r in RATIOS and K in
+DENSITY_BOUNDS.
 
 (``--from-json F`` prints and plots a saved result without sampling again; ``--preset flow-digits``
 and any further recipe flags after ``--``, e.g. ``-- --guidance-scale 3``, measure another model;
@@ -192,7 +193,7 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
                 "count": int(m.sum().item()),
                 "ratio": (prob[m].double().mean() / base_p).item() if m.any() else None,
             })
-        # the best any re-weighting of these samples can do (the bound on every f-divergence objective)
+        # the best any re-weighting of these samples can do (bounds every such regularised objective)
         bound_rows = []
         for density_bound in DENSITY_BOUNDS:
             for ratio in RATIOS:
