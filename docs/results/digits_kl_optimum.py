@@ -27,12 +27,12 @@ same front with differently spaced betas.
 A second bound, wider than any tilt: the best that ANY re-weighting of the base samples can do
 (``reweighting``). Every objective E[R] - D(pi || pi_ref) whose divergence grows without bound with
 the density ratio pi / pi_ref (the KL at every coefficient, chi^2) and every filtering of the
-model's own samples (RWR, rejection sampling, best-of-n distillation) ends at a distribution that
-re-weights the reference; the largest training-reward gain such a distribution reaches while keeping
-the digit probability at >= r x its base value is a linear programme over the samples' weights (each
-prompt keeps its share, the weights are non-negative and, optionally, at most K x the reference's,
-i.e. a density ratio <= K, KL <= log K). Solved exactly (scipy's HiGHS) for r in RATIOS and K in
-DENSITY_BOUNDS.
+reference's own samples (one round of RWR, rejection sampling, best-of-n distillation) ends at a
+distribution that re-weights the reference; the largest training-reward gain such a distribution
+reaches while keeping the digit probability at >= r x its base value is a linear programme over the
+samples' weights (each prompt keeps its share, the weights are non-negative and, optionally, at most
+K x the reference's, i.e. a density ratio <= K, KL <= log K). Solved exactly (scipy's HiGHS) for r
+in RATIOS and K in DENSITY_BOUNDS.
 
 (``--from-json F`` prints and plots a saved result without sampling again; ``--preset flow-digits``
 and any further recipe flags after ``--``, e.g. ``-- --guidance-scale 3``, measure another model;
