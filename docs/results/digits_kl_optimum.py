@@ -31,8 +31,8 @@ reference's own samples (one round of RWR, rejection sampling, best-of-n distill
 distribution that re-weights the reference; the largest training-reward gain such a distribution
 reaches while keeping the digit probability at >= r x its base value is a linear programme over the
 samples' weights (each prompt keeps its share, the weights are non-negative and, optionally, at most
-K x the reference's, i.e. a density ratio <= K, KL <= log K). Solved exactly (scipy's HiGHS) for r
-in RATIOS and K in DENSITY_BOUNDS.
+K x the reference's, i.e. a density ratio <= K, KL <= log K). Solved exactly (scipy's HiGHS; both
+estimates are ddpo_rl.headroom's) for r in RATIOS and K in DENSITY_BOUNDS.
 
 (``--from-json F`` prints and plots a saved result without sampling again; ``--preset flow-digits``
 and any further recipe flags after ``--``, e.g. ``-- --guidance-scale 3``, measure another model;
@@ -58,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: recipes/
 
 from ddpo_rl.config import parse_cli  # noqa: E402
+from ddpo_rl.headroom import reweighting_bound, tilt  # noqa: E402
 from ddpo_rl.plotting import save_scatter_png  # noqa: E402
 from ddpo_rl.keys import KEYS  # noqa: E402
 from ddpo_rl.rewards.registry import make_reward  # noqa: E402
@@ -76,47 +77,6 @@ MIN_ESS = 30  # below this many effective samples in some prompt, the tilted est
 RATIOS = (0.8, 0.85, 0.9, 0.95)  # digit-probability ratios at which the re-weighting bound is solved
 DENSITY_BOUNDS = (10.0, 100.0, 1000.0, None)  # largest density ratio pi / pi_ref allowed (None: any)
 BAR = (2.0, 0.85)  # issue 11's bar: training-prompt gain (base std), smallest P(digit) ratio
-
-
-def tilt(reward: torch.Tensor, prob: torch.Tensor, groups: torch.Tensor, beta: float, scale: torch.Tensor):
-    """Per group (prompt): self-normalised weights exp(R / (beta * scale)); returns the equally weighted
-    mean over groups of the tilted reward, the tilted digit probability, and the smallest ESS."""
-    rewards, probs, ess = [], [], []
-    for g in groups.unique():
-        m = groups == g
-        r, p = reward[m].double(), prob[m].double()
-        logw = torch.zeros_like(r) if math.isinf(beta) else r / (beta * scale[g])
-        w = torch.softmax(logw, 0)
-        rewards.append((w * r).sum())
-        probs.append((w * p).sum())
-        ess.append(1.0 / (w**2).sum())
-    return torch.stack(rewards).mean().item(), torch.stack(probs).mean().item(), min(e.item() for e in ess)
-
-
-def reweighting_bound(reward: torch.Tensor, prob: torch.Tensor, groups: torch.Tensor, ratio: float,
-                      density_bound: float | None) -> tuple[float, float] | None:
-    """The largest mean reward over any re-weighting of the samples that keeps the mean digit probability
-    >= ratio x its base value (equally weighted prompts, as ``tilt``); None if no re-weighting can.
-
-    Variables: one weight per sample, >= 0, summing to 1/G within each of the G prompts, and at most
-    density_bound x that prompt's uniform weight. Returns (mean reward, mean probability) at the optimum.
-    """
-    from scipy.optimize import linprog
-
-    r, p = reward.double().numpy(), prob.double().numpy()
-    present = groups.unique()
-    n_groups = len(present)
-    a_eq = torch.stack([(groups == g).double() for g in present]).numpy()
-    counts = a_eq.sum(1)
-    base_p = float(sum(p[groups.numpy() == g.item()].mean() for g in present) / n_groups)
-    index = torch.searchsorted(present, groups).numpy()  # each sample's position among the prompts
-    cap = None if density_bound is None else density_bound / (n_groups * counts[index])
-    bounds = [(0.0, None)] * len(r) if cap is None else [(0.0, float(c)) for c in cap]
-    sol = linprog(-r, A_ub=-p[None], b_ub=[-ratio * base_p], A_eq=a_eq, b_eq=[1.0 / n_groups] * n_groups,
-                  bounds=bounds, method="highs")
-    if sol.status != 0:
-        return None
-    return float(sol.x @ r), float(sol.x @ p)
 
 
 def main(argv=None) -> dict:
@@ -197,7 +157,7 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
         bound_rows = []
         for density_bound in DENSITY_BOUNDS:
             for ratio in RATIOS:
-                best = reweighting_bound(reward, prob, ids, ratio, density_bound)
+                best = reweighting_bound(reward, prob, ids, ratio * base_p, density_bound)
                 bound_rows.append({
                     "density_bound": density_bound, "ratio": ratio,
                     "gain": None if best is None else (best[0] - base_r) / unit,
