@@ -60,9 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from ddpo_rl.config import parse_cli  # noqa: E402
 from ddpo_rl.headroom import reweighting_bound, tilt  # noqa: E402
 from ddpo_rl.plotting import save_scatter_png  # noqa: E402
-from ddpo_rl.keys import KEYS  # noqa: E402
-from ddpo_rl.rewards.registry import make_reward  # noqa: E402
 from recipes.ddpo_recipe import DDPORecipe  # noqa: E402
+from recipes.headroom import score_base_samples  # noqa: E402
 
 TRAIN_BASE_STD_KB = 0.0931  # the bar's unit: the training prompts' base std (README, digits section)
 SEED = 12345  # not the evaluation seed: these samples are independent of the runs' evaluations
@@ -109,16 +108,9 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
         cli = ["--preset", preset, "--output-dir", out, "--epochs", "1", "--progress", "false", *recipe_args]
         cfg = parse_cli(cli, algorithm="ddpo_is")
         recipe = DDPORecipe(cfg).setup()
-        try:
-            jpeg = make_reward("jpeg_compressibility", **cfg.reward_kwargs)
-            digit = make_reward("digit_alignment")
-            data = {}
-            for name, env in recipe.eval_envs.items():
-                traj = recipe._fixed_seed_rollout(env, math.ceil(samples / cfg.sample_batch_size), SEED)
-                images = recipe.model.decode(traj[KEYS.action][:, -1])
-                ids = traj[KEYS.prompt_id][:, 0].reshape(-1)
-                prompts = env.base_env.prompts_of(ids)
-                data[name] = (jpeg(images, prompts), digit(images, prompts), ids)
+        try:  # the recipe's own reward and digit-classifier monitor on its evaluation path
+            scored = score_base_samples(recipe, samples, SEED)
+            data = {name: (d["reward"], d["monitors"]["digit_alignment"], d["prompt_ids"]) for name, d in scored.items()}
         finally:
             recipe.cleanup()
 

@@ -1,0 +1,168 @@
+"""Before fine-tuning: what a regularised objective can reach with the base model, per monitor.
+
+    python recipes/headroom.py --preset digits --samples 2048 [--json OUT.json] [--FIELD VALUE ...]
+
+Draws ``--samples`` fixed-seed samples of the preset's base model on its training and held-out
+prompts (the recipe's own sampler and evaluation path: CFG, steps, eta of the config), scores them
+with the training reward and every monitor (``monitor_rewards``), and prints, for each monitor
+(ddpo_rl.headroom holds the math):
+
+1. the optimum of reward - beta x KL to the base model, for beta in per-prompt reward std (the
+   scale of the per-prompt-standardised advantages DDPO trains on): reward gain in the training
+   prompts' base std, the monitor's final/base ratio on both prompt sets, and the smallest
+   effective sample size (a few units: the estimate rests on a few samples);
+2. the best any re-weighting of the base samples can do while the monitor keeps >= r x its base
+   value, with a density ratio <= K (KL <= log K): the bound on every KL- or chi^2-regularised
+   objective. A target above it needs the model to draw what its base model does not.
+
+Monitors are scores where higher is better and the base mean is positive (the ratios need it).
+Analysis only: nothing is trained or written except ``--json``. Needs no output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: recipes.*
+
+import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
+from ddpo_rl.collector import terminal_rewards
+from ddpo_rl.config import parse_cli
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.headroom import reweighting_bound, tilt
+from ddpo_rl.keys import KEYS
+
+SEED = 12345  # not the evaluation seed: independent of the runs' evaluations
+BETAS = (math.inf, 5.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3)  # in per-prompt reward std
+RATIOS = (0.8, 0.85, 0.9, 0.95)  # monitor floors, x its base value
+DENSITY_BOUNDS = (10.0, 100.0, 1000.0, None)  # largest density ratio to the base model (None: any)
+SETS = {"train": "training prompts", "eval": "held-out prompts"}
+
+
+def score_base_samples(recipe, samples: int, seed: int = SEED) -> dict[str, dict]:
+    """``samples`` fixed-seed base samples per prompt set of a set-up DDPORecipe, scored.
+
+    Returns {"train"|"eval": {"reward": [N], "monitors": {name: [N]}, "prompt_ids": [N]}}; samples
+    whose reward or a monitor is not finite are dropped (their count in "dropped")."""
+    out = {}
+    for name, env in recipe.eval_envs.items():
+        traj = recipe._fixed_seed_rollout(env, math.ceil(samples / recipe.cfg.sample_batch_size), seed)
+        reward = terminal_rewards(traj).float()
+        monitors = {k: v.float() for k, v in recipe._monitor_values(env, traj).items()}
+        ids = traj[KEYS.prompt_id][:, 0].reshape(-1)
+        keep = torch.isfinite(reward)
+        for v in monitors.values():
+            keep &= torch.isfinite(v)
+        out[name] = {"reward": reward[keep], "monitors": {k: v[keep] for k, v in monitors.items()},
+                     "prompt_ids": ids[keep], "dropped": int((~keep).sum())}
+    return out
+
+
+def headroom(data: dict[str, dict], monitor: str, unit: float) -> dict:
+    """The tilt front and the re-weighting bound of one monitor on scored base samples (``data`` as
+    :func:`score_base_samples` returns), gains in ``unit`` (the training prompts' base reward std)."""
+    result = {"tilt": [], "bound": []}
+    for name in SETS:
+        reward, values, ids = data[name]["reward"], data[name]["monitors"][monitor], data[name]["prompt_ids"]
+        scale = torch.ones(int(ids.max()) + 1, dtype=torch.float64)
+        for g in ids.unique():
+            std = reward[ids == g].double().std()
+            scale[g] = std if std > 0 else 1.0
+        base = tilt(reward, values, ids, math.inf)
+        if not base.monitor > 0:
+            raise ValueError(f"monitor_rewards: {monitor!r} has base mean {base.monitor:.4g} on the {SETS[name]}; "
+                            "the ratios need a positive score")
+        for i, beta in enumerate(BETAS):
+            est = tilt(reward, values, ids, beta, scale)
+            row = {"gain": (est.reward - base.reward) / unit, "ratio": est.monitor / base.monitor, "min_ess": est.min_ess}
+            if name == "train":
+                result["tilt"].append({"beta": None if math.isinf(beta) else beta, "train": row})
+            else:
+                result["tilt"][i]["eval"] = row
+        for k in DENSITY_BOUNDS:
+            for r in RATIOS:
+                best = reweighting_bound(reward, values, ids, r * base.monitor, k)
+                gain = None if best is None else (best[0] - base.reward) / unit
+                if name == "train":
+                    result["bound"].append({"density_bound": k, "ratio": r, "train": gain})
+                else:
+                    next(b for b in result["bound"] if b["density_bound"] == k and b["ratio"] == r)["eval"] = gain
+    return result
+
+
+def markdown(monitor: str, result: dict) -> str:
+    """The two tables of one monitor, as markdown."""
+    lines = [f"\n### {monitor}\n", "Optimum of reward - beta x KL (beta in per-prompt reward std): training gain "
+             "(base std), monitor final/base, min ESS; training / held-out prompts\n",
+             "| beta | training prompts | held-out prompts |", "|---|---|---|"]
+    for row in result["tilt"]:
+        cells = [f"{row[s]['gain']:+.2f}, {row[s]['ratio']:.3f}, {row[s]['min_ess']:.0f}" for s in SETS]
+        lines.append(f"| {'inf (base)' if row['beta'] is None else row['beta']} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Best re-weighting of the base samples: largest gain (base std) with the monitor >= r x base "
+              "and a density ratio <= K; training / held-out (- : no re-weighting keeps it)\n",
+              "| K | " + " | ".join(f"r {r}" for r in RATIOS) + " |", "|---" * (len(RATIOS) + 1) + "|"]
+    for k in DENSITY_BOUNDS:
+        cells = []
+        for r in RATIOS:
+            b = next(b for b in result["bound"] if b["density_bound"] == k and b["ratio"] == r)
+            cells.append(" / ".join("-" if b[s] is None else f"{b[s]:+.2f}" for s in SETS))
+        lines.append(f"| {'any' if k is None else f'{k:g}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def measure(cli: list[str], samples: int, seed: int = SEED) -> dict:
+    """Set up the recipe of ``cli`` (any ``--FIELD VALUE``), score its base samples, and compute
+    every monitor's headroom."""
+    from recipes.ddpo_recipe import DDPORecipe
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = parse_cli([*cli, "--output-dir", out, "--epochs", "1", "--progress", "false"], algorithm="ddpo_is")
+        if not cfg.monitor_rewards:
+            raise ValueError("monitor_rewards: empty; name at least one monitor (e.g. --monitor-rewards digit_alignment)")
+        recipe = DDPORecipe(cfg).setup()
+        try:
+            data = score_base_samples(recipe, samples, seed)
+        finally:
+            recipe.cleanup()
+    unit = data["train"]["reward"].double().std(unbiased=False).item()
+    return {
+        "preset": cfg.preset, "reward": cfg.reward, "samples_per_set": samples, "seed": seed,
+        "unit": unit, "dropped": {s: data[s]["dropped"] for s in SETS},
+        "monitors": {m: headroom(data, m, unit) for m in cfg.monitor_rewards},
+    }
+
+
+def main(argv=None) -> dict:
+    with report_user_errors():
+        return _main(argv)
+
+
+def _main(argv) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1024, help="base samples per prompt set (default 1024)")
+    parser.add_argument("--sample-seed", type=int, default=SEED, help=f"seed of the samples (default {SEED})")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args, cli = parser.parse_known_args(argv)
+    if args.samples < 2:
+        raise ValueError(f"samples: need at least 2 per prompt set, got {args.samples}")
+    results = measure(cli, args.samples, args.sample_seed)
+    print(f"{results['preset']}: reward {results['reward']}, {args.samples} base samples per prompt set, "
+          f"unit (training prompts' base std) {results['unit']:.4g}")
+    for monitor, result in results["monitors"].items():
+        print(markdown(monitor, result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
