@@ -30,7 +30,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: recipes.*
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/: siblings by their own names, as a script finds them
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.collector import terminal_rewards
@@ -120,7 +120,7 @@ def markdown(monitor: str, result: dict) -> str:
 def measure(cli: list[str], samples: int, seed: int = SEED) -> dict:
     """Set up the recipe of ``cli`` (any ``--FIELD VALUE``), score its base samples, and compute
     every monitor's headroom."""
-    from recipes.ddpo_recipe import DDPORecipe
+    from ddpo_recipe import DDPORecipe
 
     with tempfile.TemporaryDirectory() as out:
         cfg = parse_cli([*cli, "--output-dir", out, "--epochs", "1", "--progress", "false"], algorithm="ddpo_is")
