@@ -1,6 +1,6 @@
 """Before fine-tuning: what a regularised objective can reach with the base model, per monitor.
 
-    python recipes/headroom.py --preset digits --samples 2048 [--json OUT.json] [--FIELD VALUE ...]
+    python recipes/headroom.py --preset digits --samples 2048 [--json OUT.json] [--png OUT.png] [--FIELD VALUE ...]
 
 Draws ``--samples`` fixed-seed samples of the preset's base model on its training and held-out
 prompts (the recipe's own sampler and evaluation path: CFG, steps, eta of the config), scores them
@@ -16,7 +16,8 @@ with the training reward and every monitor (``monitor_rewards``), and prints, fo
    objective. A target above it needs the model to draw what its base model does not.
 
 Monitors are scores where higher is better and the base mean is positive (the ratios need it).
-Analysis only: nothing is trained or written except ``--json``. Needs no output directory.
+``--png`` draws each monitor's front (training gain against the smaller monitor ratio of the two
+prompt sets). Analysis only: nothing is trained or written except ``--json`` and ``--png``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from ddpo_rl.config import parse_cli
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.headroom import reweighting_bound, tilt
 from ddpo_rl.keys import KEYS
+from ddpo_rl.plotting import save_scatter_png
 
 SEED = 12345  # not the evaluation seed: independent of the runs' evaluations
 BETAS = (math.inf, 5.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3)  # in per-prompt reward std
 RATIOS = (0.8, 0.85, 0.9, 0.95)  # monitor floors, x its base value
 DENSITY_BOUNDS = (10.0, 100.0, 1000.0, None)  # largest density ratio to the base model (None: any)
 SETS = {"train": "training prompts", "eval": "held-out prompts"}
+MIN_ESS = 30  # tilts whose smallest ESS is below this are drawn as rings (few samples carry them)
 
 
 def score_base_samples(recipe, samples: int, seed: int = SEED) -> dict[str, dict]:
@@ -117,6 +120,28 @@ def markdown(monitor: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(monitor: str, result: dict, path: str) -> str:
+    """Training gain against the smaller monitor ratio of the two prompt sets: the tilt's points (rings
+    where few samples carry them) and the best re-weighting at density ratio <= 100 and any."""
+    groups = {"KL optimum (ESS >= 30)": [], "KL optimum (ESS < 30)": [],
+              "re-weighting, <= 100x": [], "re-weighting, any": []}
+    for row in result["tilt"]:
+        trusted = min(row[s]["min_ess"] for s in SETS) >= MIN_ESS
+        groups[f"KL optimum (ESS {'>=' if trusted else '<'} 30)"].append(
+            (min(row[s]["ratio"] for s in SETS), row["train"]["gain"]))
+    for b in result["bound"]:
+        if b["density_bound"] in (100.0, None) and all(b[s] is not None for s in SETS):
+            label = "re-weighting, any" if b["density_bound"] is None else "re-weighting, <= 100x"
+            groups[label].append((b["ratio"], b["train"]))
+    return save_scatter_png(
+        path, groups, title=f"{monitor}: what reward - beta KL and any re-weighting of the base model reach",
+        xlabel=f"smallest {monitor} final/base (training & held-out prompts)",
+        ylabel="training reward gain (base std)", colors={"KL optimum (ESS >= 30)": 1, "KL optimum (ESS < 30)": 1,
+                                                          "re-weighting, <= 100x": 4, "re-weighting, any": 5},
+        hollow=("KL optimum (ESS < 30)",), size=(900, 480),
+    )
+
+
 def measure(cli: list[str], samples: int, seed: int = SEED) -> dict:
     """Set up the recipe of ``cli`` (any ``--FIELD VALUE``), score its base samples, and compute
     every monitor's headroom."""
@@ -149,6 +174,8 @@ def _main(argv) -> dict:
     parser.add_argument("--samples", type=int, default=1024, help="base samples per prompt set (default 1024)")
     parser.add_argument("--sample-seed", type=int, default=SEED, help=f"seed of the samples (default {SEED})")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--png", default=None,
+                        help="draw each monitor's front here (OUT.png; OUT_<monitor>.png with several monitors)")
     args, cli = parser.parse_known_args(argv)
     if args.samples < 2:
         raise ValueError(f"samples: need at least 2 per prompt set, got {args.samples}")
@@ -157,6 +184,12 @@ def _main(argv) -> dict:
           f"unit (training prompts' base std) {results['unit']:.4g}")
     for monitor, result in results["monitors"].items():
         print(markdown(monitor, result))
+    if args.png:
+        stem, ext = os.path.splitext(args.png)
+        several = len(results["monitors"]) > 1
+        for monitor, result in results["monitors"].items():
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in monitor)
+            print("wrote", plot(monitor, result, f"{stem}_{safe}{ext or '.png'}" if several else args.png))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

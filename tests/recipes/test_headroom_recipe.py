@@ -4,6 +4,7 @@ tilt, the JSON, and one-line errors."""
 import json
 
 import pytest
+from PIL import Image
 
 from recipes.headroom import DENSITY_BOUNDS, RATIOS, SETS, main
 
@@ -12,14 +13,14 @@ ARGS = ["--preset", "tiny", "--monitor-rewards", "digit_alignment,digit_realism"
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("headroom") / "h.json"
-    returned = main([*ARGS, "--json", str(path)])
-    written = json.loads(path.read_text())
-    return returned, written
+    out = tmp_path_factory.mktemp("headroom")
+    returned = main([*ARGS, "--json", str(out / "h.json"), "--png", str(out / "front.png")])
+    written = json.loads((out / "h.json").read_text())
+    return returned, written, out
 
 
 def test_json_holds_every_monitor_and_both_prompt_sets(results):
-    returned, written = results
+    returned, written, out = results
     assert written["preset"] == "tiny" and written["samples_per_set"] == 20
     assert sorted(written["monitors"]) == ["digit_alignment", "digit_realism"]
     assert written["unit"] == pytest.approx(returned["unit"]) and written["unit"] > 0
@@ -27,6 +28,9 @@ def test_json_holds_every_monitor_and_both_prompt_sets(results):
         assert len(result["tilt"]) == 9 and len(result["bound"]) == len(DENSITY_BOUNDS) * len(RATIOS)
         for row in result["tilt"] + result["bound"]:
             assert set(SETS) <= set(row)
+    for monitor in written["monitors"]:  # one picture per monitor
+        with Image.open(out / f"front_{monitor}.png") as image:
+            assert image.size == (900, 480)
 
 
 def test_base_row_is_no_change_and_sharper_tilts_gain_more(results):
