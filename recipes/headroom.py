@@ -56,6 +56,7 @@ def score_base_samples(recipe, samples: int, seed: int = SEED) -> dict[str, dict
     whose reward or a monitor is not finite are dropped (their count in "dropped")."""
     out = {}
     for name, env in recipe.eval_envs.items():
+        print(f"sampling and scoring {samples} base samples on the {SETS.get(name, name)}...", file=sys.stderr, flush=True)
         traj = recipe._fixed_seed_rollout(env, math.ceil(samples / recipe.cfg.sample_batch_size), seed)
         reward = terminal_rewards(traj).float()
         monitors = {k: v.float() for k, v in recipe._monitor_values(env, traj).items()}
