@@ -23,6 +23,7 @@ prompt sets). Analysis only: nothing is trained or written except ``--json`` and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -69,36 +70,40 @@ def score_base_samples(recipe, samples: int, seed: int = SEED) -> dict[str, dict
     return out
 
 
+def _set_headroom(reward, values, ids, monitor: str, set_name: str, unit: float) -> tuple[list, list]:
+    """One prompt set: the tilt's row per beta of BETAS, the bound's gain per (K, r) of
+    DENSITY_BOUNDS x RATIOS (None where no re-weighting keeps r), gains in ``unit``."""
+    scale = torch.ones(int(ids.max()) + 1, dtype=torch.float64)  # each prompt's reward std: beta's unit
+    for g in ids.unique():
+        std = reward[ids == g].double().std()
+        scale[g] = std if std > 0 else 1.0
+    base = tilt(reward, values, ids, math.inf)
+    if not base.monitor > 0:
+        raise ValueError(f"monitor_rewards: {monitor!r} has base mean {base.monitor:.4g} on the {SETS[set_name]}; "
+                         "the ratios need a positive score")
+    tilts = []
+    for beta in BETAS:
+        est = tilt(reward, values, ids, beta, scale)
+        tilts.append({"gain": (est.reward - base.reward) / unit, "ratio": est.monitor / base.monitor,
+                      "min_ess": est.min_ess})
+    bounds = []
+    for k, r in itertools.product(DENSITY_BOUNDS, RATIOS):
+        best = reweighting_bound(reward, values, ids, r * base.monitor, k)
+        bounds.append(None if best is None else (best[0] - base.reward) / unit)
+    return tilts, bounds
+
+
 def headroom(data: dict[str, dict], monitor: str, unit: float) -> dict:
     """The tilt front and the re-weighting bound of one monitor on scored base samples (``data`` as
     :func:`score_base_samples` returns), gains in ``unit`` (the training prompts' base reward std)."""
-    result = {"tilt": [], "bound": []}
-    for name in SETS:
-        reward, values, ids = data[name]["reward"], data[name]["monitors"][monitor], data[name]["prompt_ids"]
-        scale = torch.ones(int(ids.max()) + 1, dtype=torch.float64)
-        for g in ids.unique():
-            std = reward[ids == g].double().std()
-            scale[g] = std if std > 0 else 1.0
-        base = tilt(reward, values, ids, math.inf)
-        if not base.monitor > 0:
-            raise ValueError(f"monitor_rewards: {monitor!r} has base mean {base.monitor:.4g} on the {SETS[name]}; "
-                            "the ratios need a positive score")
-        for i, beta in enumerate(BETAS):
-            est = tilt(reward, values, ids, beta, scale)
-            row = {"gain": (est.reward - base.reward) / unit, "ratio": est.monitor / base.monitor, "min_ess": est.min_ess}
-            if name == "train":
-                result["tilt"].append({"beta": None if math.isinf(beta) else beta, "train": row})
-            else:
-                result["tilt"][i]["eval"] = row
-        for k in DENSITY_BOUNDS:
-            for r in RATIOS:
-                best = reweighting_bound(reward, values, ids, r * base.monitor, k)
-                gain = None if best is None else (best[0] - base.reward) / unit
-                if name == "train":
-                    result["bound"].append({"density_bound": k, "ratio": r, "train": gain})
-                else:
-                    next(b for b in result["bound"] if b["density_bound"] == k and b["ratio"] == r)["eval"] = gain
-    return result
+    per_set = {name: _set_headroom(data[name]["reward"], data[name]["monitors"][monitor], data[name]["prompt_ids"],
+                                   monitor, name, unit) for name in SETS}
+    return {
+        "tilt": [{"beta": None if math.isinf(beta) else beta, **{s: per_set[s][0][i] for s in SETS}}
+                 for i, beta in enumerate(BETAS)],
+        "bound": [{"density_bound": k, "ratio": r, **{s: per_set[s][1][j] for s in SETS}}
+                  for j, (k, r) in enumerate(itertools.product(DENSITY_BOUNDS, RATIOS))],
+    }
 
 
 def markdown(monitor: str, result: dict) -> str:
@@ -112,11 +117,9 @@ def markdown(monitor: str, result: dict) -> str:
     lines += ["", "Best re-weighting of the base samples: largest gain (base std) with the monitor >= r x base "
               "and a density ratio <= K; training / held-out (- : no re-weighting keeps it)\n",
               "| K | " + " | ".join(f"r {r}" for r in RATIOS) + " |", "|---" * (len(RATIOS) + 1) + "|"]
+    bounds = {(b["density_bound"], b["ratio"]): b for b in result["bound"]}
     for k in DENSITY_BOUNDS:
-        cells = []
-        for r in RATIOS:
-            b = next(b for b in result["bound"] if b["density_bound"] == k and b["ratio"] == r)
-            cells.append(" / ".join("-" if b[s] is None else f"{b[s]:+.2f}" for s in SETS))
+        cells = [" / ".join("-" if bounds[k, r][s] is None else f"{bounds[k, r][s]:+.2f}" for s in SETS) for r in RATIOS]
         lines.append(f"| {'any' if k is None else f'{k:g}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
