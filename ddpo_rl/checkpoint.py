@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ddpo_rl.atomic import atomic_directory, fsync_dir
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "ddpo_rl.checkpoint/1"
 _MAGIC = b"\nDDPO_RL_CHECKPOINT_TRAILER_V1\n"
@@ -72,17 +74,6 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _fsync_dir(directory: str) -> None:
-    try:  # make a rename durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def atomic_torch_save(obj, path: str, kind: str = "ddpo", keep_previous: bool = True) -> str:
     """``torch.save`` ``obj`` to ``path`` with a checksum trailer, atomically (tmp, fsync, rename).
 
@@ -109,7 +100,7 @@ def atomic_torch_save(obj, path: str, kind: str = "ddpo", keep_previous: bool = 
         except OSError:  # no hard links on this filesystem: move it (a kill here leaves only prev)
             os.replace(path, prev)
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
@@ -306,12 +297,17 @@ def save_trained_weights(network, directory: str, use_lora: bool) -> str:
     read by ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline.load_lora_weights``). A full fine-tune:
     ``network.save_pretrained(directory/<subfolder>)``, the subfolder being the pipeline's component name
     (:func:`network_subfolder`: ``unet/``, or ``transformer/`` for SD3 and the flow-digits model), so the
-    folder drops into a pipeline directory in place of the base model's. Returns ``directory``.
+    folder drops into a pipeline directory in place of the base model's. Written whole or not at all
+    (:func:`~ddpo_rl.atomic.atomic_directory`): the directory's previous content is replaced only once
+    the new one is complete. Returns ``directory``.
     """
-    if use_lora:
-        from ddpo_rl.lora import save_lora_weights
+    if not use_lora and not hasattr(network, "save_pretrained"):
+        return directory
+    with atomic_directory(directory) as tmp:  # a kill mid-save leaves the previous final/ or best/ whole
+        if use_lora:
+            from ddpo_rl.lora import save_lora_weights
 
-        save_lora_weights(network, directory)
-    elif hasattr(network, "save_pretrained"):
-        network.save_pretrained(os.path.join(directory, network_subfolder(network)))
+            save_lora_weights(network, tmp)
+        else:
+            network.save_pretrained(os.path.join(tmp, network_subfolder(network)))
     return directory

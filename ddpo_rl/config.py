@@ -344,8 +344,10 @@ class DDPOConfig:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        """The fields as JSON, written atomically (:func:`ddpo_rl.atomic.write_json`)."""
+        from ddpo_rl.atomic import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> DDPOConfig:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ddpo_rl.atomic import save_image
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
@@ -70,9 +71,7 @@ def save_image_grid(
     if row_labels:
         for r, text in enumerate(row_labels[:nrow]):
             draw.text((4, top + pad + r * (cell + under + pad) + cell // 2 - 6), text, fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_image(canvas, path)
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -101,9 +100,7 @@ def save_curve_png(
 ) -> str:
     """Line plot of named (xs, ys) series, with optional +-std bands (same xs), to a PNG."""
     canvas = curve_image(series, title, xlabel, ylabel, bands, size)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_image(canvas, path)
 
 
 def save_curve_panels(path: str, panels: Sequence[Mapping], size: tuple[int, int] = (900, 420)) -> str:
@@ -112,9 +109,7 @@ def save_curve_panels(path: str, panels: Sequence[Mapping], size: tuple[int, int
     canvas = Image.new("RGB", (size[0], size[1] * len(images)), "white")
     for k, image in enumerate(images):
         canvas.paste(image, (0, k * size[1]))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_image(canvas, path)
 
 
 def curve_image(
@@ -241,6 +236,4 @@ def save_scatter_png(
     draw.text((left, 8), title, fill="black", font=_font(14))
     draw.text(((W - left) // 2 + left - 60, H - 22), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_image(canvas, path)

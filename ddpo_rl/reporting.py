@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from ddpo_rl.atomic import write_json
 from ddpo_rl.monitors import PROMPT_SETS, best_evaluation, drop_in_base_std, first_alarm
 from ddpo_rl.plotting import save_curve_png, save_curve_panels
 
@@ -96,6 +97,5 @@ def write_summary(run_dir: str, eval_history, cfg, stopped_on_monitor_drop: bool
                 best_train_prompts_gain_in_base_std=gain(base.train_mean, base.train_std, best["train_prompts_reward_mean"]),
                 stopped_on_monitor_drop=stopped_on_monitor_drop,
             )
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary

@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Callable, Iterable
 
+from ddpo_rl.atomic import write_json
 from ddpo_rl.config import ConfigError
 
 try:
@@ -154,6 +155,33 @@ def _last_epoch(path: str) -> int | None:
     return last
 
 
+def lines_up_to_epoch(path: str, epoch: int) -> list[str]:
+    """The lines of a run log (metrics.jsonl, eval.jsonl) whose ``epoch`` is <= ``epoch``, each ending
+    in a newline: what a run resumed at ``epoch`` keeps. A torn last line (a kill during its write:
+    not valid JSON, or no newline) is dropped; a damaged line before it raises ValueError naming the
+    file and the line."""
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last = number == len(lines)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if last:
+                break
+            raise ValueError(f"{path}: line {number} is not JSON; the run log is damaged") from None
+        if last and not line.endswith("\n"):
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise ValueError(f"{path}: line {number} has no integer 'epoch'; the run log is damaged")
+        if record["epoch"] <= epoch:
+            keep.append(line)
+    return keep
+
+
 def describe_run(run_dir: str) -> str | None:
     """What earlier run ``run_dir`` holds ("a finished run (6 of 6 epochs)", ...), None if none."""
     found = [m for m in _RUN_MARKERS if os.path.lexists(os.path.join(run_dir, m))]
@@ -275,12 +303,7 @@ class RunDir:
 
 
 def write_config(run_dir: str, config: dict, history: list[dict]) -> str:
-    path = os.path.join(run_dir, CONFIG_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({**config, "history": history}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_json(os.path.join(run_dir, CONFIG_NAME), {**config, "history": history})
 
 
 def read_config(run_dir: str) -> tuple[dict, list[dict]]:

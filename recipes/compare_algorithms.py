@@ -13,11 +13,11 @@ interrupted ones resume from their checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
+from ddpo_rl.atomic import write_json, write_text
 from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
 from ddpo_rl.config import ALGORITHMS
 from ddpo_rl.errors import report_user_errors
@@ -76,11 +76,9 @@ def main(argv=None) -> dict:
 
     # 3. aggregate into the table and the curve
     table = aggregate(runs)
-    with open(os.path.join(args.output_dir, "comparison.json"), "w") as f:
-        json.dump(table, f, indent=2)
+    write_json(os.path.join(args.output_dir, "comparison.json"), table)
     md = to_markdown(table)
-    with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
-        f.write(md)
+    write_text(os.path.join(args.output_dir, "comparison.md"), md)
     save_curve_png(os.path.join(args.output_dir, "comparison.png"), training_curves(runs),
                    title=f"training reward, mean over seeds {args.seeds}", xlabel="reward queries", ylabel=table["reward"])
     print(md)

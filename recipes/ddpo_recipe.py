@@ -43,6 +43,7 @@ import torch
 from torchrl.envs import TransformedEnv
 
 from ddpo_rl.advantages import PerPromptStatTracker, compute_advantages
+from ddpo_rl.atomic import recover_directory, write_text
 from ddpo_rl.checkpoint import (
     CHECKPOINT_NAME,
     atomic_torch_save,
@@ -54,7 +55,7 @@ from ddpo_rl.checkpoint import (
 from ddpo_rl.collector import terminal_rewards, with_advantages
 from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
 from ddpo_rl.errors import report_user_errors
-from ddpo_rl.run_dir import RunDir, history_entry, resume_changes
+from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
 from ddpo_rl.loggers import make_run_logger
@@ -449,17 +450,16 @@ class DDPORecipe:
         self.start_epoch = int(state["epoch"])
         if self.is_main:
             self._truncate_logs(self.start_epoch)
+            for name in ("final", "best"):  # a kill between the two renames of a weights save
+                recover_directory(os.path.join(self.out, name))
 
     def _truncate_logs(self, epoch: int) -> None:
-        """Drop log lines written after the checkpoint (a run killed between log and save)."""
+        """Drop log lines written after the checkpoint (a run killed between log and save), and a
+        torn last line (a kill during its write); the file is rewritten atomically."""
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = os.path.join(self.out, name)
-            if not os.path.exists(path):
-                continue
-            with open(path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-            with open(path, "w") as f:
-                f.writelines(lines)
+            if os.path.exists(path):
+                write_text(path, "".join(lines_up_to_epoch(path, epoch)))
 
     def save_checkpoint(self, epoch: int) -> str | None:
         state = self.state_dict(epoch)  # collective (gathers every rank's RNG state)
@@ -668,7 +668,7 @@ class DDPORecipe:
     # cleanup
     # ------------------------------------------------------------------------------------------
     def finish(self) -> dict:
-        """Curves, summary.json and the final weights in diffusers format."""
+        """Curves, the final weights in diffusers format, then summary.json."""
         from ddpo_rl.reporting import write_reward_curve, write_summary
 
         if not self.trainer.params_finite():  # the trainer undoes such steps: this is a bug, not an input
@@ -677,12 +677,13 @@ class DDPORecipe:
             self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
             tolerance=self.cfg.monitor_tolerance,
         )
-        summary = write_summary(
-            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False)
-        )
         if not self._stop_requested:
             self.save_final_weights()
-        return summary
+        # last: summary.json marks the run finished (describe_run, run_status), so a kill before it
+        # leaves a run that resumes and finishes again, never a "finished" one without final/
+        return write_summary(
+            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False)
+        )
 
     def save_final_weights(self, name: str = "final") -> str:
         """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/)."""

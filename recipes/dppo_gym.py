@@ -42,6 +42,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
+from ddpo_rl.atomic import atomic_file, write_json
 from ddpo_rl.checkpoint import atomic_torch_save
 from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
@@ -276,7 +277,8 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     bc_losses = fit_behaviour_cloning(
         noise_model, scheduler, demos["observation"], actor.to_normalized_action(demos["action"]), bc_cfg, gen
     )
-    torch.save(noise_model.state_dict(), out / "bc.pt")
+    with atomic_file(out / "bc.pt") as tmp:
+        torch.save(noise_model.state_dict(), tmp)
     bc_seconds = time.perf_counter() - t0
 
     # 3. RL fine-tuning
@@ -366,7 +368,7 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
         "rl_seconds": sum(r["seconds"] for r in history),
         "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     if run_logger is not None:
         run_logger.close()  # logs returns.png
     return summary

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/: siblings by their own names, as a script finds them
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
+from ddpo_rl.atomic import write_json
 from ddpo_rl.collector import terminal_rewards
 from ddpo_rl.config import parse_cli
 from ddpo_rl.errors import report_user_errors
@@ -195,9 +195,7 @@ def _main(argv) -> dict:
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in monitor)
             print("wrote", plot(monitor, result, f"{stem}_{safe}{ext or '.png'}" if several else args.png))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        write_json(args.json, results)
     return results
 
 

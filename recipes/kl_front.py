@@ -28,6 +28,7 @@ import os
 import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
+from ddpo_rl.atomic import write_json, write_text
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
 from ddpo_rl.config import parse_cli
 from ddpo_rl.errors import report_user_errors
@@ -159,16 +160,14 @@ def main(argv=None) -> dict:
         front["missing"] = [dict(kl_coef=c.kl_coef, seed=c.seed) for c in missing]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"kl_front_{args.preset}")
-    with open(stem + ".json", "w") as f:
-        json.dump(front, f, indent=2)
+    write_json(stem + ".json", front)
     header = (f"KL front of the {args.preset} preset{extra}: {cfg.algorithm} on {cfg.reward}, {cfg.epochs} epochs, "
               f"monitors {', '.join(cfg.monitor_rewards)} at CFG {cfg.guidance_scale:g}, {cfg.eval_num_samples} "
               "fixed-seed samples per prompt set.")
     if missing:
         header += (f" PARTIAL: {len(missing)} of the {len(runs)} planned runs are not finished and not in these "
                    f"tables ({', '.join(f'kl {c.kl_coef:g} seed {c.seed}' for c in missing)}).")
-    with open(stem + ".md", "w") as f:
-        f.write(front_markdown(front, header))
+    write_text(stem + ".md", front_markdown(front, header))
     groups, colors, hollow = {}, {}, []
     kls = sorted({r["kl_coef"] for r in rows})
     for r in rows:

@@ -171,3 +171,38 @@ def test_lora_of_a_flow_transformer_is_saved_in_the_sd3_format(tmp_path):
     # what StableDiffusion3Pipeline.load_lora_weights reads
     sd, _ = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "final"), return_lora_metadata=True)
     assert set(sd) == set(state)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_a_save_that_dies_midway_leaves_the_previous_weights_whole(tmp_path, use_lora, monkeypatch):
+    """best/ is rewritten at every new best evaluation: a kill during that write must not leave half
+    of the new weights, nor lose the previous ones."""
+    from ddpo_rl import lora
+
+    net = tiny_unet()
+    if use_lora:
+        lora.apply_lora(net, rank=2)
+    best = tmp_path / "best"
+    save_trained_weights(net, str(best), use_lora=use_lora)
+    before = _tree_digest(best)
+    assert before
+
+    def dies_midway(*args, **kwargs):
+        directory = args[-1]  # save_pretrained(directory) / save_lora_weights(network, directory)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "pytorch_lora_weights.safetensors" if use_lora else "half"), "wb") as f:
+            f.write(b"\0" * 100)
+        raise KeyboardInterrupt("killed while saving")
+
+    if use_lora:
+        monkeypatch.setattr(lora, "save_lora_weights", dies_midway)
+    else:
+        monkeypatch.setattr(net, "save_pretrained", dies_midway)
+    _perturbed(net)
+    with pytest.raises(KeyboardInterrupt):
+        save_trained_weights(net, str(best), use_lora=use_lora)
+    assert _tree_digest(best) == before
+    assert os.listdir(tmp_path) == ["best"]
+    monkeypatch.undo()
+    save_trained_weights(net, str(best), use_lora=use_lora)  # the next save replaces it whole
+    assert _tree_digest(best) != before and os.listdir(tmp_path) == ["best"]

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from ddpo_rl.config import ConfigError
-from ddpo_rl.run_dir import LOCK_NAME, RunDir, RunLock, check_directory_path, describe_run, resume_changes
+from ddpo_rl.run_dir import (
+    LOCK_NAME, RunDir, RunLock, check_directory_path, describe_run, lines_up_to_epoch, resume_changes,
+)
 
 FILES = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
 
@@ -105,3 +107,29 @@ def test_resume_changes_refuse_fixed_fields_and_record_changeable_ones():
     with pytest.raises(ConfigError, match="^added_later: cannot change"):
         resume_changes(stored, {**new, "added_later": 1}, {"epochs", "learning_rate"}, defaults={"added_later": 0})
 
+
+
+# --- lines_up_to_epoch: what a resumed run keeps of its logs
+
+
+def _log(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_lines_after_the_checkpoint_and_a_torn_last_line_are_dropped(tmp_path):
+    lines = [json.dumps({"epoch": e, "reward_mean": 0.1 * e}) + "\n" for e in (1, 2, 3, 4)]
+    assert lines_up_to_epoch(_log(tmp_path / "m.jsonl", "".join(lines)), 2) == lines[:2]
+    assert lines_up_to_epoch(_log(tmp_path / "m.jsonl", "".join(lines) + "\n"), 4) == lines  # blank lines skipped
+    torn = "".join(lines[:3]) + lines[3][:10]  # a kill during the write of epoch 4's line
+    assert lines_up_to_epoch(_log(tmp_path / "m.jsonl", torn), 4) == lines[:3]
+    no_newline = "".join(lines[:3]) + lines[3].rstrip("\n")  # complete JSON, but its write did not finish
+    assert lines_up_to_epoch(_log(tmp_path / "m.jsonl", no_newline), 4) == lines[:3]
+
+
+@pytest.mark.parametrize("bad, what", [('{"epoch": 1, "re\n', "line 2 is not JSON"),
+                                       ('{"reward_mean": 1.0}\n', "line 2 has no integer 'epoch'")])
+def test_a_damaged_line_before_the_last_is_an_error_naming_file_and_line(tmp_path, bad, what):
+    path = _log(tmp_path / "eval.jsonl", '{"epoch": 0}\n' + bad + '{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=f"eval.jsonl: {what}"):
+        lines_up_to_epoch(path, 5)

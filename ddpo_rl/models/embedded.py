@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Mapping
@@ -33,6 +32,7 @@ from typing import Callable, Mapping
 import torch
 
 from ddpo_rl._version import __version__
+from ddpo_rl.atomic import atomic_directory
 
 MODEL_INDEX = "model_index.json"
 PROMPT_TEMPLATE = "a handwritten digit {}"
@@ -123,21 +123,16 @@ def save_model_dir(
 
 
 def write_model_dir(path: str | os.PathLike, writers: dict[str, Callable[[Path], object]], index: dict) -> Path:
-    """Write a model directory atomically: ``writers[name](tmp / name)`` for each component, then
-    ``model_index.json`` (``index`` plus the package version), into a temporary sibling directory
-    that is then moved into place, so an interrupted save never leaves a half-written model."""
+    """Write a model directory atomically (:func:`~ddpo_rl.atomic.atomic_directory`):
+    ``writers[name](tmp / name)`` for each component, then ``model_index.json`` (``index`` plus the
+    package version), into a temporary sibling directory that then replaces ``path``, so an
+    interrupted save never leaves a half-written model, nor loses the one saved before."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for name, write in writers.items():
-        write(tmp / name)
-    index = {"_class_name": index["_class_name"], "_ddpo_rl_version": __version__, **index}
-    (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_directory(path) as tmp:
+        for name, write in writers.items():
+            write(tmp / name)
+        index = {"_class_name": index["_class_name"], "_ddpo_rl_version": __version__, **index}
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return path
 
 

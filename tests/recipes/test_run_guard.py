@@ -97,6 +97,55 @@ def test_resume_continues_in_the_resumed_directory_and_applies_and_records_chang
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01]  # applied to the optimizer, not only recorded
 
 
+def test_resume_after_a_kill_mid_write_drops_the_torn_line_and_restores_best(run_dir, capsys):
+    """The kill struck while a log line was half written and while best/ was being replaced (between
+    its two renames: the previous best/ set aside, the new one not yet in place)."""
+    from recipes.ddpo_recipe import DDPORecipe
+
+    best_before = _digest(run_dir / "best")
+    assert best_before
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "reward_me')
+    with open(run_dir / "eval.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_pro')
+    os.replace(run_dir / "best", run_dir / ".best.old-12345")
+    recipe = DDPORecipe(parse_cli(["--resume", str(run_dir), "--epochs", "3"]))
+    try:
+        recipe.setup()  # the resume repairs the directory before any epoch runs
+        assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+        assert [e["epoch"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 2]
+        assert _digest(run_dir / "best") == best_before  # the previous best/, moved back
+        assert not [n for n in os.listdir(run_dir) if n.startswith(".") and n != LOCK_NAME]
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert [e["epoch"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 2, 3]
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".") and n != LOCK_NAME]
+
+
+def test_a_kill_while_final_weights_are_written_leaves_a_run_to_resume_not_a_finished_one(tmp_path, monkeypatch):
+    from recipes.ddpo_recipe import DDPORecipe, main
+    from ddpo_rl.run_dir import describe_run
+
+    real = DDPORecipe.save_final_weights
+
+    def killed(self, name="final"):
+        if name == "final":
+            raise KeyboardInterrupt("killed while writing final/")
+        return real(self, name)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(DDPORecipe, "save_final_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY, "--epochs", "1", "--output-dir", str(out)])
+    assert not (out / "summary.json").exists() and not (out / "final").exists()
+    assert describe_run(str(out)) == "an interrupted run (stopped after epoch 1 of 1)"
+    monkeypatch.setattr(DDPORecipe, "save_final_weights", real)
+    main(["--resume", str(out)])
+    assert (out / "summary.json").exists() and any((out / "final").iterdir())
+
+
 def test_resume_with_fewer_epochs_than_reached_is_refused(run_dir, capsys, no_model_load):
     before = _digest(run_dir)
     err = _fails(capsys, ["--resume", str(run_dir), "--epochs", "1"])
