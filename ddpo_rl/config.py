@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ddpo_rl.atomic import write_json
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS
 from ddpo_rl.objectives import LOSSES
@@ -345,8 +346,6 @@ class DDPOConfig:
 
     def to_json(self, path: str) -> None:
         """The fields as JSON, written atomically (:func:`ddpo_rl.atomic.write_json`)."""
-        from ddpo_rl.atomic import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod

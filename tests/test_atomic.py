@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from PIL import Image
@@ -130,8 +131,6 @@ def test_sigkill_during_a_long_write_leaves_the_previous_file_whole(tmp_path):
         for _ in range(600):
             if started.exists() or proc.poll() is not None:
                 break
-            import time
-
             time.sleep(0.05)
         assert started.exists(), "the writer did not start"
         proc.send_signal(signal.SIGKILL)
