@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from ddpo_rl.collector import TRAJECTORY_KEYS, collect_trajectories
+from ddpo_rl.collector import collect_trajectories
 from ddpo_rl.ddim import gaussian_log_prob
 from ddpo_rl.keys import KEYS
 from ddpo_rl.precision import autocast_dtype as _autocast_dtype
@@ -347,7 +347,7 @@ class FastSampler:
         noise: SamplingNoise | Sequence[SamplingNoise] | None = None,
         generator: torch.Generator | None = None,
     ) -> TensorDictBase:
-        """``num_batches`` batches of trajectories: a TensorDict [N, T] with :data:`TRAJECTORY_KEYS`.
+        """``num_batches`` batches of trajectories: a TensorDict [N, T] with :data:`ddpo_rl.collector.TRAJECTORY_KEYS`.
 
         Args:
             num_batches: batches of ``env.batch_size`` chains (ignored when ``noise`` is given).
