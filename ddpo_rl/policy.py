@@ -53,9 +53,10 @@ def classifier_free_guidance(
 ) -> torch.Tensor:
     """The guided prediction ``out_u + w (out_c - out_u)`` (Ho & Salimans 2022), or ``out_c`` when w = 1.
 
-    Shared by every policy head. ``call(latents, timestep, *conditions)`` runs the network on one
-    batch; with guidance, the unconditional and conditional halves run as ONE batch of 2B (the
-    unconditional first), each negative condition ([1, ...] or [B, ...]) expanded to the batch.
+    Shared by every policy head and the reference samplers (``sample_digits``, ``sample_flow_digits``).
+    ``call(latents, timestep, *conditions)`` runs the network on one batch; with guidance, the
+    unconditional and conditional halves run as ONE batch of 2B (the unconditional first), each
+    negative condition ([1, ...] or [B, ...]) expanded to the batch.
     """
     if guidance_scale == 1.0:
         return call(latents, timestep, *conditions)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpo_rl.models.digits_data import load_digits_dataset
+from ddpo_rl.policy import classifier_free_guidance
 
 if TYPE_CHECKING:
     from ddpo_rl.models.digits import DigitsModel
@@ -254,20 +255,15 @@ def sample_digits(
     sched.set_timesteps(num_inference_steps, device=device)
     b = len(prompts)
     cond = model.encode_prompts(prompts)
-    use_cfg = guidance_scale != 1.0
-    if use_cfg:
-        uncond = model.encode_prompts([model.unconditional_prompt]).expand(b, -1, -1)
-        context = torch.cat([uncond, cond])
-    else:
-        context = cond
+    uncond = model.encode_prompts([model.unconditional_prompt]) if guidance_scale != 1.0 else None
+
+    def unet(x, t, context):
+        return model.unet(x, t, encoder_hidden_states=context).sample
+
     shape = (b, model.channels, model.sample_size, model.sample_size)
     x = torch.randn(shape, generator=generator, device="cpu").to(device)
     for t in sched.timesteps:
-        inp = torch.cat([x, x]) if use_cfg else x
-        eps = model.unet(inp, t, encoder_hidden_states=context).sample
-        if use_cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        eps = classifier_free_guidance(unet, x, t.expand(b), [cond], [uncond], guidance_scale)
         noise = torch.randn(shape, generator=generator, device="cpu").to(device) if eta > 0 else None
         x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
     return x

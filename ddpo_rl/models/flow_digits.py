@@ -65,6 +65,7 @@ from ddpo_rl.models import embedded
 from ddpo_rl.models.digits import DigitsModel, TrainResult
 from ddpo_rl.models.digits_pretrain import pretrain_loop, pretraining_data
 from ddpo_rl.models.embedded import MODEL_INDEX, PROMPT_TEMPLATE, UNCONDITIONAL_PROMPT
+from ddpo_rl.policy import classifier_free_guidance
 
 MODEL_NAME = "flow-digits-v1"
 """Name of the cache and asset subdirectory; bump it when the architecture or the data change."""
@@ -324,21 +325,16 @@ def sample_flow_digits(
     sched = copy.deepcopy(model.scheduler)
     sched.set_timesteps(num_inference_steps, device=device)
     b = len(prompts)
-    cond, pooled = model.encode_prompts_pooled(prompts)
-    use_cfg = guidance_scale != 1.0
-    if use_cfg:
-        u, up = model.encode_prompts_pooled([model.unconditional_prompt])
-        cond, pooled = torch.cat([u.expand(b, -1, -1), cond]), torch.cat([up.expand(b, -1), pooled])
+    conds = model.encode_prompts_pooled(prompts)
+    negs = model.encode_prompts_pooled([model.unconditional_prompt]) if guidance_scale != 1.0 else None
+
+    def transformer(x, t, context, pooled):
+        return model.transformer(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+
     shape = (b, model.channels, model.sample_size, model.sample_size)
     x = torch.randn(shape, generator=generator, device="cpu").to(device)
     for t in sched.timesteps:
-        inp = torch.cat([x, x]) if use_cfg else x
-        v = model.transformer(
-            inp, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t.expand(inp.shape[0])
-        ).sample
-        if use_cfg:
-            v_u, v_c = v.chunk(2)
-            v = v_u + guidance_scale * (v_c - v_u)
+        v = classifier_free_guidance(transformer, x, t.expand(b), conds, negs, guidance_scale)
         x = sched.step(v, t, x).prev_sample
     return x
 
