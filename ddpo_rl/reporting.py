@@ -54,11 +54,19 @@ def write_reward_curve(run_dir: str, title: str = "reward", tolerance: float | N
     return save_curve_panels(path, panels)
 
 
-def write_summary(run_dir: str, eval_history, cfg, stopped_on_monitor_drop: bool = False) -> dict:
-    """summary.json: the first and last evaluations and the change in units of the base std, for the
-    reward and every monitor; the over-optimisation alarm (or null) and the best evaluation's epoch."""
+def write_summary(
+    run_dir: str, eval_history, cfg, stopped_on_monitor_drop: bool = False,
+    epochs_trained: int | None = None, interrupted: bool = False,
+) -> dict:
+    """summary.json: the first and last evaluations ("base", "final": the last evaluation, which
+    is the run's end only when the run is not ``interrupted``) and the change in units of the base
+    std, for the reward and every monitor; the over-optimisation alarm (or null) and the best
+    evaluation's epoch. ``epochs_trained`` of ``cfg.epochs`` and ``interrupted`` (stopped by a
+    signal before its last epoch: final/ not written by it, ``--resume`` continues) say how far the
+    run got, so that a stopped run's summary never passes for a finished one."""
     summary = {"algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model, "seed": cfg.seed,
-               "kl_coef": getattr(cfg, "kl_coef", 0.0)}
+               "kl_coef": getattr(cfg, "kl_coef", 0.0), "epochs": cfg.epochs, "epochs_trained": epochs_trained,
+               "interrupted": bool(interrupted)}
     if eval_history:
         base, final = eval_history[0], eval_history[-1]
 

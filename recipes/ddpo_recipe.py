@@ -15,7 +15,9 @@ epoch:
    prompts, log their rewards and the monitor rewards, save a sample grid; keep the weights of
    the best evaluation whose monitors are within tolerance in best/; announce (once) the first
    one that is not (and stop there with ``stop_on_monitor_drop``);
-6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint.
+6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint. A run
+   stopped by a signal before its last epoch writes no final/, and its summary.json says
+   ``"interrupted": true``.
 
 Outputs (``output_dir``): config.json (the config that ran, and its ``history`` of starts and
 resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
@@ -660,9 +662,15 @@ class DDPORecipe:
                     break
         self.last_epoch = epoch
         self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
-        if self._stop_requested and self.is_main:
+        if self.interrupted and self.is_main:
             print(f"stopped at epoch {epoch}; checkpoint saved. Resume with --resume {self.out}")
         return self.finish() if self.is_main else {}
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by SIGINT/SIGTERM before ``cfg.epochs``. A signal during the last epoch does not
+        count: that run has trained every epoch, and finishes (final/, summary.json) as usual."""
+        return self._stop_requested and getattr(self, "last_epoch", self.start_epoch) < self.cfg.epochs
 
     # ------------------------------------------------------------------------------------------
     # cleanup
@@ -677,12 +685,13 @@ class DDPORecipe:
             self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
             tolerance=self.cfg.monitor_tolerance,
         )
-        if not self._stop_requested:
+        if not self.interrupted:
             self.save_final_weights()
         # last: summary.json marks the run finished (describe_run, run_status), so a kill before it
         # leaves a run that resumes and finishes again, never a "finished" one without final/
         return write_summary(
-            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False)
+            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False),
+            epochs_trained=getattr(self, "last_epoch", self.start_epoch), interrupted=self.interrupted,
         )
 
     def save_final_weights(self, name: str = "final") -> str:

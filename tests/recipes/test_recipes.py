@@ -143,9 +143,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert 2 <= stopped_at < 4, "the signal should stop the run before its end"
     assert not (part / "final").exists()
     assert not (part / ".lock").exists(), "a stopped run must release its directory"
+    summary = json.loads((part / "summary.json").read_text())
+    assert (summary["interrupted"], summary["epochs_trained"], summary["epochs"]) == (True, stopped_at, 4)
 
     res = run_recipe("ddpo_is.py", *common, "--output-dir", str(part), "--resume", str(part))
     assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((part / "summary.json").read_text())
+    assert (summary["interrupted"], summary["epochs_trained"]) == (False, 4)
     a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
     assert [m["epoch"] for m in b] == [1, 2, 3, 4]
     for ma, mb in zip(a, b):

@@ -146,6 +146,42 @@ def test_a_kill_while_final_weights_are_written_leaves_a_run_to_resume_not_a_fin
     assert (out / "summary.json").exists() and any((out / "final").iterdir())
 
 
+@pytest.mark.parametrize("signal_epoch", [1, 2])
+def test_a_stopped_run_says_so_and_a_signal_in_the_last_epoch_still_finishes(tmp_path, capsys, signal_epoch):
+    """SIGINT/SIGTERM sets the stop flag; here it is set while epoch ``signal_epoch`` of 2 trains.
+    Stopped after epoch 1: summary.json says interrupted (1 of 2 epochs), no final/. Signalled in the
+    last epoch: every epoch has trained, so the run finishes (final/, interrupted false)."""
+    from recipes.ddpo_recipe import DDPORecipe
+    from ddpo_rl.run_dir import describe_run
+
+    out = tmp_path / "run"
+    recipe = DDPORecipe(parse_cli([*TINY, "--epochs", "2", "--output-dir", str(out)])).setup()
+    real_train, calls = recipe.trainer.train, []
+
+    def train(batch):
+        calls.append(1)
+        if len(calls) == signal_epoch:
+            recipe._stop_requested = True  # what the signal handler does
+        return real_train(batch)
+
+    recipe.trainer.train = train
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["epochs"], summary["epochs_trained"]) == (2, signal_epoch)
+    assert summary["interrupted"] is (signal_epoch < 2)
+    assert (out / "final").is_dir() is (signal_epoch == 2)
+    said = capsys.readouterr().out
+    if signal_epoch < 2:
+        assert f"stopped at epoch 1; checkpoint saved. Resume with --resume {out}" in said
+        assert describe_run(str(out)) == "an interrupted run (stopped after epoch 1 of 2)"
+    else:
+        assert "stopped at epoch" not in said
+        assert describe_run(str(out)) == "a finished run (2 of 2 epochs)"
+
+
 def test_resume_with_fewer_epochs_than_reached_is_refused(run_dir, capsys, no_model_load):
     before = _digest(run_dir)
     err = _fails(capsys, ["--resume", str(run_dir), "--epochs", "1"])
