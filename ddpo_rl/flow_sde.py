@@ -136,6 +136,12 @@ def sde_diffusion(sigma: torch.Tensor, noise_level, sigma_max) -> torch.Tensor:
     return torch.as_tensor(noise_level, dtype=torch.float32, device=sigma.device) * (sigma / one_minus).sqrt()
 
 
+def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a float, a 0-dim or a [B] tensor) as float32 [B, 1, ..., 1] on ``like``'s device."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return _bcast(value.expand(like.shape[0]) if value.dim() == 0 else value, like)
+
+
 def flow_sde_step_gaussian(
     model_output: torch.Tensor,
     sigma: torch.Tensor,
@@ -160,14 +166,8 @@ def flow_sde_step_gaussian(
     """
     x_t = sample.float()
     v = model_output.float()
-    b = x_t.shape[0]
     # 1. t, t + dt and a as [B, 1, ..., 1] float32 (the latents may be half)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x_t.device)
-    t = _bcast(sigma.expand(b) if sigma.dim() == 0 else sigma, x_t)
-    t_next = _bcast(sigma_next.expand(b) if sigma_next.dim() == 0 else sigma_next, x_t)
-    a = torch.as_tensor(noise_level, dtype=torch.float32, device=x_t.device)
-    a = _bcast(a.expand(b) if a.dim() == 0 else a, x_t)
+    t, t_next, a = _per_sample(sigma, x_t), _per_sample(sigma_next, x_t), _per_sample(noise_level, x_t)
     dt = t_next - t  # < 0
 
     # 2. the diffusion coefficient sigma_t = a sqrt(t / (1 - t)) (t = 1: see the module docstring)
@@ -186,12 +186,7 @@ def flow_ode_step(model_output: torch.Tensor, sigma: torch.Tensor, sigma_next: t
     """One deterministic Euler step of the flow ODE, x_{t+dt} = x_t + v dt (diffusers'
     ``FlowMatchEulerDiscreteScheduler.step``), in float32. ``sigma``/``sigma_next``: [B] or 0-dim."""
     x_t = sample.float()
-    b = x_t.shape[0]
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x_t.device)
-    t = _bcast(sigma.expand(b) if sigma.dim() == 0 else sigma, x_t)
-    t_next = _bcast(sigma_next.expand(b) if sigma_next.dim() == 0 else sigma_next, x_t)
-    return x_t + model_output.float() * (t_next - t)
+    return x_t + model_output.float() * (_per_sample(sigma_next, x_t) - _per_sample(sigma, x_t))
 
 
 def sde_window_mask(num_steps: int, window_size: int | None, window_start: int = 0, device=None) -> torch.Tensor:
