@@ -669,7 +669,10 @@ class DDPORecipe:
     @property
     def interrupted(self) -> bool:
         """Stopped by SIGINT/SIGTERM before ``cfg.epochs``. A signal during the last epoch does not
-        count: that run has trained every epoch, and finishes (final/, summary.json) as usual."""
+        count (that run has trained every epoch), nor one in the epoch whose evaluation ended the run
+        by ``stop_on_monitor_drop``: both finish (final/, summary.json) as usual."""
+        if getattr(self, "stopped_on_monitor_drop", False):
+            return False
         return self._stop_requested and getattr(self, "last_epoch", self.start_epoch) < self.cfg.epochs
 
     # ------------------------------------------------------------------------------------------

@@ -48,9 +48,36 @@ def test_stop_on_monitor_drop_ends_the_run_with_a_checkpoint(tmp_path, capsys):
     out, summary = _run(tmp_path, "stop", "--monitor-rewards", FALLING, "--stop-on-monitor-drop", "true")
     assert "stop_on_monitor_drop" in capsys.readouterr().out
     assert summary["stopped_on_monitor_drop"] and summary["final"]["epoch"] == 1 and summary["best_epoch"] == 0
+    assert (summary["interrupted"], summary["epochs_trained"], summary["epochs"]) == (False, 1, 3)
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
     assert torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert (out / "final").is_dir() and (out / "best").is_dir()
+
+
+def test_a_signal_in_the_epoch_that_stops_on_the_monitor_still_writes_final(tmp_path, capsys):
+    """SIGINT/SIGTERM during the epoch whose evaluation ends the run by stop_on_monitor_drop: the
+    run ends as the monitor says (final/ written, not "interrupted"), as announced."""
+    from recipes.ddpo_recipe import DDPORecipe
+
+    out = tmp_path / "both"
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--output-dir", str(out), "--progress", "false", "--epochs", "3",
+                                   "--eval-every", "1", "--monitor-rewards", FALLING,
+                                   "--stop-on-monitor-drop", "true"])).setup()
+    real_train = recipe.trainer.train
+
+    def train(batch):
+        recipe._stop_requested = True  # what the signal handler does
+        return real_train(batch)
+
+    recipe.trainer.train = train
+    try:
+        summary = recipe.train()
+    finally:
+        recipe.cleanup()
+    said = capsys.readouterr().out
+    assert "checkpoint and final/ saved" in said and "Resume with" not in said
+    assert summary["stopped_on_monitor_drop"] and not summary["interrupted"] and summary["epochs_trained"] == 1
+    assert (out / "final").is_dir()
 
 
 def test_without_monitors_best_is_the_highest_reward(tmp_path):
