@@ -412,7 +412,7 @@ PRESETS: dict[str, dict] = {
     # chosen by measurement, README "Flow-matching policies"). monitor_tolerance 1.5 base std of the
     # digit classifier (~0.12, i.e. ~0.87 x its base value) is a little stricter than the 0.85 x bar.
     "flow-digits": dict(
-        model="flow-digits", group_size=4, noise_level=0.7, guidance_scale=5.0, learning_rate=1e-3, epochs=36,
+        model="flow-digits", group_size=4, noise_level=0.7, guidance_scale=5.0, learning_rate=5e-4, epochs=60,
         eval_every=12, save_every=12, kl_coef=0.015, monitor_tolerance=1.5, output_dir="outputs/flow-digits",
     ),
     # tiny random model: for smoke tests of the plumbing, not for learning
