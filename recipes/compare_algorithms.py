@@ -2,6 +2,8 @@
 
     python recipes/compare_algorithms.py --seeds 0 1 2 --jobs 2 --output-dir outputs/compare [--FIELD VALUE ...]
 
+(the paper's comparison has no KL term: add ``--kl-coef 0`` with the digits preset, whose default is 0.1)
+
 Every run uses the same preset and overrides, so the same number of reward queries
 (epochs x samples per epoch); only the algorithm and the seed change. Each run is its own
 process (recipes/<algorithm>.py, log in its directory's log.txt; ddpo_rl.run_pool); ``--jobs`` runs
