@@ -290,7 +290,22 @@ def network_subfolder(network) -> str:
     return _lora_format(network)[1]
 
 
-def save_trained_weights(network, directory: str, use_lora: bool) -> str:
+WEIGHTS_INFO_NAME = "ddpo_rl.json"
+"""The file inside final/ and best/ that says which training state the weights are (epoch, run)."""
+
+
+def read_weights_info(directory: str) -> dict | None:
+    """The ``info`` :func:`save_trained_weights` stored with the weights in ``directory``; None when
+    there are none (no directory, weights saved without info, or by an older ddpo_rl)."""
+    try:
+        with open(os.path.join(directory, WEIGHTS_INFO_NAME)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def save_trained_weights(network, directory: str, use_lora: bool, info: dict | None = None) -> str:
     """The trained weights in diffusers format under ``directory`` (a run's final/ or best/).
 
     With LoRA: the adapters in the format of the network's pipeline (``pytorch_lora_weights.safetensors``,
@@ -299,7 +314,9 @@ def save_trained_weights(network, directory: str, use_lora: bool) -> str:
     (:func:`network_subfolder`: ``unet/``, or ``transformer/`` for SD3 and the flow-digits model), so the
     folder drops into a pipeline directory in place of the base model's. Written whole or not at all
     (:func:`~ddpo_rl.atomic.atomic_directory`): the directory's previous content is replaced only once
-    the new one is complete. Returns ``directory``.
+    the new one is complete. ``info`` (JSON-able, e.g. the epoch and the run) goes into
+    ``directory/ddpo_rl.json`` with the weights, so that a copied final/ or best/ still says what it
+    holds (:func:`read_weights_info`). Returns ``directory``.
     """
     if not use_lora and not hasattr(network, "save_pretrained"):
         return directory
@@ -310,4 +327,7 @@ def save_trained_weights(network, directory: str, use_lora: bool) -> str:
             save_lora_weights(network, tmp)
         else:
             network.save_pretrained(os.path.join(tmp, network_subfolder(network)))
+        if info is not None:
+            with open(os.path.join(tmp, WEIGHTS_INFO_NAME), "w") as f:
+                json.dump(info, f, indent=1)
     return directory

@@ -11,6 +11,7 @@ import json
 import os
 
 from ddpo_rl.atomic import write_json
+from ddpo_rl.checkpoint import read_weights_info
 from ddpo_rl.monitors import PROMPT_SETS, best_evaluation, drop_in_base_std, first_alarm
 from ddpo_rl.plotting import save_curve_png, save_curve_panels
 
@@ -63,10 +64,14 @@ def write_summary(
     std, for the reward and every monitor; the over-optimisation alarm (or null) and the best
     evaluation's epoch. ``epochs_trained`` of ``cfg.epochs`` and ``interrupted`` (stopped by a
     signal before its last epoch: final/ not written by it, ``--resume`` continues) say how far the
-    run got, so that a stopped run's summary never passes for a finished one."""
+    run got, so that a stopped run's summary never passes for a finished one; ``final_weights_epoch``
+    is the epoch of the weights in final/ (from its ddpo_rl.json; None when there are none), which
+    differs from ``epochs_trained`` when a finished run was resumed for more epochs and stopped."""
+    final_info = read_weights_info(os.path.join(run_dir, "final"))
     summary = {"algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model, "seed": cfg.seed,
                "kl_coef": getattr(cfg, "kl_coef", 0.0), "epochs": cfg.epochs, "epochs_trained": epochs_trained,
-               "interrupted": bool(interrupted)}
+               "interrupted": bool(interrupted),
+               "final_weights_epoch": final_info.get("epoch") if final_info else None}
     if eval_history:
         base, final = eval_history[0], eval_history[-1]
 

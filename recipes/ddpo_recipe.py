@@ -22,7 +22,8 @@ epoch:
 Outputs (``output_dir``): config.json (the config that ran, and its ``history`` of starts and
 resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
 checkpoints/checkpoint.pt (and checkpoint.prev.pt, the one before), final/ and best/ (trained weights in
-diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters).
+diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters; and
+ddpo_rl.json, the epoch and run they come from).
 
 The directory is guarded (ddpo_rl.run_dir): locked while the run lives, never silently reused by
 a fresh run (``--overwrite true`` replaces an earlier run), and ``--resume RUN_DIR`` continues in
@@ -511,7 +512,7 @@ class DDPORecipe:
         if self.new_alarm is not None:
             record["monitor_alarm"] = self.new_alarm
         if best_evaluation(history + [record], cfg.monitor_tolerance)["epoch"] == epoch:
-            self.save_final_weights("best")
+            self.save_final_weights("best", epoch)
         with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         return result
@@ -697,11 +698,16 @@ class DDPORecipe:
             epochs_trained=getattr(self, "last_epoch", self.start_epoch), interrupted=self.interrupted,
         )
 
-    def save_final_weights(self, name: str = "final") -> str:
-        """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/)."""
+    def save_final_weights(self, name: str = "final", epoch: int | None = None) -> str:
+        """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/), with
+        ``ddpo_rl.json`` saying which epoch of which run they are."""
         from ddpo_rl.checkpoint import save_trained_weights
 
-        return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), self.cfg.use_lora)
+        cfg = self.cfg
+        epoch = getattr(self, "last_epoch", self.start_epoch) if epoch is None else epoch
+        info = {"epoch": epoch, "algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model,
+                "seed": cfg.seed, "run_dir": os.path.abspath(self.out)}
+        return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), cfg.use_lora, info=info)
 
     def cleanup(self) -> None:
         for sig, old in self._old_handlers.items():

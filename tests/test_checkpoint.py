@@ -154,6 +154,23 @@ def test_full_fine_tune_goes_under_the_pipeline_component_name(tmp_path):
     UNet2DConditionModel.from_pretrained(tmp_path / "ddim" / "unet")
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_weights_info_is_saved_with_the_weights(tmp_path, use_lora):
+    from ddpo_rl import lora
+    from ddpo_rl.checkpoint import WEIGHTS_INFO_NAME, read_weights_info
+
+    net = tiny_unet()
+    if use_lora:
+        lora.apply_lora(net, rank=2)
+    save_trained_weights(net, str(tmp_path / "best"), use_lora=use_lora, info={"epoch": 7, "seed": 1})
+    assert read_weights_info(str(tmp_path / "best")) == {"epoch": 7, "seed": 1}
+    save_trained_weights(net, str(tmp_path / "best"), use_lora=use_lora)  # replaced whole: no stale info
+    assert not (tmp_path / "best" / WEIGHTS_INFO_NAME).exists() and read_weights_info(str(tmp_path / "best")) is None
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / WEIGHTS_INFO_NAME).write_text("[1, 2")  # torn or foreign: no info, no crash
+    assert read_weights_info(str(tmp_path / "odd")) is None
+
+
 def test_lora_of_a_flow_transformer_is_saved_in_the_sd3_format(tmp_path):
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import load_file

@@ -130,10 +130,10 @@ def test_a_kill_while_final_weights_are_written_leaves_a_run_to_resume_not_a_fin
 
     real = DDPORecipe.save_final_weights
 
-    def killed(self, name="final"):
+    def killed(self, name="final", epoch=None):
         if name == "final":
             raise KeyboardInterrupt("killed while writing final/")
-        return real(self, name)
+        return real(self, name, epoch)
 
     out = tmp_path / "run"
     monkeypatch.setattr(DDPORecipe, "save_final_weights", killed)
@@ -180,6 +180,37 @@ def test_a_stopped_run_says_so_and_a_signal_in_the_last_epoch_still_finishes(tmp
     else:
         assert "stopped at epoch" not in said
         assert describe_run(str(out)) == "a finished run (2 of 2 epochs)"
+
+
+def test_final_and_best_say_which_epoch_they_hold_and_the_summary_tells_a_stale_final(tmp_path):
+    """final/ and best/ carry ddpo_rl.json (epoch, run). A finished 2-epoch run resumed for 4 epochs
+    and stopped after epoch 3 keeps the final/ of epoch 2: summary.json says so
+    (final_weights_epoch 2, epochs_trained 3, interrupted)."""
+    from ddpo_rl.checkpoint import read_weights_info
+    from recipes.ddpo_recipe import DDPORecipe, run
+
+    out = tmp_path / "run"
+    summary = run(parse_cli([*TINY, "--epochs", "2", "--eval-every", "1", "--output-dir", str(out)]))
+    final, best = read_weights_info(str(out / "final")), read_weights_info(str(out / "best"))
+    assert final["epoch"] == 2 and final["run_dir"] == str(out) and final["algorithm"] == "ddpo_is"
+    assert best["epoch"] == summary["best_epoch"]
+    assert summary["final_weights_epoch"] == 2 and not summary["interrupted"]
+
+    recipe = DDPORecipe(parse_cli(["--resume", str(out), "--epochs", "4", "--progress", "false"])).setup()
+    real_train = recipe.trainer.train
+
+    def train(batch):
+        recipe._stop_requested = True  # what the signal handler does
+        return real_train(batch)
+
+    recipe.trainer.train = train
+    try:
+        summary = recipe.train()
+    finally:
+        recipe.cleanup()
+    assert (summary["interrupted"], summary["epochs_trained"], summary["final_weights_epoch"]) == (True, 3, 2)
+    assert read_weights_info(str(out / "final"))["epoch"] == 2
+    assert read_weights_info(str(tmp_path / "nowhere")) is None
 
 
 def test_resume_with_fewer_epochs_than_reached_is_refused(run_dir, capsys, no_model_load):
