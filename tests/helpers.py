@@ -166,3 +166,21 @@ def make_flow_policy(steps=4, guidance=3.0, encoder=None, seed=0, transformer=No
         negative_prompt_embeds=encoder.negative() if guidance != 1.0 else None,
         **kw,
     )
+
+
+def train_with_a_stop_signal(recipe, during_epoch: int = 1) -> dict:
+    """``recipe.train()`` (a set-up DDPORecipe) with SIGINT/SIGTERM's effect, the stop flag, raised
+    while the ``during_epoch``-th epoch of this call trains; cleans up and returns the summary."""
+    real_train, calls = recipe.trainer.train, []
+
+    def train(batch):
+        calls.append(1)
+        if len(calls) == during_epoch:
+            recipe._stop_requested = True  # what the signal handler does
+        return real_train(batch)
+
+    recipe.trainer.train = train
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()

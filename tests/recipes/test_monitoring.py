@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from ddpo_rl.config import parse_cli
 from recipes.ddpo_recipe import run
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, train_with_a_stop_signal
 
 FALLING = "tests.recipes.bad_rewards:falling"
 
@@ -63,17 +63,7 @@ def test_a_signal_in_the_epoch_that_stops_on_the_monitor_still_writes_final(tmp_
     recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--output-dir", str(out), "--progress", "false", "--epochs", "3",
                                    "--eval-every", "1", "--monitor-rewards", FALLING,
                                    "--stop-on-monitor-drop", "true"])).setup()
-    real_train = recipe.trainer.train
-
-    def train(batch):
-        recipe._stop_requested = True  # what the signal handler does
-        return real_train(batch)
-
-    recipe.trainer.train = train
-    try:
-        summary = recipe.train()
-    finally:
-        recipe.cleanup()
+    summary = train_with_a_stop_signal(recipe)
     said = capsys.readouterr().out
     assert "checkpoint and final/ saved" in said and "Resume with" not in said
     assert summary["stopped_on_monitor_drop"] and not summary["interrupted"] and summary["epochs_trained"] == 1

@@ -14,7 +14,7 @@ import torch
 from ddpo_rl.checkpoint import atomic_torch_save, previous_path
 from ddpo_rl.config import parse_cli
 from ddpo_rl.run_dir import LOCK_NAME, RunLock
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, train_with_a_stop_signal
 
 TINY = ["--preset", "tiny", "--progress", "false", "--eval-every", "10"]
 
@@ -155,20 +155,8 @@ def test_a_stopped_run_says_so_and_a_signal_in_the_last_epoch_still_finishes(tmp
     from ddpo_rl.run_dir import describe_run
 
     out = tmp_path / "run"
-    recipe = DDPORecipe(parse_cli([*TINY, "--epochs", "2", "--output-dir", str(out)])).setup()
-    real_train, calls = recipe.trainer.train, []
-
-    def train(batch):
-        calls.append(1)
-        if len(calls) == signal_epoch:
-            recipe._stop_requested = True  # what the signal handler does
-        return real_train(batch)
-
-    recipe.trainer.train = train
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    train_with_a_stop_signal(DDPORecipe(parse_cli([*TINY, "--epochs", "2", "--output-dir", str(out)])).setup(),
+                             during_epoch=signal_epoch)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["epochs"], summary["epochs_trained"]) == (2, signal_epoch)
     assert summary["interrupted"] is (signal_epoch < 2)
@@ -196,18 +184,7 @@ def test_final_and_best_say_which_epoch_they_hold_and_the_summary_tells_a_stale_
     assert best["epoch"] == summary["best_epoch"]
     assert summary["final_weights_epoch"] == 2 and not summary["interrupted"]
 
-    recipe = DDPORecipe(parse_cli(["--resume", str(out), "--epochs", "4", "--progress", "false"])).setup()
-    real_train = recipe.trainer.train
-
-    def train(batch):
-        recipe._stop_requested = True  # what the signal handler does
-        return real_train(batch)
-
-    recipe.trainer.train = train
-    try:
-        summary = recipe.train()
-    finally:
-        recipe.cleanup()
+    summary = train_with_a_stop_signal(DDPORecipe(parse_cli(["--resume", str(out), "--epochs", "4", "--progress", "false"])).setup())
     assert (summary["interrupted"], summary["epochs_trained"], summary["final_weights_epoch"]) == (True, 3, 2)
     assert read_weights_info(str(out / "final"))["epoch"] == 2
     assert read_weights_info(str(tmp_path / "nowhere")) is None
