@@ -694,7 +694,8 @@ class DDPORecipe:
         # last: summary.json marks the run finished (describe_run, run_status), so a kill before it
         # leaves a run that resumes and finishes again, never a "finished" one without final/
         return write_summary(
-            self.out, self.eval_history, self.cfg, stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False),
+            self.out, self.eval_history, self.cfg,
+            stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False),
             epochs_trained=getattr(self, "last_epoch", self.start_epoch), interrupted=self.interrupted,
         )
 

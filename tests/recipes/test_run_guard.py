@@ -184,7 +184,8 @@ def test_final_and_best_say_which_epoch_they_hold_and_the_summary_tells_a_stale_
     assert best["epoch"] == summary["best_epoch"]
     assert summary["final_weights_epoch"] == 2 and not summary["interrupted"]
 
-    summary = train_with_a_stop_signal(DDPORecipe(parse_cli(["--resume", str(out), "--epochs", "4", "--progress", "false"])).setup())
+    resumed = DDPORecipe(parse_cli(["--resume", str(out), "--epochs", "4", "--progress", "false"])).setup()
+    summary = train_with_a_stop_signal(resumed)
     assert (summary["interrupted"], summary["epochs_trained"], summary["final_weights_epoch"]) == (True, 3, 2)
     assert read_weights_info(str(out / "final"))["epoch"] == 2
     assert read_weights_info(str(tmp_path / "nowhere")) is None
