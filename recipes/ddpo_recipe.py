@@ -658,14 +658,17 @@ class DDPORecipe:
                     self.save_checkpoint(epoch)
                 if monitor_stop:
                     self.stopped_on_monitor_drop = True
-                    if self.is_main:
-                        print(f"stop_on_monitor_drop: run ended at epoch {epoch}; checkpoint and final/ saved")
                     break
         self.last_epoch = epoch
         self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
-        if self.interrupted and self.is_main:
+        if not self.is_main:
+            return {}
+        if self.interrupted:
             print(f"stopped at epoch {epoch}; checkpoint saved. Resume with --resume {self.out}")
-        return self.finish() if self.is_main else {}
+        summary = self.finish()
+        if self.stopped_on_monitor_drop:  # said once final/ is written
+            print(f"stop_on_monitor_drop: run ended at epoch {epoch}; checkpoint and final/ saved")
+        return summary
 
     @property
     def interrupted(self) -> bool:

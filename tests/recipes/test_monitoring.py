@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -52,6 +53,22 @@ def test_stop_on_monitor_drop_ends_the_run_with_a_checkpoint(tmp_path, capsys):
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
     assert torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert (out / "final").is_dir() and (out / "best").is_dir()
+
+
+def test_the_monitor_stop_says_final_saved_only_once_it_is(tmp_path, capsys, monkeypatch):
+    from recipes.ddpo_recipe import DDPORecipe
+
+    real = DDPORecipe.save_final_weights
+
+    def fails(self, name="final", epoch=None):
+        if name == "final":
+            raise OSError("disk full")
+        return real(self, name, epoch)
+
+    monkeypatch.setattr(DDPORecipe, "save_final_weights", fails)
+    with pytest.raises(OSError):
+        _run(tmp_path, "stop", "--monitor-rewards", FALLING, "--stop-on-monitor-drop", "true")
+    assert "final/ saved" not in capsys.readouterr().out
 
 
 def test_a_signal_in_the_epoch_that_stops_on_the_monitor_still_writes_final(tmp_path, capsys):
