@@ -119,6 +119,8 @@ class DDPORecipe:
     def __init__(self, cfg: DDPOConfig):
         self.cfg = cfg.validate()
         self.start_epoch = 0
+        self.last_epoch = 0  # the last epoch trained (start_epoch on resume, then as train() goes)
+        self.stopped_on_monitor_drop = False
         self.history: list[dict] = []
         self.run_dir: RunDir | None = None
         self._newest_checkpoint_damaged = False
@@ -450,7 +452,7 @@ class DDPORecipe:
             for e in state["eval_history"]
         ]
         self.trainer.skipped_steps = state.get("skipped_steps", 0)
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = self.last_epoch = int(state["epoch"])
         if self.is_main:
             self._truncate_logs(self.start_epoch)
             for name in ("final", "best"):  # a kill between the two renames of a weights save
@@ -675,9 +677,7 @@ class DDPORecipe:
         """Stopped by SIGINT/SIGTERM before ``cfg.epochs``. A signal during the last epoch does not
         count (that run has trained every epoch), nor one in the epoch whose evaluation ended the run
         by ``stop_on_monitor_drop``: both finish (final/, summary.json) as usual."""
-        if getattr(self, "stopped_on_monitor_drop", False):
-            return False
-        return self._stop_requested and getattr(self, "last_epoch", self.start_epoch) < self.cfg.epochs
+        return self._stop_requested and not self.stopped_on_monitor_drop and self.last_epoch < self.cfg.epochs
 
     # ------------------------------------------------------------------------------------------
     # cleanup
@@ -698,8 +698,8 @@ class DDPORecipe:
         # leaves a run that resumes and finishes again, never a "finished" one without final/
         return write_summary(
             self.out, self.eval_history, self.cfg,
-            stopped_on_monitor_drop=getattr(self, "stopped_on_monitor_drop", False),
-            epochs_trained=getattr(self, "last_epoch", self.start_epoch), interrupted=self.interrupted,
+            stopped_on_monitor_drop=self.stopped_on_monitor_drop, epochs_trained=self.last_epoch,
+            interrupted=self.interrupted,
         )
 
     def save_final_weights(self, name: str = "final", epoch: int | None = None) -> str:
@@ -708,7 +708,7 @@ class DDPORecipe:
         from ddpo_rl.checkpoint import save_trained_weights
 
         cfg = self.cfg
-        epoch = getattr(self, "last_epoch", self.start_epoch) if epoch is None else epoch
+        epoch = self.last_epoch if epoch is None else epoch
         info = {"epoch": epoch, "algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model,
                 "seed": cfg.seed, "run_dir": os.path.abspath(self.out)}
         return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), cfg.use_lora, info=info)
