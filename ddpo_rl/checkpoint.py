@@ -290,6 +290,9 @@ def network_subfolder(network) -> str:
     return _lora_format(network)[1]
 
 
+STATE_DICT_NAME = "model.safetensors"
+"""What :func:`save_trained_weights` names the state dict of a network that has no ``save_pretrained``."""
+
 WEIGHTS_INFO_NAME = "ddpo_rl.json"
 """The file inside final/ and best/ that says which training state the weights are (epoch, run)."""
 
@@ -316,17 +319,23 @@ def save_trained_weights(network, directory: str, use_lora: bool, info: dict | N
     (:func:`~ddpo_rl.atomic.atomic_directory`): the directory's previous content is replaced only once
     the new one is complete. ``info`` (JSON-able, e.g. the epoch and the run) goes into
     ``directory/ddpo_rl.json`` with the weights, so that a copied final/ or best/ still says what it
-    holds (:func:`read_weights_info`). Returns ``directory``.
+    holds (:func:`read_weights_info`). A network of your own without ``save_pretrained`` (not a
+    diffusers model) is not skipped: its ``state_dict`` goes to ``<subfolder>/`` +
+    :data:`STATE_DICT_NAME` (safetensors; load it with ``safetensors.torch.load_model``). Returns
+    ``directory``.
     """
-    if not use_lora and not hasattr(network, "save_pretrained"):
-        return directory
     with atomic_directory(directory) as tmp:  # a kill mid-save leaves the previous final/ or best/ whole
         if use_lora:
             from ddpo_rl.lora import save_lora_weights
 
             save_lora_weights(network, tmp)
-        else:
+        elif hasattr(network, "save_pretrained"):
             network.save_pretrained(os.path.join(tmp, network_subfolder(network)))
+        else:
+            from safetensors.torch import save_model
+
+            os.makedirs(os.path.join(tmp, network_subfolder(network)))
+            save_model(network, os.path.join(tmp, network_subfolder(network), STATE_DICT_NAME))
         if info is not None:
             with open(os.path.join(tmp, WEIGHTS_INFO_NAME), "w") as f:
                 json.dump(info, f, indent=1)

@@ -223,3 +223,18 @@ def test_a_save_that_dies_midway_leaves_the_previous_weights_whole(tmp_path, use
     monkeypatch.undo()
     save_trained_weights(net, str(best), use_lora=use_lora)  # the next save replaces it whole
     assert _tree_digest(best) != before and os.listdir(tmp_path) == ["best"]
+
+
+def test_a_network_without_save_pretrained_is_saved_not_skipped(tmp_path):
+    """A network of the user's own (a plain nn.Module) used to leave final/ and best/ empty."""
+    from safetensors.torch import load_model
+
+    from ddpo_rl.checkpoint import STATE_DICT_NAME, read_weights_info
+
+    net = _perturbed(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    save_trained_weights(net, str(tmp_path / "final"), use_lora=False, info={"epoch": 3})
+    back = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    load_model(back, tmp_path / "final" / network_subfolder(net) / STATE_DICT_NAME)
+    for a, b in zip(net.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+    assert read_weights_info(str(tmp_path / "final")) == {"epoch": 3}
