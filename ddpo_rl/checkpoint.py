@@ -334,8 +334,9 @@ def save_trained_weights(network, directory: str, use_lora: bool, info: dict | N
         else:
             from safetensors.torch import save_model
 
-            os.makedirs(os.path.join(tmp, network_subfolder(network)))
-            save_model(network, os.path.join(tmp, network_subfolder(network), STATE_DICT_NAME))
+            sub = os.path.join(tmp, network_subfolder(network))
+            os.makedirs(sub)
+            save_model(network, os.path.join(sub, STATE_DICT_NAME))
         if info is not None:
             with open(os.path.join(tmp, WEIGHTS_INFO_NAME), "w") as f:
                 json.dump(info, f, indent=1)
