@@ -1,4 +1,5 @@
-"""End-of-run reports: the reward curve PNG and summary.json (base vs final, in base-std units).
+"""End-of-run reports: the reward curve PNG, summary.json (base vs final, in base-std units) and the
+few lines a run prints when it ends (:func:`format_summary`, read from summary.json).
 
 Both include the monitor rewards (ddpo_rl.monitors): a second panel of the curve shows each
 monitor's change from its base value in base-std units, with the tolerance line; the summary gives
@@ -12,7 +13,7 @@ import os
 
 from ddpo_rl.atomic import write_json
 from ddpo_rl.checkpoint import read_weights_info
-from ddpo_rl.monitors import PROMPT_SETS, best_evaluation, drop_in_base_std, first_alarm
+from ddpo_rl.monitors import PROMPT_SETS, alarm_message, best_evaluation, drop_in_base_std, first_alarm
 from ddpo_rl.plotting import save_curve_png, save_curve_panels
 
 
@@ -112,3 +113,62 @@ def write_summary(
             )
     write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_summary(summary: dict, run_dir: str) -> list[str]:
+    """The lines a run prints when it ends, all read from its ``summary`` (:func:`write_summary`):
+    how far it got and where its files are, the reward's change on both prompt sets, each monitor's
+    final/base and change in base std (marked where it fell beyond the tolerance), the
+    over-optimisation alarm, and which epochs final/ and best/ hold."""
+    trained = summary.get("epochs_trained")
+    done = f"{summary['epochs'] if trained is None else trained} of {summary['epochs']} epochs"
+    if summary.get("interrupted"):
+        head = f"stopped after {done} (interrupted)"
+    elif summary.get("stopped_on_monitor_drop"):
+        head = f"stopped after {done} (stop_on_monitor_drop)"
+    else:
+        head = f"finished {done}"
+    lines = [f"{head}; run directory {run_dir} (summary.json, reward_curve.png, samples/)"]
+    if "base" not in summary:  # no evaluation was made
+        return lines
+    base, final = summary["base"], summary["final"]
+    last = "final" if not summary.get("interrupted") else f"epoch {final['epoch']}"
+    lines.append(
+        f"reward {summary['reward']} (base -> {last}): training prompts {_fmt(base['train_prompts_reward_mean'])} -> "
+        f"{_fmt(final['train_prompts_reward_mean'])} ({_fmt(summary['train_prompts_gain_in_base_std'], '+.2f')} base std), "
+        f"held-out {_fmt(base['eval_reward_mean'])} -> {_fmt(final['eval_reward_mean'])} "
+        f"({_fmt(summary['eval_prompts_gain_in_base_std'], '+.2f')} base std)"
+    )
+    tolerance = summary.get("monitor_tolerance")
+    for name, sets in summary.get("monitors", {}).items():
+        parts = []
+        for label, m in sets.items():
+            change = m["change_in_base_std"]
+            beyond = tolerance is not None and change is not None and -change > tolerance
+            parts.append(
+                f"{label.split()[0]} {_fmt(m['base_mean'])} -> {_fmt(m['final_mean'])} "
+                f"({_fmt(m['final_over_base'], '.2f')} x, {_fmt(change, '+.2f')} base std"
+                + (", beyond tolerance)" if beyond else ")")
+            )
+        lines.append(f"monitor {name}: " + ", ".join(parts))
+    if tolerance is not None:
+        alarm = summary.get("monitor_alarm")
+        if alarm is None:
+            lines.append(f"over-optimisation alarm: none (tolerance {tolerance:g} base std)")
+        else:
+            lines.append(alarm_message(alarm))
+    weights = []
+    if summary.get("final_weights_epoch") is not None:
+        weights.append(f"final/ epoch {summary['final_weights_epoch']}")
+    if summary.get("best_epoch") is not None:
+        weights.append(
+            f"best/ epoch {summary['best_epoch']} ({_fmt(summary.get('best_train_prompts_gain_in_base_std'), '+.2f')} "
+            "base std, the best evaluation with its monitors within tolerance)"
+        )
+    if weights:
+        lines.append("weights: " + "; ".join(weights))
+    return lines

@@ -23,7 +23,8 @@ Outputs (``output_dir``): config.json (the config that ran, and its ``history`` 
 resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
 checkpoints/checkpoint.pt (and checkpoint.prev.pt, the one before), final/ and best/ (trained weights in
 diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters; and
-ddpo_rl.json, the epoch and run they come from).
+ddpo_rl.json, the epoch and run they come from). The run ends by printing summary.json's account
+(:func:`ddpo_rl.reporting.format_summary`).
 
 The directory is guarded (ddpo_rl.run_dir): locked while the run lives, never silently reused by
 a fresh run (``--overwrite true`` replaces an earlier run), and ``--resume RUN_DIR`` continues in
@@ -670,6 +671,9 @@ class DDPORecipe:
         summary = self.finish()
         if self.stopped_on_monitor_drop:  # said once final/ is written
             print(f"stop_on_monitor_drop: run ended at epoch {epoch}; checkpoint and final/ saved")
+        from ddpo_rl.reporting import format_summary
+
+        print("\n".join(format_summary(summary, self.out)), flush=True)
         return summary
 
     @property

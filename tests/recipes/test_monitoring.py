@@ -27,7 +27,8 @@ def _unet(path):
 
 def test_alarm_is_said_once_and_best_is_the_last_evaluation_within_tolerance(tmp_path, capsys):
     out, summary = _run(tmp_path, "run", "--monitor-rewards", f"digit_alignment,{FALLING}", "--kl-coef", "0.1")
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert err.count("over-optimisation") == 1 and f"monitor {FALLING}" in err and "epoch 1" in err, err
     evals = read_jsonl(out / "eval.jsonl")
     assert [e["epoch"] for e in evals] == [0, 1, 2, 3]
@@ -43,11 +44,16 @@ def test_alarm_is_said_once_and_best_is_the_last_evaluation_within_tolerance(tmp
     metrics = read_jsonl(out / "metrics.jsonl")
     assert all(m["kl_to_reference"] is not None for m in metrics) and metrics[-1]["kl_to_reference"] > 0
     assert Image.open(out / "reward_curve.png").size[1] == 2 * 420  # the monitor panel
+    # the run ends by printing its summary: the alarm again, and which epochs final/ and best/ hold
+    report = said.out.splitlines()
+    assert report[0].startswith(f"finished 3 of 3 epochs; run directory {out}")
+    assert f"over-optimisation: monitor {FALLING}" in said.out and "weights: final/ epoch 3; best/ epoch 0" in said.out
 
 
 def test_stop_on_monitor_drop_ends_the_run_with_a_checkpoint(tmp_path, capsys):
     out, summary = _run(tmp_path, "stop", "--monitor-rewards", FALLING, "--stop-on-monitor-drop", "true")
-    assert "stop_on_monitor_drop" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "stop_on_monitor_drop: run ended at epoch 1" in said and "stopped after 1 of 3 epochs (stop_on_monitor_drop)" in said
     assert summary["stopped_on_monitor_drop"] and summary["final"]["epoch"] == 1 and summary["best_epoch"] == 0
     assert (summary["interrupted"], summary["epochs_trained"], summary["epochs"]) == (False, 1, 3)
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
