@@ -117,11 +117,26 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _swap_in(tmp, path)
+
+
+def replace_directory(src: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the complete directory ``src`` (same filesystem) to ``path``, replacing what was there
+    by the same two renames as :func:`atomic_directory`: a kill leaves ``path`` whole, old or new
+    (after :func:`recover_directory`), and ``src`` in place until it has moved."""
+    path = Path(path)
+    recover_directory(path)
+    _swap_in(Path(src), path)
+
+
+def _swap_in(new: Path, path: Path) -> None:
     old = _sibling(path, "old")
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(new, path)
     fsync_dir(path.parent)
+    if new.parent != path.parent:
+        fsync_dir(new.parent)
     shutil.rmtree(old, ignore_errors=True)

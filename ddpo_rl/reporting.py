@@ -67,12 +67,15 @@ def write_summary(
     signal before its last epoch: final/ not written by it, ``--resume`` continues) say how far the
     run got, so that a stopped run's summary never passes for a finished one; ``final_weights_epoch``
     is the epoch of the weights in final/ (from its ddpo_rl.json; None when there are none), which
-    differs from ``epochs_trained`` when a finished run was resumed for more epochs and stopped."""
+    differs from ``epochs_trained`` when a finished run was resumed for more epochs and stopped;
+    ``best_weights_epoch`` the same for best/ (``best_epoch`` is the evaluation it should hold)."""
     final_info = read_weights_info(os.path.join(run_dir, "final"))
+    best_info = read_weights_info(os.path.join(run_dir, "best"))
     summary = {"algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model, "seed": cfg.seed,
                "kl_coef": getattr(cfg, "kl_coef", 0.0), "epochs": cfg.epochs, "epochs_trained": epochs_trained,
                "interrupted": bool(interrupted),
-               "final_weights_epoch": final_info.get("epoch") if final_info else None}
+               "final_weights_epoch": final_info.get("epoch") if final_info else None,
+               "best_weights_epoch": best_info.get("epoch") if best_info else None}
     if eval_history:
         base, final = eval_history[0], eval_history[-1]
 
@@ -164,11 +167,15 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
     weights = []
     if summary.get("final_weights_epoch") is not None:
         weights.append(f"final/ epoch {summary['final_weights_epoch']}")
-    if summary.get("best_epoch") is not None:
+    best, held = summary.get("best_epoch"), summary.get("best_weights_epoch")
+    if best is not None and held == best:
         weights.append(
-            f"best/ epoch {summary['best_epoch']} ({_fmt(summary.get('best_train_prompts_gain_in_base_std'), '+.2f')} "
+            f"best/ epoch {best} ({_fmt(summary.get('best_train_prompts_gain_in_base_std'), '+.2f')} "
             "base std, the best evaluation with its monitors within tolerance)"
         )
+    elif best is not None:
+        weights.append(f"best/ {'epoch ' + str(held) if held is not None else 'none'}, not the best evaluation "
+                       f"(epoch {best}), whose weights no longer exist")
     if weights:
         lines.append("weights: " + "; ".join(weights))
     return lines

@@ -13,9 +13,10 @@ epoch:
 4. log one line to metrics.jsonl and the progress display;
 5. every ``eval_every`` epochs: sample fixed-seed batches on the training and held-out
    prompts, log their rewards and the monitor rewards, save a sample grid; keep the weights of
-   the best evaluation whose monitors are within tolerance in best/; announce (once) the first
+   the best evaluation whose monitors are within tolerance for best/; announce (once) the first
    one that is not (and stop there with ``stop_on_monitor_drop``);
-6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint. A run
+6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint, then
+   move the best weights it covers into best/ (:meth:`DDPORecipe._settle_best`). A run
    stopped by a signal before its last epoch writes no final/, and its summary.json says
    ``"interrupted": true``.
 
@@ -38,6 +39,7 @@ import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -47,11 +49,12 @@ import torch
 from torchrl.envs import TransformedEnv
 
 from ddpo_rl.advantages import PerPromptStatTracker, compute_advantages
-from ddpo_rl.atomic import recover_directory, write_text
+from ddpo_rl.atomic import recover_directory, replace_directory, write_text
 from ddpo_rl.checkpoint import (
     CHECKPOINT_NAME,
     atomic_torch_save,
     read_checkpoint,
+    read_weights_info,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -77,6 +80,9 @@ from envs.denoising import DenoisingEnv
 EVAL_SEED_OFFSET = 1_000_003
 CHECKPOINT_KIND = "ddpo"
 """Written into every checkpoint's trailer: another recipe's checkpoint is refused on resume."""
+BEST_PENDING = os.path.join("checkpoints", "best.pending")
+"""Where the weights of a new best evaluation wait for the next checkpoint before they replace best/
+(:meth:`DDPORecipe._settle_best`)."""
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "samples", "checkpoints", "final", "best", "logs",
              "summary.json", "reward_curve.png")
 """What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
@@ -458,6 +464,7 @@ class DDPORecipe:
             self._truncate_logs(self.start_epoch)
             for name in ("final", "best"):  # a kill between the two renames of a weights save
                 recover_directory(os.path.join(self.out, name))
+            self._settle_best(self.start_epoch)
 
     def _truncate_logs(self, epoch: int) -> None:
         """Drop log lines written after the checkpoint (a run killed between log and save), and a
@@ -475,9 +482,29 @@ class DDPORecipe:
         # is replaced and the sound previous one kept
         keep = not self._newest_checkpoint_damaged
         self._newest_checkpoint_damaged = False
-        return atomic_torch_save(
+        path = atomic_torch_save(
             state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME), kind=CHECKPOINT_KIND, keep_previous=keep
         )
+        self._settle_best(epoch)
+        return path
+
+    def _settle_best(self, epoch: int) -> None:
+        """best/ moves with the checkpoints. The weights of a new best evaluation are written to
+        :data:`BEST_PENDING` and replace best/ only once a checkpoint at or after their epoch is
+        written (here, after each checkpoint, and on resume for a kill between the two). A pending
+        set from after the checkpoint a run resumes from belongs to evaluations the resumed run
+        redoes (with a changed config or on a GPU, to other results) and is dropped. So best/ never
+        holds weights of an evaluation that eval.jsonl and summary.json no longer have, at the
+        cost of best/ trailing the newest evaluation until the next checkpoint."""
+        pending = os.path.join(self.out, BEST_PENDING)
+        recover_directory(pending)  # a kill while a newer pending set replaced an older one
+        if not os.path.isdir(pending):
+            return
+        info = read_weights_info(pending) or {}
+        if isinstance(info.get("epoch"), int) and info["epoch"] <= epoch:
+            replace_directory(pending, os.path.join(self.out, "best"))
+        else:
+            shutil.rmtree(pending)
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -491,7 +518,8 @@ class DDPORecipe:
 
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,
-        and a sample grid; writes best/ when this evaluation is the best within tolerance."""
+        and a sample grid; when this evaluation is the best within tolerance, its weights go to
+        :data:`BEST_PENDING`, for best/ at the next checkpoint."""
         from ddpo_rl.monitors import best_evaluation, first_alarm, summarize
 
         cfg = self.cfg
@@ -515,7 +543,7 @@ class DDPORecipe:
         if self.new_alarm is not None:
             record["monitor_alarm"] = self.new_alarm
         if best_evaluation(history + [record], cfg.monitor_tolerance)["epoch"] == epoch:
-            self.save_final_weights("best", epoch)
+            self.save_final_weights(BEST_PENDING, epoch)  # best/ once a checkpoint covers this epoch
         with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         return result

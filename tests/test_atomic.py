@@ -137,3 +137,30 @@ def test_sigkill_during_a_long_write_leaves_the_previous_file_whole(tmp_path):
     finally:
         proc.wait(timeout=30)
     assert json.loads(path.read_text()) == {"epoch": 1}
+
+
+def test_replace_directory_moves_a_complete_directory_over_another(tmp_path, monkeypatch):
+    """A complete directory (a run's pending best weights) moved over best/: afterwards best/ is the
+    moved one and nothing is left beside it; a kill between the two renames leaves the old best/ to
+    recover and the source still in place, so the move can be made again."""
+    (tmp_path / "checkpoints").mkdir()
+    src, path = tmp_path / "checkpoints" / "pending", tmp_path / "best"
+    for d, text in ((src, "new"), (path, "old")):
+        d.mkdir()
+        (d / "w").write_text(text)
+    real_replace, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_directory(src, path)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert not path.exists() and (src / "w").read_text() == "new"
+    atomic.replace_directory(src, path)  # recovers the old best/ first, then moves
+    assert (path / "w").read_text() == "new" and not src.exists()
+    assert _names(tmp_path) == {"best", "checkpoints"} and _names(tmp_path / "checkpoints") == set()

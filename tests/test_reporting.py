@@ -1,5 +1,6 @@
 """The end-of-run report: summary.json written by write_summary, read back as the lines a run prints."""
 
+import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -26,6 +27,11 @@ def _monitor(train_mean, eval_mean, std=0.1):
     return {"acc": dict(train_mean=train_mean, train_std=std, eval_mean=eval_mean, eval_std=std)}
 
 
+def _weights(run_dir, name, epoch):  # what save_trained_weights leaves beside the weights
+    (run_dir / name).mkdir()
+    (run_dir / name / "ddpo_rl.json").write_text(json.dumps({"epoch": epoch}))
+
+
 def _cfg(**kw):
     return SimpleNamespace(algorithm="ddpo_is", reward="jpeg_compressibility", model="digits", seed=0, kl_coef=0.0,
                            epochs=kw.pop("epochs", 3), monitor_tolerance=kw.pop("monitor_tolerance", 1.0), **kw)
@@ -35,6 +41,7 @@ def test_the_report_reads_the_summary_and_marks_a_monitor_beyond_tolerance(tmp_p
     history = [_Eval(0, -1.0, 0.1, -2.0, 0.5, monitors=_monitor(0.9, 0.8)),
                _Eval(1, -0.9, 0.1, -1.5, 0.5, monitors=_monitor(0.85, 0.8)),   # within tolerance: the best
                _Eval(3, -0.7, 0.1, -1.0, 0.5, monitors=_monitor(0.6, 0.79))]   # acc on the training prompts -3 std
+    _weights(tmp_path, "best", 1)
     summary = write_summary(str(tmp_path), history, _cfg(), epochs_trained=3)
     lines = format_summary(summary, str(tmp_path))
     text = "\n".join(lines)
@@ -49,13 +56,17 @@ def test_the_report_reads_the_summary_and_marks_a_monitor_beyond_tolerance(tmp_p
 
 def test_the_report_of_a_stopped_run_and_of_one_without_monitors(tmp_path):
     history = [_Eval(0, -1.0, 0.1, -2.0, 0.5), _Eval(1, -1.1, 0.1, -2.0, 0.5)]
+    _weights(tmp_path, "final", 1)
+    _weights(tmp_path, "best", 2)  # not the best evaluation (0): e.g. a run of an older ddpo_rl, killed and resumed
     summary = write_summary(str(tmp_path), history, _cfg(epochs=5), epochs_trained=1, interrupted=True)
     lines = format_summary(summary, str(tmp_path))
     assert lines[0].startswith("stopped after 1 of 5 epochs (interrupted)")
     assert "(base -> epoch 1)" in lines[1] and "(-1.00 base std)" in lines[1]
     assert not any(line.startswith("monitor ") for line in lines)
     assert "over-optimisation alarm: none (tolerance 1 base std)" in lines
-    assert lines[-1].startswith("weights: best/ epoch 0")  # the base: the highest reward
+    assert (summary["final_weights_epoch"], summary["best_weights_epoch"], summary["best_epoch"]) == (1, 2, 0)
+    assert lines[-1] == ("weights: final/ epoch 1; best/ epoch 2, not the best evaluation (epoch 0), "
+                         "whose weights no longer exist")
 
 
 def test_a_monitor_with_nothing_to_measure_and_a_run_without_evaluations(tmp_path):

@@ -191,6 +191,81 @@ def test_final_and_best_say_which_epoch_they_hold_and_the_summary_tells_a_stale_
     assert read_weights_info(str(tmp_path / "nowhere")) is None
 
 
+def _kill_at_checkpoint(recipe_cls, monkeypatch, epoch):
+    """Make the checkpoint of ``epoch`` fail as a SIGKILL before it would (nothing after it runs)."""
+    real = recipe_cls.save_checkpoint
+
+    def save(self, e):
+        if e == epoch:
+            raise KeyboardInterrupt(f"killed before the checkpoint of epoch {e}")
+        return real(self, e)
+
+    monkeypatch.setattr(recipe_cls, "save_checkpoint", save)
+
+
+def test_best_never_holds_weights_of_an_evaluation_the_resumed_run_redid(tmp_path, monkeypatch):
+    """Evaluations every epoch, checkpoints every 2. The evaluations of epochs 3 and 4 are each the
+    best so far, then the run is killed before epoch 4's checkpoint. The resumed run redoes epochs 3
+    and 4 from the checkpoint of epoch 2 and, here, scores lower (a changed config or a GPU's other
+    round-off can do that; the rule below stands in for it): best/ must hold epoch 2's weights, the
+    best of what eval.jsonl has, not the lost epoch 4's."""
+    import ddpo_rl.monitors as monitors
+    from ddpo_rl.checkpoint import read_weights_info
+    from recipes.ddpo_recipe import BEST_PENDING, DDPORecipe, run
+
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "4", "--eval-every", "1", "--save-every", "2", "--output-dir", str(out)]
+    monkeypatch.setattr(monitors, "best_evaluation", lambda history, tolerance: history[-1])  # each one best
+    _kill_at_checkpoint(DDPORecipe, monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_cli(argv))
+    assert read_weights_info(str(out / "best"))["epoch"] == 2  # what the checkpoint of epoch 2 covers
+    assert read_weights_info(str(out / BEST_PENDING))["epoch"] == 4  # waiting for a checkpoint
+
+    monkeypatch.undo()
+    monkeypatch.setattr(monitors, "best_evaluation",  # the redone epochs 3 and 4 score below epoch 2
+                        lambda history, tolerance: [r for r in history if r["epoch"] <= 2][-1])
+    run(parse_cli(["--resume", str(out)]))
+    assert read_weights_info(str(out / "best"))["epoch"] == 2
+    assert not (out / BEST_PENDING).exists()
+    assert [e["epoch"] for e in read_jsonl(out / "eval.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_a_kill_between_the_checkpoint_and_best_is_mended_on_resume(tmp_path, monkeypatch):
+    """Killed after the checkpoint of epoch 2 was written, before best/ took epoch 2's weights: the
+    resume finds them pending and covered by the checkpoint, and moves them into best/."""
+    import ddpo_rl.monitors as monitors
+    from ddpo_rl.checkpoint import read_weights_info
+    from recipes.ddpo_recipe import BEST_PENDING, DDPORecipe
+
+    out = tmp_path / "run"
+    real = DDPORecipe._settle_best
+
+    def killed(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed before best/ was replaced")
+        return real(self, epoch)
+
+    monkeypatch.setattr(DDPORecipe, "_settle_best", killed)
+    monkeypatch.setattr(monitors, "best_evaluation", lambda history, tolerance: history[-1])  # each one best
+    recipe = DDPORecipe(parse_cli([*TINY, "--epochs", "2", "--eval-every", "2", "--save-every", "2",
+                                   "--output-dir", str(out)]))
+    try:
+        recipe.setup()
+        with pytest.raises(KeyboardInterrupt):
+            recipe.train()
+    finally:
+        recipe.cleanup()
+    monkeypatch.undo()
+    assert read_weights_info(str(out / "best")) is None and read_weights_info(str(out / BEST_PENDING))["epoch"] == 2
+    resumed = DDPORecipe(parse_cli(["--resume", str(out)]))
+    try:
+        resumed.setup()
+        assert read_weights_info(str(out / "best"))["epoch"] == 2 and not (out / BEST_PENDING).exists()
+    finally:
+        resumed.cleanup()
+
+
 def test_resume_with_fewer_epochs_than_reached_is_refused(run_dir, capsys, no_model_load):
     before = _digest(run_dir)
     err = _fails(capsys, ["--resume", str(run_dir), "--epochs", "1"])
