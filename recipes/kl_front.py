@@ -144,6 +144,7 @@ def main(argv=None) -> dict:
             rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
     have = {(r["kl_coef"], r["seed"]) for r in rows}
     rows += [r for r in included if (r["kl_coef"], r["seed"]) not in have]
+    rows.sort(key=lambda r: (r["kl_coef"], r["seed"]))  # tables and legend in kl_coef order, included rows too
     have |= {(r["kl_coef"], r["seed"]) for r in rows}
     missing = [cfg for cfg, _, _ in runs if (cfg.kl_coef, cfg.seed) not in have]
     if missing and not args.no_run:  # e.g. a run stopped by SIGTERM: it checkpointed instead of finishing
