@@ -15,6 +15,7 @@ field, lists and dicts included), ``--help`` from the field docstrings, choices 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -34,6 +35,17 @@ _NONE = ("none", "null")
 
 class CLIError(ValueError):
     """A command line that cannot be read; the message starts with the field's name."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """For the argparse command lines of the multi-run and pretraining recipes: the description
+    (a module docstring) as written, and each option's default after its help (not for flags and
+    options without a value, whose help says what their absence means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _read_bool(args: list[str]) -> bool:

@@ -20,6 +20,7 @@ import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
+from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
 from ddpo_rl.config import ALGORITHMS
 from ddpo_rl.errors import report_user_errors
@@ -42,12 +43,13 @@ def _pool_run(run, overrides: list[str]) -> PoolRun:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
-    parser.add_argument("--output-dir", default="outputs/compare")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds of each algorithm")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+                        help="the algorithms compared")
+    parser.add_argument("--output-dir", default="outputs/compare", help="where the runs and the comparison go")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
-    parser.add_argument("--progress", default="true", choices=["true", "false"])
+    parser.add_argument("--progress", default="true", choices=["true", "false"], help="a progress bar over the runs' epochs")
     args, overrides = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")

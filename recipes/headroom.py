@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/: sibl
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json
+from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.collector import terminal_rewards
 from ddpo_rl.config import parse_cli
 from ddpo_rl.errors import report_user_errors
@@ -174,9 +175,9 @@ def main(argv=None) -> dict:
 
 
 def _main(argv) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=1024, help="base samples per prompt set (default 1024)")
-    parser.add_argument("--sample-seed", type=int, default=SEED, help=f"seed of the samples (default {SEED})")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--samples", type=int, default=1024, help="base samples per prompt set")
+    parser.add_argument("--sample-seed", type=int, default=SEED, help="seed of the samples")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--png", default=None,
                         help="draw each monitor's front here (OUT.png; OUT_<monitor>.png with several monitors)")

@@ -29,6 +29,7 @@ import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
+from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
 from ddpo_rl.config import parse_cli
 from ddpo_rl.errors import report_user_errors
@@ -99,13 +100,13 @@ def _included_rows(paths, setup: dict) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="digits")
-    parser.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--runs-dir", default="outputs/kl_front")
-    parser.add_argument("--out", default="docs/results")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--preset", default="digits", help="the preset every run starts from")
+    parser.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0], help="the kl_coef values")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds of each kl_coef")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--runs-dir", default="outputs/kl_front", help="where the runs' directories go")
+    parser.add_argument("--out", default="docs/results", help="where the front's JSON, markdown and PNG go")
     parser.add_argument("--no-run", action="store_true",
                         help="only aggregate the runs that are finished (the tables then name the missing ones)")
     parser.add_argument("--progress", default="true", choices=["true", "false"], help="a progress bar over the runs' epochs")

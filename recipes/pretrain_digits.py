@@ -20,6 +20,7 @@ from pathlib import Path
 import ddpo_rl  # noqa: F401  (before diffusers/transformers: CPU torchvision shim)
 import torch
 
+from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.models.digits import (
     build_digits_model,
     default_cache_dir,
@@ -58,22 +59,23 @@ def _log_line(step: int, loss: float) -> None:
 
 def pretrain_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
     """The command line both embedded models' pretraining recipes share (``steps``: the default)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache dir)")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=96)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--prompt-dropout", type=float, default=0.1)
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=96, help="training images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--prompt-dropout", type=float, default=0.1,
+                   help="fraction of training images given the empty prompt (what classifier-free guidance needs)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the weights' exponential moving average (what is saved)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise")
     p.add_argument("--save-tokenizer", action="store_true", help="also save the 3.6 MB tokenizer files")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
     p.add_argument("--grid", type=Path, default=None, help="sample grid PNG (default: <out>/samples.png)")
-    p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--no-grid", action="store_true", help="write no sample grid")
     p.add_argument("--per-digit", type=int, default=10, help="samples per digit in the grid")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--num-inference-steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale of the grid's samples")
+    p.add_argument("--num-inference-steps", type=int, default=20, help="sampler steps of the grid's samples")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 
 

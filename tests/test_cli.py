@@ -113,3 +113,38 @@ def test_dppo_command_line(capsys):
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(start), err
+
+
+def _argparse_parser(main, argv=("--help",)):
+    """The argparse parser ``main`` builds (caught when it parses, before anything runs)."""
+    import argparse
+
+    class Caught(Exception):
+        pass
+
+    built = []
+
+    def parse(self, args=None, namespace=None):
+        built.append(self)
+        raise Caught
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_known_args", parse)
+        with pytest.raises(Caught):
+            main(list(argv))
+    return built[0]
+
+
+@pytest.mark.parametrize("name", ["kl_front", "compare_algorithms", "headroom", "pretrain_digits", "pretrain_flow_digits"])
+def test_every_option_of_the_argparse_recipes_has_help_and_shows_its_default(name):
+    import importlib
+
+    module = importlib.import_module(f"recipes.{name}")
+    parser = _argparse_parser(module.main)
+    assert parser.formatter_class is cli.HelpFormatter
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert options and all(a.help for a in options), [a.dest for a in options if not a.help]
+    text = parser.format_help()
+    for a in options:
+        if a.default not in (None, False):
+            assert f"(default: {a.default})" in " ".join(text.split()), a.dest
