@@ -85,14 +85,14 @@ def run_once(threads: int, policy: str, busy: int, epochs: int, extra: list[str]
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=4, help="epochs of each run")
     ap.add_argument("--busy", type=int, default=1, help="spinning processes in the 'beside busy' conditions")
     ap.add_argument("--busy-after", type=float, default=20.0, help="seconds into the run the 'busy later' spinners start")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each condition (interleaved)")
     ap.add_argument("--conditions", default=None,
                     help="comma-separated THREADS:POLICY:BUSY (THREADS 0 = auto; POLICY ACTIVE/PASSIVE/DEFAULT; "
                          "BUSY 0 none, 1 from the start, 2 from --busy-after s), e.g. 0:DEFAULT:0,2:ACTIVE:1")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("extra", nargs="*", help="more recipe arguments (after --)")
     args = ap.parse_args(argv)
     conditions = CONDITIONS

@@ -64,15 +64,17 @@ class SyncCounter(TorchFunctionMode):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--latent-size", type=int, default=8)
-    ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=21)
+    from ddpo_rl.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--batch", type=int, default=8, help="trajectories sampled in parallel")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps T")
+    ap.add_argument("--latent-size", type=int, default=8, help="latent H=W")
+    ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--repeats", type=int, default=21, help="timed rollouts of each path")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thread-pool wake-up noise on a loaded CPU)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -65,13 +65,15 @@ def run_variant(name: str, extra: list[str], args, out_root: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from ddpo_rl.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--epochs", type=int, default=12, help="the fixed budget, the same for both")
     ap.add_argument("--window", type=int, default=4, help="W, the SDE window's steps")
-    ap.add_argument("--window-start", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--window-start", type=int, default=0, help="first step of the SDE window (0 = the noisiest)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of both runs")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = {

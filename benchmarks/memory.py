@@ -48,10 +48,12 @@ def slope(xs, ys) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
+    from ddpo_rl.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--preset", default="tiny", help="the preset to run")
     ap.add_argument("--model", default=None, help="override the preset's model (e.g. tiny)")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=20, help="epochs of the run")
     ap.add_argument("--json", default=None, help="write the measurements here")
     ap.add_argument("--output-dir", default=None, help="run outputs (default: a temporary directory)")
     args, rest = ap.parse_known_args(argv)

@@ -183,24 +183,26 @@ def extrapolate_paper_epoch(run: dict, samples_per_epoch: int) -> dict:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ddpo_rl.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--model", choices=["sd15", "tiny"], default="sd15", help="random-weight pipeline to build (ignored with --preset)")
     ap.add_argument("--preset", default=None, help="run this preset as is instead (e.g. digits)")
     ap.add_argument("--device", default=None, help="cpu, cuda, auto (default: the preset's)")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of each run (the first includes warm-up)")
     ap.add_argument("--samples", type=int, default=32, help="trajectories per epoch")
     ap.add_argument("--batch", type=int, default=8, help="sample and train batch")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--cfg", type=float, default=7.5)
-    ap.add_argument("--mixed-precision", default="auto")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps T")
+    ap.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--mixed-precision", default="auto", help="auto, no, fp16 or bf16")
     ap.add_argument("--sampler", default="auto", help="auto, env or graphed")
     ap.add_argument("--compare-samplers", action="store_true", help="run env and graphed, report the ratio")
     ap.add_argument("--variant", nargs=2, action="append", metavar=("FIELD", "JSON"), help="one more run with this field changed")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each variant (interleaved)")
     ap.add_argument("--set", nargs=2, action="append", metavar=("FIELD", "JSON"), help="another config field")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the recipe's)")
     ap.add_argument("--workdir", default=None, help="where the pipeline and run outputs go (default: a temp dir)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     args.set = [(k, json.loads(v)) for k, v in (args.set or [])]
     args.variant = [(k, json.loads(v)) for k, v in (args.variant or [])]

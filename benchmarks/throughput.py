@@ -580,22 +580,25 @@ TARGETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    from ddpo_rl.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny", help="random-weight model to build")
     ap.add_argument("--latent-size", type=int, default=None, help="latent H=W (default 8 tiny, 64 sd15)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8, help="trajectories sampled in parallel")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps T")
     ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of every method")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convs (fp32 runs on GPU)")
     ap.add_argument("--channels-last", action="store_true", help="channels_last UNet in the graphed sampler")
-    ap.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for-loop"])
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
+                    help="AdamW implementation of the training step")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each method")
     ap.add_argument("--train-repeats", type=int, default=None, help="default: --repeats")
-    ap.add_argument("--skip-training", action="store_true")
-    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-training", action="store_true", help="time sampling only")
+    ap.add_argument("--skip-pipeline", action="store_true", help="do not time the diffusers pipeline baseline")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the FLOP/s fraction")
     ap.add_argument("--profile", action="store_true", help="cProfile one env.rollout and one plain loop (printed, and in the JSON)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
