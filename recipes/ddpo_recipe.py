@@ -39,6 +39,7 @@ import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -83,6 +84,8 @@ CHECKPOINT_KIND = "ddpo"
 BEST_PENDING = os.path.join("checkpoints", "best.pending")
 """Where the weights of a new best evaluation wait for the next checkpoint before they replace best/
 (:meth:`DDPORecipe._settle_best`)."""
+GRID_NAME = re.compile(r"epoch_(\d+)\.png")
+"""The name of an evaluation's sample grid in samples/ (``epoch_NNNN.png``)."""
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "samples", "checkpoints", "final", "best", "logs",
              "summary.json", "reward_curve.png")
 """What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
@@ -468,11 +471,19 @@ class DDPORecipe:
 
     def _truncate_logs(self, epoch: int) -> None:
         """Drop log lines written after the checkpoint (a run killed between log and save), and a
-        torn last line (a kill during its write); the file is rewritten atomically."""
+        torn last line (a kill during its write); the file is rewritten atomically. The sample
+        grids of evaluations after the checkpoint go too: the resumed run redoes those epochs
+        (with its own evaluation cadence, which may change on resume), so they would show weights
+        that the record no longer has."""
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = os.path.join(self.out, name)
             if os.path.exists(path):
                 write_text(path, "".join(lines_up_to_epoch(path, epoch)))
+        samples = os.path.join(self.out, "samples")
+        for name in sorted(os.listdir(samples)) if os.path.isdir(samples) else []:
+            match = GRID_NAME.fullmatch(name)
+            if match and int(match.group(1)) > epoch:
+                os.remove(os.path.join(samples, name))
 
     def save_checkpoint(self, epoch: int) -> str | None:
         state = self.state_dict(epoch)  # collective (gathers every rank's RNG state)
@@ -574,7 +585,7 @@ class DDPORecipe:
         rewards = terminal_rewards(traj)[order].tolist()
         return save_image_grid(
             images,
-            os.path.join(self.out, "samples", f"epoch_{epoch:04d}.png"),
+            os.path.join(self.out, "samples", f"epoch_{epoch:04d}.png"),  # GRID_NAME
             ncol=ncol,
             row_labels=prompts,
             cell_labels=[f"{r:.3g}" for r in rewards],

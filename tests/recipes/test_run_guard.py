@@ -99,7 +99,9 @@ def test_resume_continues_in_the_resumed_directory_and_applies_and_records_chang
 
 def test_resume_after_a_kill_mid_write_drops_the_torn_line_and_restores_best(run_dir, capsys):
     """The kill struck while a log line was half written and while best/ was being replaced (between
-    its two renames: the previous best/ set aside, the new one not yet in place)."""
+    its two renames: the previous best/ set aside, the new one not yet in place), after the grid of
+    an evaluation past the checkpoint was saved: the resume drops it with the log lines (with another
+    --eval-every the resumed run would not evaluate that epoch again and replace it)."""
     from recipes.ddpo_recipe import DDPORecipe
 
     best_before = _digest(run_dir / "best")
@@ -109,11 +111,14 @@ def test_resume_after_a_kill_mid_write_drops_the_torn_line_and_restores_best(run
     with open(run_dir / "eval.jsonl", "a") as f:
         f.write('{"epoch": 3, "train_pro')
     os.replace(run_dir / "best", run_dir / ".best.old-12345")
+    grids = sorted(os.listdir(run_dir / "samples"))
+    (run_dir / "samples" / "epoch_0003.png").write_bytes(b"the killed attempt's epoch-3 grid")
     recipe = DDPORecipe(parse_cli(["--resume", str(run_dir), "--epochs", "3"]))
     try:
         recipe.setup()  # the resume repairs the directory before any epoch runs
         assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
         assert [e["epoch"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 2]
+        assert sorted(os.listdir(run_dir / "samples")) == grids == ["epoch_0000.png", "epoch_0002.png"]
         assert _digest(run_dir / "best") == best_before  # the previous best/, moved back
         assert not [n for n in os.listdir(run_dir) if n.startswith(".") and n != LOCK_NAME]
         recipe.train()
