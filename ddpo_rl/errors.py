@@ -18,6 +18,10 @@ import sys
 
 EXIT_USER_ERROR = 2
 
+KWARGS_HINT = "a keyword argument named above goes in {option} as JSON"
+"""Appended to a reward's load failure: the library's message names the reward's keyword argument
+(e.g. ``weights=...``); the user gives it through this command-line option."""
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", reported in one line."""

@@ -62,7 +62,7 @@ from ddpo_rl.checkpoint import (
 )
 from ddpo_rl.collector import terminal_rewards, with_advantages
 from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
-from ddpo_rl.errors import report_user_errors
+from ddpo_rl.errors import KWARGS_HINT, report_user_errors
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
@@ -180,6 +180,9 @@ class DDPORecipe:
             self.reward_fn = make_reward(cfg.reward, **cfg.reward_kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
+        except Exception as err:  # the reward's model cannot be loaded (missing weights, no hub, ...)
+            raise ConfigError(f"reward: {cfg.reward!r} failed to load: {type(err).__name__}: {' '.join(str(err).split())} "
+                              f"({KWARGS_HINT.format(option='--reward-kwargs')})") from err
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
             from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 

@@ -44,8 +44,8 @@ def raises(resize=None):
     return raising_reward
 
 
-def fails_to_load():
-    """A reward whose model cannot be loaded (as a monitor: the run must stop before any model loads)."""
+def fails_to_load(resize=None):
+    """A reward whose model cannot be loaded (the run must stop before any model loads)."""
     raise OSError("weights not found: /nonexistent/monitor.safetensors")
 
 

@@ -68,6 +68,8 @@ def test_recipe_smoke(script, tmp_path):
         (["--kl-coef", "-0.1"], "kl_coef"),
         (["--monitor-rewards", "beauty"], "monitor_rewards: 'beauty' is not a reward"),
         (["--monitor-rewards", "tests.recipes.bad_rewards:fails_to_load"], "monitor_rewards: monitor"),
+        (["--reward", "tests.recipes.bad_rewards:fails_to_load"],
+         "reward: 'tests.recipes.bad_rewards:fails_to_load' failed to load: OSError: weights not found"),
         (["--monitor-rewards", "digit_alignment", "--monitor-reward-kwargs", '{"digit_alignment": {"nope": 1}}'],
          "monitor_reward_kwargs"),
         (["--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
