@@ -523,12 +523,21 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     # evaluation
     # ------------------------------------------------------------------------------------------
-    def _fixed_seed_rollout(self, env, num_batches: int, seed: int):
+    def _fixed_seed_rollout(self, env, num_batches: int, seed: int, advance=None):
+        """``num_batches`` batches from ``env`` seeded with ``seed``, the global RNG left as it was.
+        ``advance`` (called once per batch, e.g. a progress bar's) samples them one at a time from
+        the same random streams: the same trajectories."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             env.set_seed(seed)
-            return self._sample(env, num_batches)  # the training samples' sampler and precision
+            if advance is None:
+                return self._sample(env, num_batches)  # the training samples' sampler and precision
+            batches = []
+            for _ in range(num_batches):
+                batches.append(self._sample(env, 1))
+                advance()
+            return torch.cat(batches)
 
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,

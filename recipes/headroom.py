@@ -56,19 +56,29 @@ def score_base_samples(recipe, samples: int, seed: int = SEED) -> dict[str, dict
 
     Returns {"train"|"eval": {"reward": [N], "monitors": {name: [N]}, "prompt_ids": [N]}}; samples
     whose reward or a monitor is not finite are dropped (their count in "dropped")."""
+    from rich.console import Console
+    from rich.progress import Progress
+
     out = {}
-    for name, env in recipe.eval_envs.items():
-        print(f"sampling and scoring {samples} base samples on the {SETS.get(name, name)}...", file=sys.stderr, flush=True)
-        traj = recipe._fixed_seed_rollout(env, math.ceil(samples / recipe.cfg.sample_batch_size), seed)
-        reward = terminal_rewards(traj).float()
-        monitors = {k: v.float() for k, v in recipe._monitor_values(env, traj).items()}
-        ids = traj[KEYS.prompt_id][:, 0].reshape(-1)
-        keep = torch.isfinite(reward)
-        for v in monitors.values():
-            keep &= torch.isfinite(v)
-        out[name] = {"reward": reward[keep], "monitors": {k: v[keep] for k, v in monitors.items()},
-                     "prompt_ids": ids[keep], "dropped": int((~keep).sum())}
+    n_batches = math.ceil(samples / recipe.cfg.sample_batch_size)
+    with Progress(console=Console(stderr=True)) as bar:  # stdout keeps the tables only
+        for name, env in recipe.eval_envs.items():
+            task = bar.add_task(f"base samples, {SETS.get(name, name)}", total=n_batches)
+            traj = recipe._fixed_seed_rollout(env, n_batches, seed, advance=lambda: bar.advance(task))
+            out[name] = _scored(recipe, env, traj)
     return out
+
+
+def _scored(recipe, env, traj) -> dict:
+    """The reward and monitors of a rollout's samples, those with a non-finite value dropped."""
+    reward = terminal_rewards(traj).float()
+    monitors = {k: v.float() for k, v in recipe._monitor_values(env, traj).items()}
+    ids = traj[KEYS.prompt_id][:, 0].reshape(-1)
+    keep = torch.isfinite(reward)
+    for v in monitors.values():
+        keep &= torch.isfinite(v)
+    return {"reward": reward[keep], "monitors": {k: v[keep] for k, v in monitors.items()},
+            "prompt_ids": ids[keep], "dropped": int((~keep).sum())}
 
 
 def _set_headroom(reward, values, ids, monitor: str, set_name: str, unit: float) -> tuple[list, list]:

@@ -71,3 +71,26 @@ def test_bad_input_is_one_line_naming_the_field(args, field, capsys):
         main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {field}"), err
+
+
+def test_batches_sampled_one_at_a_time_for_the_progress_bar_are_the_same_samples(tmp_path):
+    """headroom.py samples batch by batch to show progress; the trajectories equal one call's."""
+    import torch
+
+    from ddpo_rl.collector import terminal_rewards
+    from ddpo_rl.config import parse_cli
+    from ddpo_rl.keys import KEYS
+    from recipes.ddpo_recipe import DDPORecipe
+
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--progress", "false"]))
+    try:
+        recipe.setup()
+        env = recipe.eval_envs["train"]
+        whole = recipe._fixed_seed_rollout(env, 3, 7)
+        calls = []
+        chunked = recipe._fixed_seed_rollout(env, 3, 7, advance=lambda: calls.append(1))
+    finally:
+        recipe.cleanup()
+    assert len(calls) == 3 and chunked.shape == whole.shape
+    assert torch.equal(chunked[KEYS.action], whole[KEYS.action])
+    assert torch.equal(terminal_rewards(chunked), terminal_rewards(whole))
