@@ -194,8 +194,9 @@ def test_missing_aesthetic_weights_is_a_one_line_error(pipeline_dir, aesthetic_f
         main(sd_args(pipeline_dir, tmp_path / "x", "--reward", "aesthetic", "--reward-kwargs", kwargs))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: aesthetic predictor weights not found"), err
-    assert "nowhere.pth" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: reward: 'aesthetic' failed to load:"), err
+    assert "aesthetic predictor weights not found" in err[0] and "nowhere.pth" in err[0]
+    assert "goes in --reward-kwargs" in err[0]
 
 
 def test_vlm_alignment_reward_async_through_the_recipe(pipeline_dir, prompt_files, model_dirs, tmp_path):  # noqa: F811
