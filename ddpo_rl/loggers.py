@@ -13,6 +13,9 @@ exactly what the files hold:
   logger no image store: there the PNG files of the run directory are the images.
 
 A recipe calls :meth:`RunLogger.sync` after it writes a line; nothing is read from the device.
+A resumed run redoes the epochs after its checkpoint, which a killed attempt may have logged
+already: TensorBoard (a purge marker) and CSV (the rows rewritten) drop those and show the redone
+ones; W&B and MLflow keep what they were sent (their services take nothing back).
 The logger's own files go to ``<output_dir>/logs`` (W&B: its run directory, MLflow: a file store).
 """
 
@@ -71,6 +74,10 @@ class RunLogger:
         self._images: dict[str, float] = {}
         if start_epoch > 0:  # images of the earlier process: already logged
             self._images = {p: os.path.getmtime(p) for p in self._image_paths()}
+        if start_epoch > 0 and _kind(logger) == "tensorboard":
+            _purge_tensorboard_after(logger, start_epoch)
+        if start_epoch > 0 and _kind(logger) == "csv":
+            _purge_csv_after(logger, start_epoch)
         if hparams is not None and _kind(logger) in ("wandb", "mlflow"):
             logger.log_hparams({k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in hparams.items()})
 
@@ -140,6 +147,32 @@ class RunLogger:
 
 def _kind(logger) -> str:
     return type(logger).__name__.lower().replace("logger", "")
+
+
+def _purge_tensorboard_after(logger, epoch: int) -> None:
+    """A resumed run redoes the epochs after its checkpoint, which the killed attempt may already
+    have logged: give torchrl's TensorBoard logger a writer that starts with a purge marker, so that
+    TensorBoard hides the earlier events of steps after ``epoch`` (``SummaryWriter(purge_step=)``)
+    and shows each redone epoch once, as logged by the resumed run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = logger.experiment.get_logdir()
+    logger.experiment.close()
+    logger.experiment = SummaryWriter(log_dir=log_dir, purge_step=epoch + 1)
+
+
+def _purge_csv_after(logger, epoch: int) -> None:
+    """The CSV logger's files (``scalars/<tag>.csv``, "step,value" rows) without the rows of steps
+    after ``epoch`` that a killed attempt wrote (rewritten atomically): the resumed run logs them again."""
+    from ddpo_rl.atomic import write_text
+
+    root = os.path.join(logger.experiment.log_dir, "scalars")
+    for path in glob.glob(os.path.join(root, "**", "*.csv"), recursive=True):
+        with open(path) as f:
+            rows = f.readlines()
+        keep = [row for row in rows if row.strip() and int(row.split(",", 1)[0]) <= epoch]
+        if len(keep) != len(rows):
+            write_text(path, "".join(keep))
 
 
 def make_run_logger(

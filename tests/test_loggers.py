@@ -82,6 +82,37 @@ def test_tensorboard_logger_takes_scalars_and_images(tmp_path):
     assert [(e.step, e.width, e.height) for e in events.Images("reward_curve")] == [(2, 10, 6)]
 
 
+def test_tensorboard_of_a_resumed_run_shows_the_redone_epochs_not_the_lost_ones(tmp_path):
+    """An attempt logged epochs 1-3 and was killed after its checkpoint of epoch 2; the resumed run
+    redoes epoch 3 (to another value) and goes on: TensorBoard shows one value per step, the
+    resumed run's (its writer purges the earlier events past the checkpoint)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _write_run(out, [{"epoch": e, "reward_mean": float(e)} for e in (1, 2, 3)])
+    first = make_run_logger("tensorboard", str(out))
+    first.close()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "reward_mean": float(e)}) + "\n" for e in (1, 2)))
+    resumed = make_run_logger("tensorboard", str(out), start_epoch=2)
+    _write_run(out, [{"epoch": 3, "reward_mean": 30.0}, {"epoch": 4, "reward_mean": 40.0}])
+    resumed.close()
+    events = EventAccumulator(str(out / "logs" / "run"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("metrics/reward_mean")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_csv_of_a_resumed_run_shows_the_redone_epochs_not_the_lost_ones(tmp_path):
+    out = tmp_path / "run"
+    _write_run(out, [{"epoch": e, "reward_mean": float(e)} for e in (1, 2, 3)])
+    make_run_logger("csv", str(out)).close()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "reward_mean": float(e)}) + "\n" for e in (1, 2)))
+    resumed = make_run_logger("csv", str(out), start_epoch=2)
+    _write_run(out, [{"epoch": 3, "reward_mean": 30.0}, {"epoch": 4, "reward_mean": 40.0}])
+    resumed.close()
+    assert _csv_scalars(out)["metrics/reward_mean"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 def test_recipe_run_with_tensorboard_logs_what_metrics_jsonl_holds(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
