@@ -74,6 +74,19 @@ def save_image_grid(
     return save_image(canvas, path)
 
 
+def save_side_by_side(paths: Sequence[str], path: str, gap: int = 12) -> str:
+    """The PNGs ``paths`` side by side (top-aligned, white between and below) as one PNG at ``path``:
+    e.g. a run's sample grids before and after training."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images)),
+                       "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    return save_image(canvas, path)
+
+
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if hi <= lo:
         hi = lo + 1.0

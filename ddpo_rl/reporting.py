@@ -135,7 +135,7 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
         head = f"stopped after {done} (stop_on_monitor_drop)"
     else:
         head = f"finished {done}"
-    lines = [f"{head}; run directory {run_dir} (summary.json, reward_curve.png, samples/)"]
+    lines = [f"{head}; run directory {run_dir} (summary.json, reward_curve.png, before_after.png, samples/)"]
     if "base" not in summary:  # no evaluation was made
         return lines
     base, final = summary["base"], summary["final"]

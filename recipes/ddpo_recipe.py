@@ -21,7 +21,8 @@ epoch:
    ``"interrupted": true``.
 
 Outputs (``output_dir``): config.json (the config that ran, and its ``history`` of starts and
-resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, summary.json,
+resumes), metrics.jsonl, eval.jsonl, samples/epoch_NNNN.png, reward_curve.png, before_after.png (the
+base model's grid beside the best and the last evaluation's), summary.json,
 checkpoints/checkpoint.pt (and checkpoint.prev.pt, the one before), final/ and best/ (trained weights in
 diffusers format: unet/ or, for a flow-matching transformer, transformer/; or the LoRA adapters; and
 ddpo_rl.json, the epoch and run they come from). The run ends by printing summary.json's account
@@ -87,7 +88,7 @@ BEST_PENDING = os.path.join("checkpoints", "best.pending")
 GRID_NAME = re.compile(r"epoch_(\d+)\.png")
 """The name of an evaluation's sample grid in samples/ (``epoch_NNNN.png``)."""
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "samples", "checkpoints", "final", "best", "logs",
-             "summary.json", "reward_curve.png")
+             "summary.json", "reward_curve.png", "before_after.png")
 """What a run writes in its output_dir (what ``--overwrite true`` removes; nothing else is touched)."""
 
 
@@ -747,6 +748,7 @@ class DDPORecipe:
             self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
             tolerance=self.cfg.monitor_tolerance,
         )
+        self._save_before_after()
         if not self.interrupted:
             self.save_final_weights()
         # last: summary.json marks the run finished (describe_run, run_status), so a kill before it
@@ -756,6 +758,20 @@ class DDPORecipe:
             stopped_on_monitor_drop=self.stopped_on_monitor_drop, epochs_trained=self.last_epoch,
             interrupted=self.interrupted,
         )
+
+    def _save_before_after(self) -> str | None:
+        """before_after.png: the sample grids (same prompts and noise at every evaluation) of the base
+        model, of the best evaluation within tolerance when it is neither, and of the last evaluation."""
+        from ddpo_rl.monitors import best_evaluation
+        from ddpo_rl.plotting import save_side_by_side
+
+        if not self.eval_history:
+            return None
+        best = best_evaluation([e.as_dict() for e in self.eval_history], self.cfg.monitor_tolerance)["epoch"]
+        epochs = list(dict.fromkeys([self.eval_history[0].epoch, best, self.eval_history[-1].epoch]))
+        paths = [os.path.join(self.out, "samples", f"epoch_{e:04d}.png") for e in epochs]
+        paths = [p for p in paths if os.path.exists(p)]
+        return save_side_by_side(paths, os.path.join(self.out, "before_after.png")) if paths else None
 
     def save_final_weights(self, name: str = "final", epoch: int | None = None) -> str:
         """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/), with

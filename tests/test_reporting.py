@@ -75,4 +75,4 @@ def test_a_monitor_with_nothing_to_measure_and_a_run_without_evaluations(tmp_pat
     lines = format_summary(write_summary(str(tmp_path), history, _cfg()), str(tmp_path))
     assert "training n/a -> n/a (n/a x, n/a base std)" in lines[2]
     assert format_summary(write_summary(str(tmp_path / "x"), [], _cfg()), "d") == [
-        "finished 3 of 3 epochs; run directory d (summary.json, reward_curve.png, samples/)"]
+        "finished 3 of 3 epochs; run directory d (summary.json, reward_curve.png, before_after.png, samples/)"]

@@ -44,6 +44,9 @@ def test_alarm_is_said_once_and_best_is_the_last_evaluation_within_tolerance(tmp
     metrics = read_jsonl(out / "metrics.jsonl")
     assert all(m["kl_to_reference"] is not None for m in metrics) and metrics[-1]["kl_to_reference"] > 0
     assert Image.open(out / "reward_curve.png").size[1] == 2 * 420  # the monitor panel
+    # before_after.png: the base grid (here also best/'s) beside the last evaluation's
+    base, last = Image.open(out / "samples" / "epoch_0000.png"), Image.open(out / "samples" / "epoch_0003.png")
+    assert Image.open(out / "before_after.png").size == (base.width + 12 + last.width, max(base.height, last.height))
     # the run ends by printing its summary: the alarm again, and which epochs final/ and best/ hold
     report = said.out.splitlines()
     assert report[0].startswith(f"finished 3 of 3 epochs; run directory {out}")
