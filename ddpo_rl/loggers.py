@@ -166,11 +166,15 @@ def _purge_csv_after(logger, epoch: int) -> None:
     after ``epoch`` that a killed attempt wrote (rewritten atomically): the resumed run logs them again."""
     from ddpo_rl.atomic import write_text
 
+    def kept(row: str) -> bool:  # a row of a step up to ``epoch``; not a torn last row
+        step = row.split(",", 1)[0]
+        return row.endswith("\n") and "," in row and step.isdigit() and int(step) <= epoch
+
     root = os.path.join(logger.experiment.log_dir, "scalars")
     for path in glob.glob(os.path.join(root, "**", "*.csv"), recursive=True):
         with open(path) as f:
             rows = f.readlines()
-        keep = [row for row in rows if row.strip() and int(row.split(",", 1)[0]) <= epoch]
+        keep = [row for row in rows if kept(row)]
         if len(keep) != len(rows):
             write_text(path, "".join(keep))
 

@@ -107,6 +107,8 @@ def test_csv_of_a_resumed_run_shows_the_redone_epochs_not_the_lost_ones(tmp_path
     _write_run(out, [{"epoch": e, "reward_mean": float(e)} for e in (1, 2, 3)])
     make_run_logger("csv", str(out)).close()
     (out / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "reward_mean": float(e)}) + "\n" for e in (1, 2)))
+    with open(out / "logs" / "run" / "scalars" / "metrics" / "reward_mean.csv", "a") as f:
+        f.write("1")  # the kill struck while a row (of step 1x) was being written
     resumed = make_run_logger("csv", str(out), start_epoch=2)
     _write_run(out, [{"epoch": 3, "reward_mean": 30.0}, {"epoch": 4, "reward_mean": 40.0}])
     resumed.close()
