@@ -18,9 +18,13 @@ import sys
 
 EXIT_USER_ERROR = 2
 
-KWARGS_HINT = "a keyword argument named above goes in {option} as JSON"
-"""Appended to a reward's load failure: the library's message names the reward's keyword argument
-(e.g. ``weights=...``); the user gives it through this command-line option."""
+def failed_to_load(err: BaseException, kwargs_option: str, more: str = "") -> str:
+    """"failed to load: <type>: <message on one line> (<hint><more>)" for a reward whose model cannot
+    be loaded. The library's message names the reward's keyword argument (e.g. ``weights=...``); the
+    user gives it through ``kwargs_option``, which the hint names."""
+    message = " ".join(str(err).split())
+    return (f"failed to load: {type(err).__name__}: {message} "
+            f"(a keyword argument named above goes in {kwargs_option} as JSON{more})")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

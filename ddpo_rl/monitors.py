@@ -36,7 +36,7 @@ def build_monitors(names: Sequence[str], kwargs: Mapping[str, dict] | None = Non
     Call it before loading any model: the names and the monitors' own models are checked first.
     """
     from ddpo_rl.config import ConfigError
-    from ddpo_rl.errors import KWARGS_HINT
+    from ddpo_rl.errors import failed_to_load
     from ddpo_rl.rewards.registry import get_reward_factory, make_reward
 
     kwargs = dict(kwargs or {})
@@ -51,12 +51,9 @@ def build_monitors(names: Sequence[str], kwargs: Mapping[str, dict] | None = Non
         except (TypeError, ValueError) as err:
             raise ConfigError(f"monitor_reward_kwargs: {kwargs.get(name, {})} rejected by monitor {name!r}: {err}") from err
         except Exception as err:  # a monitor's model that cannot be loaded (missing weights, no hub, ...)
-            msg = " ".join(str(err).split())
-            hint = KWARGS_HINT.format(option=f"--monitor-reward-kwargs '{{\"{name}\": {{...}}}}'")
-            raise ConfigError(
-                f"monitor_rewards: monitor {name!r} failed to load: {type(err).__name__}: {msg} "
-                f"({hint}; choose other monitors with --monitor-rewards NAME,..., or none with --monitor-rewards '')"
-            ) from err
+            option = f"--monitor-reward-kwargs '{{\"{name}\": {{...}}}}'"
+            more = "; choose other monitors with --monitor-rewards NAME,..., or none with --monitor-rewards ''"
+            raise ConfigError(f"monitor_rewards: monitor {name!r} {failed_to_load(err, option, more)}") from err
     return monitors
 
 

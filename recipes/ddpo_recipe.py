@@ -63,7 +63,7 @@ from ddpo_rl.checkpoint import (
 )
 from ddpo_rl.collector import terminal_rewards, with_advantages
 from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
-from ddpo_rl.errors import KWARGS_HINT, report_user_errors
+from ddpo_rl.errors import failed_to_load, report_user_errors
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
@@ -182,8 +182,7 @@ class DDPORecipe:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         except Exception as err:  # the reward's model cannot be loaded (missing weights, no hub, ...)
-            raise ConfigError(f"reward: {cfg.reward!r} failed to load: {type(err).__name__}: {' '.join(str(err).split())} "
-                              f"({KWARGS_HINT.format(option='--reward-kwargs')})") from err
+            raise ConfigError(f"reward: {cfg.reward!r} {failed_to_load(err, '--reward-kwargs')}") from err
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
             from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
@@ -598,7 +597,7 @@ class DDPORecipe:
         rewards = terminal_rewards(traj)[order].tolist()
         return save_image_grid(
             images,
-            os.path.join(self.out, "samples", f"epoch_{epoch:04d}.png"),  # GRID_NAME
+            self._grid_path(epoch),
             ncol=ncol,
             row_labels=prompts,
             cell_labels=[f"{r:.3g}" for r in rewards],
@@ -759,6 +758,10 @@ class DDPORecipe:
             interrupted=self.interrupted,
         )
 
+    def _grid_path(self, epoch: int) -> str:
+        """samples/epoch_NNNN.png, the sample grid of the evaluation after ``epoch`` (:data:`GRID_NAME`)."""
+        return os.path.join(self.out, "samples", f"epoch_{epoch:04d}.png")
+
     def _save_before_after(self) -> str | None:
         """before_after.png: the sample grids (same prompts and noise at every evaluation) of the base
         model, of the best evaluation within tolerance when it is neither, and of the last evaluation."""
@@ -769,8 +772,7 @@ class DDPORecipe:
             return None
         best = best_evaluation([e.as_dict() for e in self.eval_history], self.cfg.monitor_tolerance)["epoch"]
         epochs = list(dict.fromkeys([self.eval_history[0].epoch, best, self.eval_history[-1].epoch]))
-        paths = [os.path.join(self.out, "samples", f"epoch_{e:04d}.png") for e in epochs]
-        paths = [p for p in paths if os.path.exists(p)]
+        paths = [p for p in map(self._grid_path, epochs) if os.path.exists(p)]
         return save_side_by_side(paths, os.path.join(self.out, "before_after.png")) if paths else None
 
     def save_final_weights(self, name: str = "final", epoch: int | None = None) -> str:
