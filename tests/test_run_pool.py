@@ -113,8 +113,12 @@ def test_a_stop_signal_reaches_each_running_run_once_and_the_pool_exits_130(tmp_
                         {str(tmp_path)!r} + "/" + n, 1) for n in ("a", "b", "c")]
         run_pool(runs, jobs=2, threads=1, progress=False, poll_seconds=0.02)
     """)
+    # SIGINT at its default, as in a terminal: a shell without job control starts background commands
+    # (pytest too, e.g. `pytest &` in a script) with SIGINT ignored, which a child inherits, and Python
+    # then raises no KeyboardInterrupt (the pool rightly leaves an ignored Ctrl-C ignored)
     proc = subprocess.Popen([sys.executable, "-c", pool], env=subprocess_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not all((tmp_path / n / "started").exists() for n in ("a", "b")):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
