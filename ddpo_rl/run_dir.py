@@ -8,7 +8,9 @@ Every recipe opens its output directory through :class:`RunDir`:
    lock when its process dies (even on SIGKILL); the next run finds the dead holder's record, says
    so, and takes over;
 3. a fresh run into a directory holding an earlier run (finished or interrupted) is refused unless
-   told to overwrite; overwriting removes only the recipe's own files (its ``files``);
+   told to overwrite; overwriting removes only the recipe's own files (its ``files``), and only once
+   the new run can start (:meth:`RunDir.clear_earlier_run`, called by the recipe after its set-up):
+   a set-up that fails on bad input (a model that does not load, ...) leaves the earlier run whole;
 4. config.json holds the config that runs now plus a ``history`` list: the start, and every
    resume with the fields it changed (``{"from": old, "to": new}``) at the epoch it continued from.
 
@@ -244,7 +246,7 @@ class RunDir:
 
     Args:
         path: the directory.
-        files: the names (files or folders) the recipe writes there; ``overwrite`` removes these only.
+        files: the names (files or folders) the recipe writes there; an overwrite removes these only.
         field: the config field holding ``path`` (starts error messages).
         overwrite_hint: how the user asks for an overwrite on this recipe's command line.
         resumable: whether the recipe can ``--resume`` (mentioned in the refusal).
@@ -255,11 +257,15 @@ class RunDir:
         self.path, self.files, self.field = path, tuple(files), field
         self.overwrite_hint, self.resumable = overwrite_hint, resumable
         self.lock = RunLock(path, field)
+        self.earlier_run: str | None = None
+        """The earlier run that :meth:`open` was told to overwrite (:func:`describe_run`), until
+        :meth:`clear_earlier_run` removes it."""
 
     def open(self, resume: bool = False, overwrite: bool = False) -> RunDir:
         """Check, create and lock the directory; refuse a fresh run over an earlier one unless ``overwrite``.
 
-        On refusal nothing is left on disk (the lock is released).
+        On refusal nothing is left on disk (the lock is released). An earlier run to overwrite is
+        only noted here (:attr:`earlier_run`); :meth:`clear_earlier_run` removes it.
         """
         check_directory_path(self.path, self.field)
         if resume and not os.path.isdir(self.path):
@@ -278,13 +284,22 @@ class RunDir:
                         f"{self.field}: {self.path} holds {held}; use another --{self.field.replace('_', '-')}, "
                         f"{how}or replace it with {self.overwrite_hint}"
                     )
-                if held is not None:
-                    self.remove_run_files()
-                    _note(f"{self.field}: removed the earlier run in {self.path} ({held}), as asked by {self.overwrite_hint}")
+                self.earlier_run = held
         except BaseException:
             self.close()
             raise
         return self
+
+    def clear_earlier_run(self) -> None:
+        """Remove the earlier run that :meth:`open` was told to overwrite (the recipe's ``files`` only),
+        with a note; nothing when there is none. A recipe calls it once its own set-up has succeeded,
+        right before it writes its first file, so that bad input found during the set-up loses nothing."""
+        if self.earlier_run is None:
+            return
+        self.remove_run_files()
+        _note(f"{self.field}: removed the earlier run in {self.path} ({self.earlier_run}), "
+              f"as asked by {self.overwrite_hint}")
+        self.earlier_run = None
 
     def remove_run_files(self) -> None:
         for name in self.files:

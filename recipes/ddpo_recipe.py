@@ -29,7 +29,8 @@ ddpo_rl.json, the epoch and run they come from). The run ends by printing summar
 (:func:`ddpo_rl.reporting.format_summary`).
 
 The directory is guarded (ddpo_rl.run_dir): locked while the run lives, never silently reused by
-a fresh run (``--overwrite true`` replaces an earlier run), and ``--resume RUN_DIR`` continues in
+a fresh run (``--overwrite true`` replaces an earlier run, once the new run's set-up has
+succeeded), and ``--resume RUN_DIR`` continues in
 RUN_DIR, refusing changes to fields outside ``CHANGEABLE_ON_RESUME`` and recording the others.
 """
 
@@ -145,7 +146,8 @@ class DDPORecipe:
         """Build everything the run needs, cheapest checks first (each step is one ``_setup_*``):
         prompts, reward and monitors; device and processes; the run directory and the checkpoint
         to resume; the model; the envs; the policy and its loss; the optimizer and trainer. Then
-        load the resumed state and record what runs in config.json."""
+        load the resumed state; only then does the run directory change (an earlier run replaced,
+        samples/ and the logger: :meth:`_setup_outputs`), and config.json records what runs."""
         # first, before torch runs any parallel work: the intra-op threads (fixed, or following the
         # machine's load: ddpo_rl/threads.py; looked at again after set-up, between an epoch's
         # phases, after each optimizer step and after each epoch)
@@ -159,6 +161,7 @@ class DDPORecipe:
         self._setup_trainer()
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        self._setup_outputs(resume_state)
         self.threads.update()  # the load seen since `import ddpo_rl` (model loading included)
         if self.is_main:  # what runs from here on, and its history (the start, each resume and its changes)
             self.run_dir.write_config(self.cfg.to_dict(), self.history)
@@ -206,21 +209,31 @@ class DDPORecipe:
 
     def _setup_run_dir(self) -> dict | None:
         """The run directory (rank 0 owns it) and the checkpoint to resume: verified, and its config
-        compared with this one, before any model is loaded; an error changes nothing on disk.
-        Returns the resumed state (None for a fresh run)."""
+        compared with this one, before any model is loaded; an error changes nothing on disk (an
+        earlier run to overwrite stays until :meth:`_setup_outputs`). Returns the resumed state
+        (None for a fresh run)."""
         cfg = self.cfg
         if self.is_main:
             self.run_dir = RunDir(self.out, RUN_FILES).open(resume=bool(cfg.resume), overwrite=cfg.overwrite)
         resume_state = self._read_resume_state() if cfg.resume else None
         if resume_state is None:
             self.history = [history_entry("start", 0)]
-        if self.is_main:
-            os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
-        # mirrors metrics.jsonl, eval.jsonl and the images into a torchrl logger (cfg.logger)
+        return resume_state
+
+    def _setup_outputs(self, resume_state: dict | None) -> None:
+        """Last, once everything the run needs is built: the earlier run that ``--overwrite true``
+        replaces is removed only now (a model that fails to load, or any other set-up error, leaves it
+        whole), then samples/ and the logger (which mirrors metrics.jsonl, eval.jsonl and the images
+        into a torchrl logger, cfg.logger)."""
+        cfg = self.cfg
+        self.run_logger = None
+        if not self.is_main:
+            return
+        self.run_dir.clear_earlier_run()
+        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         self.run_logger = make_run_logger(
             cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
-        ) if self.is_main else None
-        return resume_state
+        )
 
     def _setup_model(self) -> None:
         """The noise (or velocity) network, its scheduler, the frozen text encoder and decoder; LoRA

@@ -262,10 +262,11 @@ def run(cfg: DPPOGymConfig) -> dict:
 def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
     gen = torch.Generator().manual_seed(cfg.seed)
     env = make_control_env(cfg.env, cfg.num_envs, seed=cfg.seed)
     actor, critic, scheduler = build_policy(cfg, env)
+    run_dir.clear_earlier_run()  # --overwrite true: only now that the run can start
+    run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
     noise_model = actor.step_policy.noise_model
 
     # 1-2. demonstrations and behaviour cloning

@@ -86,6 +86,9 @@ def test_fresh_run_into_an_earlier_run_is_refused_unless_overwrite(tmp_path, fin
     assert described in msg and "--overwrite true" in msg and f"--resume {run}" in msg
     assert sorted(os.listdir(run)) == before  # refused: nothing changed, no lock left
     d = RunDir(str(run), FILES).open(overwrite=True)
+    kept = sorted(n for n in os.listdir(run) if n != LOCK_NAME)
+    assert d.earlier_run == described and kept == before  # kept until the run can start
+    d.clear_earlier_run()
     d.close()
     assert sorted(os.listdir(run)) == ["notes.txt"]
 

@@ -77,6 +77,26 @@ def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(run_dir, capsy
     assert _digest(run_dir) == before
 
 
+def test_an_overwrite_whose_set_up_fails_leaves_the_earlier_run_whole(run_dir, tmp_path, capsys):
+    """--overwrite true removes the earlier run only once the new run can start: a model directory that
+    fails to load (found after the run directory is opened, unlike a missing one) stops the run with one
+    line and loses nothing; an overwrite that can start then replaces the run, with a note."""
+    from recipes.ddpo_recipe import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    before = _digest(run_dir)
+    overwrite = [*TINY, "--epochs", "1", "--output-dir", str(run_dir), "--overwrite", "true"]
+    err = _fails(capsys, [*overwrite, "--model", str(broken), "--monitor-rewards", ""])
+    assert err.startswith("error: model:") and "lacks the component folder" in err
+    assert _digest(run_dir) == before
+    main(overwrite)
+    assert "removed the earlier run" in capsys.readouterr().err
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_trained"] == 1
+
+
 def test_resume_continues_in_the_resumed_directory_and_applies_and_records_changes(run_dir, tmp_path, monkeypatch, capsys):
     from recipes.ddpo_recipe import main
 
