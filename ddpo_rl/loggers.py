@@ -22,12 +22,16 @@ The logger's own files go to ``<output_dir>/logs`` (W&B: its run directory, MLfl
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import re
 
 LOGGERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
 """Values of the ``logger`` config field: "none" (only the run directory's own files) or a torchrl logger."""
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""The package each tracker needs besides torchrl (the CSV logger needs none)."""
 
 RECORD_FILES = ("metrics.jsonl", "eval.jsonl")
 IMAGE_PATTERNS = ("samples/epoch_*.png", "*.png")
@@ -39,8 +43,7 @@ def make_logger(kind: str, output_dir: str, logger_kwargs: dict | None = None):
     ``logger_kwargs`` go to the logger's constructor (e.g. ``{"project": "ddpo", "offline": true}``
     for W&B). The experiment is named after the output directory.
     """
-    if kind not in LOGGERS:
-        raise ValueError(f"logger: {kind!r} is not one of {LOGGERS}")
+    check_logger(kind, logger_kwargs)
     if kind == "none":
         return None
     from torchrl.record.loggers import get_logger
@@ -49,9 +52,24 @@ def make_logger(kind: str, output_dir: str, logger_kwargs: dict | None = None):
     log_dir = os.path.join(output_dir, "logs")
     kwargs = dict(logger_kwargs or {})
     extra = {"wandb": {"wandb_kwargs": kwargs}, "mlflow": {"mlflow_kwargs": kwargs}}.get(kind, {})
-    if kwargs and not extra:
-        raise ValueError(f"logger_kwargs: the {kind} logger takes no options, got {kwargs}")
     return get_logger(kind, log_dir, name, **extra)
+
+
+def check_logger(kind: str, logger_kwargs: dict | None = None) -> None:
+    """What :func:`make_logger` refuses, found before a recipe changes anything on disk (ValueError
+    naming the field): a kind not in :data:`LOGGERS`, options for a logger that takes none, a tracker
+    whose package is not installed. The tracker's service itself (a W&B login, an MLflow server) is
+    only met when the logger is made."""
+    if kind not in LOGGERS:
+        raise ValueError(f"logger: {kind!r} is not one of {LOGGERS}")
+    if kind == "none":
+        return
+    if logger_kwargs and kind not in ("wandb", "mlflow"):
+        raise ValueError(f"logger_kwargs: the {kind} logger takes no options, got {dict(logger_kwargs)}")
+    package = PACKAGES.get(kind)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(f"logger: {kind!r} needs the {package} package, which is not installed "
+                         f"(pip install {package}); or choose csv, or none")
 
 
 class RunLogger:

@@ -68,7 +68,7 @@ from ddpo_rl.errors import failed_to_load, report_user_errors
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
-from ddpo_rl.loggers import make_run_logger
+from ddpo_rl.loggers import check_logger, make_run_logger
 from ddpo_rl.objectives import loss_kwargs, make_loss
 from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
@@ -192,6 +192,7 @@ class DDPORecipe:
             self.reward_fn = AsyncReward(self.reward_fn)
         check_model_reference(cfg.model)  # a missing model directory is named before the monitors load theirs
         self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
+        check_logger(cfg.logger, cfg.logger_kwargs)  # the logger is made last (_setup_outputs)
 
     def _setup_processes(self) -> None:
         """Device, torchrun processes, seeds and precision."""

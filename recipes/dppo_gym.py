@@ -48,7 +48,7 @@ from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.cli import parse
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
-from ddpo_rl.loggers import LOGGERS, make_run_logger
+from ddpo_rl.loggers import LOGGERS, check_logger, make_run_logger
 from ddpo_rl.objectives.dppo import RATIO_FORMS, make_dppo_loss
 from ddpo_rl.control import (
     BCConfig,
@@ -251,6 +251,7 @@ def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
 def run(cfg: DPPOGymConfig) -> dict:
     """Run BC then DPPO; returns the summary (also written to summary.json)."""
     cfg.validate()
+    check_logger(cfg.logger, cfg.logger_kwargs)
     run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
     run_dir.open(overwrite=cfg.overwrite)
     try:

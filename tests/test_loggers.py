@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpo_rl.loggers import LOGGERS, RunLogger, make_logger, make_run_logger
+from ddpo_rl.loggers import LOGGERS, RunLogger, check_logger, make_logger, make_run_logger
 from tests.helpers import read_jsonl
 
 
@@ -160,3 +160,19 @@ def test_logger_choice_is_checked():
         make_logger("neptune", "unused")
     with pytest.raises(ValueError, match="^logger_kwargs: "):
         make_logger("csv", "unused", {"project": "x"})
+
+
+def test_a_tracker_whose_package_is_missing_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    import importlib.util
+
+    import ddpo_rl.loggers as loggers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ValueError, match="^logger: 'tensorboard' needs the tensorboard package.*pip install tensorboard"):
+        check_logger("tensorboard")
+    with pytest.raises(ValueError, match="^logger: 'tensorboard' needs"):
+        make_logger("tensorboard", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    check_logger("csv")  # needs nothing but torchrl
+    check_logger("none", {"ignored": 1})

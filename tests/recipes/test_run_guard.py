@@ -97,6 +97,18 @@ def test_an_overwrite_whose_set_up_fails_leaves_the_earlier_run_whole(run_dir, t
     assert json.loads((run_dir / "summary.json").read_text())["epochs_trained"] == 1
 
 
+def test_an_overwrite_with_a_logger_that_is_not_installed_changes_nothing(run_dir, capsys, monkeypatch, no_model_load):
+    """The logger is made last, after the earlier run is removed: a tracker whose package is missing is
+    refused with the inputs, before the run directory or a model is touched."""
+    import ddpo_rl.loggers as loggers
+
+    monkeypatch.setattr(loggers, "PACKAGES", {**loggers.PACKAGES, "csv": "a_package_that_is_not_installed"})
+    before = _digest(run_dir)
+    err = _fails(capsys, [*TINY, "--epochs", "1", "--output-dir", str(run_dir), "--overwrite", "true", "--logger", "csv"])
+    assert err.startswith("error: logger: 'csv' needs the a_package_that_is_not_installed package")
+    assert _digest(run_dir) == before
+
+
 def test_resume_continues_in_the_resumed_directory_and_applies_and_records_changes(run_dir, tmp_path, monkeypatch, capsys):
     from recipes.ddpo_recipe import main
 
