@@ -186,13 +186,28 @@ class DDPORecipe:
             raise ConfigError(f"reward_kwargs: {cfg.reward_kwargs} rejected by reward {cfg.reward!r}: {err}") from err
         except Exception as err:  # the reward's model cannot be loaded (missing weights, no hub, ...)
             raise ConfigError(f"reward: {cfg.reward!r} {failed_to_load(err, '--reward-kwargs')}") from err
+        self._check_prompts(f"reward {cfg.reward!r}", self.reward_fn, "choose another --reward")
         if cfg.reward_async and not callable(getattr(self.reward_fn, "submit", None)):
             from ddpo_rl.rewards.async_reward import AsyncReward  # scored in a thread; see collector
 
             self.reward_fn = AsyncReward(self.reward_fn)
         check_model_reference(cfg.model)  # a missing model directory is named before the monitors load theirs
         self.monitors = build_monitors(cfg.monitor_rewards, cfg.monitor_reward_kwargs)
+        for name, monitor in self.monitors.items():
+            self._check_prompts(f"monitor {name!r}", monitor, "choose other monitors with --monitor-rewards")
         check_logger(cfg.logger, cfg.logger_kwargs)  # the logger is made last (_setup_outputs)
+
+    def _check_prompts(self, what: str, reward_fn, hint: str) -> None:
+        """Both prompt sets are scored by the reward and the monitors: a prompt one of them cannot score
+        (no digit for the digit rewards) is refused here, naming the prompt field, not at the first
+        evaluation."""
+        from ddpo_rl.rewards.base import check_prompts
+
+        for field, source in (("prompts", self.train_prompts), ("eval_prompts", self.eval_prompts)):
+            try:
+                check_prompts(reward_fn, source.prompts)
+            except ValueError as err:
+                raise ConfigError(f"{field}: {what} cannot score them: {err}; give other prompts, or {hint}") from err
 
     def _setup_processes(self) -> None:
         """Device, torchrun processes, seeds and precision."""

@@ -79,6 +79,11 @@ class DigitRealism(torch.nn.Module):
             dist.fill_diagonal_(math.inf)
         return dist.topk(self.k, dim=1, largest=False).values.mean(1) / math.sqrt(self.real.shape[1])
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """ValueError naming the first prompt without a digit (:func:`parse_digit`)."""
+        for p in prompts:
+            parse_digit(p)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:

@@ -132,6 +132,10 @@ class DigitAlignment(torch.nn.Module):
             out.append(d)
         return out
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """ValueError naming the first prompt without a digit (:func:`parse_digit`)."""
+        self.digits_of(prompts)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:

@@ -73,6 +73,11 @@ def test_recipe_smoke(script, tmp_path):
         (["--monitor-rewards", "digit_alignment", "--monitor-reward-kwargs", '{"digit_alignment": {"nope": 1}}'],
          "monitor_reward_kwargs"),
         (["--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),
+        # prompts without a digit for the digit rewards: refused with the inputs, not at the first evaluation
+        (["--prompts", "simple_animals", "--reward", "digit_alignment"],
+         "prompts: reward 'digit_alignment' cannot score them: cannot find a digit"),
+        (["--prompts", "simple_animals", "--monitor-rewards", "digit_realism"], "prompts: monitor 'digit_realism' cannot"),
+        (["--eval-prompts", "simple_animals", "--monitor-rewards", "digit_alignment"], "eval_prompts: monitor 'digit_alignment'"),
         # a value given explicitly that does not fit the (changed) reward is still refused
         (["--reward", "alignment", "--reward-kwargs", '{"resize": 32}'], "reward_kwargs"),
         # a misbehaving reward: met at the first sampled batch (the tiny model makes that seconds)

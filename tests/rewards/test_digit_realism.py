@@ -79,3 +79,6 @@ def test_bad_input():
         fn(torch.zeros(2, 3, 8, 8), ["a handwritten digit 1"])
     with pytest.raises(ValueError, match="cannot find a digit"):
         fn(torch.zeros(1, 3, 8, 8), ["a cat"])
+    fn.check_prompts(["a handwritten digit 0", "a handwritten digit 9"])
+    with pytest.raises(ValueError, match="cannot find a digit 0-9 in prompt 'a dog'"):
+        fn.check_prompts(["a handwritten digit 0", "a dog"])  # the same, before any image

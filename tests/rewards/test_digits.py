@@ -92,3 +92,12 @@ def test_errors(reward):
         reward(torch.rand(2, 3, 8, 8), ["a handwritten digit 1"])
     with pytest.raises(ValueError):
         DigitClassifier(C=0)
+
+
+def test_prompts_without_a_digit_are_refused_before_any_image(reward):
+    from ddpo_rl.rewards.base import check_prompts
+
+    check_prompts(reward, ["a handwritten digit 3", "the digit 7 in ink"])
+    with pytest.raises(ValueError, match="cannot find a digit 0-9 in prompt 'a cat'"):
+        check_prompts(reward, ["a handwritten digit 3", "a cat"])
+    check_prompts(lambda images, prompts: images.mean((1, 2, 3)), ["a cat"])  # no hook: every prompt
