@@ -124,7 +124,12 @@ def test_a_stop_signal_reaches_each_running_run_once_and_the_pool_exits_130(tmp_
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # stop the pool (SIGTERM: it forwards it to its runs) rather than leave them
+        proc.terminate()
+        proc.communicate(timeout=60)
+        raise
     assert proc.returncode == INTERRUPTED_EXIT_CODE, err
     assert "run the same command again" in err
     for n in ("a", "b"):  # each got exactly one SIGTERM and finished before the pool exited
