@@ -95,6 +95,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("extra", nargs="*", help="more recipe arguments (after --)")
     args = ap.parse_args(argv)
+    if args.json:
+        from ddpo_rl.run_dir import prepare_output_file
+
+        prepare_output_file(args.json, "json")  # before the runs: a bad path loses nothing
     conditions = CONDITIONS
     if args.conditions:
         conditions = [(int(t), p.upper(), int(b)) for t, p, b in (c.split(":") for c in args.conditions.split(","))]
@@ -114,10 +118,14 @@ def main(argv=None) -> dict:
         },
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        from ddpo_rl.atomic import write_json
+
+        write_json(args.json, report)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    from ddpo_rl.errors import report_user_errors
+
+    with report_user_errors():
+        main()

@@ -32,6 +32,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import ddpo_rl  # noqa: E402,F401
+from ddpo_rl.atomic import write_json  # noqa: E402
+from ddpo_rl.errors import report_user_errors  # noqa: E402
+from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
@@ -76,6 +79,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thread-pool wake-up noise on a loaded CPU)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    if args.json:
+        prepare_output_file(args.json, "json")  # before measuring: a bad path loses nothing
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -142,10 +147,10 @@ def main(argv=None) -> dict:
     except ImportError:
         print(json.dumps(result, indent=1), file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

@@ -29,6 +29,9 @@ for p in (_ROOT, os.path.join(_ROOT, "recipes")):
         sys.path.insert(0, p)
 
 import ddpo_rl  # noqa: E402,F401  (first: torchvision shim on CPU-only torch)
+from ddpo_rl.atomic import write_text  # noqa: E402
+from ddpo_rl.errors import report_user_errors  # noqa: E402
+from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 
 SCHEMA = "ddpo_rl.benchmarks.flow_window/1"
 
@@ -75,6 +78,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    if args.json:
+        prepare_output_file(args.json, "json")  # before measuring: a bad path loses nothing
     with tempfile.TemporaryDirectory() as tmp:
         results = {
             "all_steps": run_variant("all", [], args, tmp),
@@ -98,11 +103,10 @@ def main(argv=None) -> dict:
     text = json.dumps(record, indent=2)
     print(text)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_text(args.json, text + "\n")
     return record
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

@@ -14,10 +14,12 @@ Any other ``--FIELD VALUE`` is passed to the recipe config (e.g. ``--use-lora tr
 from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
+from ddpo_rl.atomic import write_json
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.run_dir import prepare_output_file
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -57,6 +59,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="write the measurements here")
     ap.add_argument("--output-dir", default=None, help="run outputs (default: a temporary directory)")
     args, rest = ap.parse_known_args(argv)
+    if args.json:
+        prepare_output_file(args.json, "json")  # before the run: a bad path loses nothing
 
     from ddpo_rl.config import parse_cli
 
@@ -115,10 +119,10 @@ def main(argv=None) -> dict:
           f"peak {max(rss):.1f} MiB; growth {rss[-1] - rss[0]:+.1f} MiB "
           f"({report['growth_per_epoch_second_half_mib']:+.2f} MiB/epoch over the second half)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

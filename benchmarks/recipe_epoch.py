@@ -39,6 +39,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import ddpo_rl  # noqa: E402,F401  (first: the first look at the load, torchvision shim)
+from ddpo_rl.atomic import write_json  # noqa: E402
+from ddpo_rl.errors import report_user_errors  # noqa: E402
+from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 import torch  # noqa: E402
 
 SCHEMA = "ddpo_rl.benchmarks.recipe_epoch/1"
@@ -211,6 +214,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.json:
+        prepare_output_file(args.json, "json")  # before measuring: a bad path loses nothing
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
@@ -261,8 +266,7 @@ def main(argv=None) -> dict:
         }
     print(summary_lines(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 
@@ -285,4 +289,5 @@ def summary_lines(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

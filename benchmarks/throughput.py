@@ -52,6 +52,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import ddpo_rl  # noqa: E402,F401  (first: torchvision shim on CPU-only torch)
+from ddpo_rl.atomic import write_json  # noqa: E402
+from ddpo_rl.errors import report_user_errors  # noqa: E402
+from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 import torch  # noqa: E402
 
 SCHEMA = "ddpo_rl.benchmarks.throughput/1"
@@ -796,6 +799,8 @@ def run_flow_collection(args, device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.json:
+        prepare_output_file(args.json, "json")  # before measuring: a bad path loses nothing
     device, autocast_dtype = configure(args)
     load_start = loadavg()
     log(f"building {args.model} (latent {args.latent_size}, batch {args.batch}, {args.steps} steps, cfg {args.cfg}) on {device}")
@@ -825,8 +830,7 @@ def main(argv=None) -> dict:
         for k, v in profile.items():
             print(f"\n===== cProfile: {k} =====\n{v}", file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         log(f"wrote {args.json}")
     return result
 
@@ -918,4 +922,5 @@ def _print_tables(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

@@ -67,6 +67,21 @@ def check_directory_path(path: str, field: str = "output_dir") -> None:
         p = parent
 
 
+def prepare_output_file(path: str, field: str) -> str:
+    """Before any work is done: ConfigError naming ``field`` unless ``path`` can be written as a file
+    (not a directory; its folder is, or can be created as, a directory), and that folder created, so
+    that a long job (a benchmark) never ends unable to write what it measured. Returns ``path``."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{field}: {path} is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    check_directory_path(parent, field)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{field}: {path} cannot be written ({err.strerror})") from None
+    return path
+
+
 def _holder_record() -> dict:
     return {
         "pid": os.getpid(),

@@ -11,7 +11,8 @@ import pytest
 
 from ddpo_rl.config import ConfigError
 from ddpo_rl.run_dir import (
-    LOCK_NAME, RunDir, RunLock, check_directory_path, describe_run, lines_up_to_epoch, resume_changes,
+    LOCK_NAME, RunDir, RunLock, check_directory_path, describe_run, lines_up_to_epoch, prepare_output_file,
+    resume_changes,
 )
 
 FILES = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
@@ -136,3 +137,14 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_file_and_line(tmp_pat
     path = _log(tmp_path / "eval.jsonl", '{"epoch": 0}\n' + bad + '{"epoch": 2}\n')
     with pytest.raises(ValueError, match=f"eval.jsonl: {what}"):
         lines_up_to_epoch(path, 5)
+
+
+def test_prepare_output_file_refuses_what_cannot_be_written_and_makes_the_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="^json: .* is a directory; give a file path"):
+        prepare_output_file(str(tmp_path), "json")
+    with pytest.raises(ConfigError, match="^json: .* is a file"):
+        prepare_output_file(str(tmp_path / "file" / "report.json"), "json")
+    target = tmp_path / "new" / "deeper" / "report.json"
+    assert prepare_output_file(str(target), "json") == str(target)
+    assert target.parent.is_dir() and not target.exists()  # the folder only: the file comes with the results
