@@ -29,6 +29,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -69,17 +70,34 @@ def check_directory_path(path: str, field: str = "output_dir") -> None:
 
 def prepare_output_file(path: str, field: str) -> str:
     """Before any work is done: ConfigError naming ``field`` unless ``path`` can be written as a file
-    (not a directory; its folder is, or can be created as, a directory), and that folder created, so
-    that a long job (a benchmark) never ends unable to write what it measured. Returns ``path``."""
+    (not a directory; its folder is, or can be created as, a directory, and takes a file), and that
+    folder created, so that a long job (a benchmark, a pretraining) never ends unable to write what it
+    made. Returns ``path``."""
     if os.path.isdir(path):
         raise ConfigError(f"{field}: {path} is a directory; give a file path")
+    check_directory_path(os.path.dirname(os.path.abspath(path)), field)
+    _probe_parent(path, field)
+    return path
+
+
+def prepare_output_dir(path: str, field: str) -> str:
+    """:func:`prepare_output_file` for a directory written at the end as a whole (atomically, through
+    a temporary sibling): ``path`` is, or can be created as, a directory, and its parent takes files."""
+    check_directory_path(path, field)
+    _probe_parent(path, field)
+    return path
+
+
+def _probe_parent(path: str, field: str) -> None:
+    """Create ``path``'s parent folder and a file in it (removed again): what an atomic write needs."""
     parent = os.path.dirname(os.path.abspath(path))
-    check_directory_path(parent, field)
     try:
         os.makedirs(parent, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".ddpo_rl-probe-")
+        os.close(fd)
+        os.remove(probe)
     except OSError as err:
         raise ConfigError(f"{field}: {path} cannot be written ({err.strerror})") from None
-    return path
 
 
 def _holder_record() -> dict:

@@ -21,6 +21,8 @@ import ddpo_rl  # noqa: F401  (before diffusers/transformers: CPU torchvision sh
 import torch
 
 from ddpo_rl.cli import HelpFormatter
+from ddpo_rl.errors import report_user_errors
+from ddpo_rl.run_dir import prepare_output_dir, prepare_output_file
 from ddpo_rl.models.digits import (
     build_digits_model,
     default_cache_dir,
@@ -79,6 +81,14 @@ def pretrain_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
     return p
 
 
+def check_outputs(out: Path, args: argparse.Namespace) -> None:
+    """Before training: the model directory and the grid can be written (one line naming the option
+    otherwise), so that minutes of training never end unable to save."""
+    prepare_output_dir(str(out), "out")
+    if args.grid is not None and not args.no_grid:
+        prepare_output_file(str(args.grid), "grid")
+
+
 def save_and_report(save, model, out: Path, args: argparse.Namespace, result) -> None:
     """``save(model, out, save_tokenizer=..., dtype=...)`` as the flags say, then one line: steps,
     seconds, the loss at the start and the end, where it went and its size."""
@@ -99,6 +109,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or default_cache_dir()
+    check_outputs(out, args)
     model = build_digits_model(seed=args.seed)
     model, result = train_digits_model(
         model,
@@ -130,4 +141,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

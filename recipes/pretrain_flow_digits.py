@@ -20,6 +20,7 @@ from pathlib import Path
 import ddpo_rl  # noqa: F401  (before diffusers/transformers: CPU torchvision shim)
 import torch
 
+from ddpo_rl.errors import report_user_errors
 from ddpo_rl.models.embedded import default_cache_dir
 from ddpo_rl.models.flow_digits import (
     MODEL_NAME,
@@ -28,7 +29,9 @@ from ddpo_rl.models.flow_digits import (
     save_flow_digits_model,
     train_flow_digits_model,
 )
-from pretrain_digits import _log_line, pretrain_arguments, save_and_report, save_grid  # this script's folder is on sys.path
+from pretrain_digits import (  # this script's folder is on sys.path
+    _log_line, check_outputs, pretrain_arguments, save_and_report, save_grid,
+)
 
 
 @torch.no_grad()
@@ -58,6 +61,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or default_cache_dir(MODEL_NAME)
+    check_outputs(out, args)
     model = build_flow_digits_model(seed=args.seed)
     model, result = train_flow_digits_model(
         model,
@@ -90,4 +94,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

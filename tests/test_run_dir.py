@@ -11,8 +11,8 @@ import pytest
 
 from ddpo_rl.config import ConfigError
 from ddpo_rl.run_dir import (
-    LOCK_NAME, RunDir, RunLock, check_directory_path, describe_run, lines_up_to_epoch, prepare_output_file,
-    resume_changes,
+    LOCK_NAME, RunDir, RunLock, check_directory_path, describe_run, lines_up_to_epoch, prepare_output_dir,
+    prepare_output_file, resume_changes,
 )
 
 FILES = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
@@ -148,3 +148,17 @@ def test_prepare_output_file_refuses_what_cannot_be_written_and_makes_the_folder
     target = tmp_path / "new" / "deeper" / "report.json"
     assert prepare_output_file(str(target), "json") == str(target)
     assert target.parent.is_dir() and not target.exists()  # the folder only: the file comes with the results
+
+
+def test_prepare_output_dir_checks_what_an_atomic_save_needs(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="^out: .* is a file"):
+        prepare_output_dir(str(tmp_path / "file" / "model"), "out")
+    target = tmp_path / "models" / "digits"
+    assert prepare_output_dir(str(target), "out") == str(target)
+    assert sorted(os.listdir(tmp_path / "models")) == []  # the parent made, the probe file gone
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="^out: "):
+            prepare_output_dir(str(locked / "model"), "out")

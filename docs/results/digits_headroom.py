@@ -40,12 +40,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: recipes/
 
+from ddpo_rl.atomic import write_text  # noqa: E402
 from ddpo_rl.config import parse_cli  # noqa: E402
+from ddpo_rl.errors import report_user_errors  # noqa: E402
 from ddpo_rl.keys import KEYS  # noqa: E402
 from ddpo_rl.models.digits_data import load_digits_dataset  # noqa: E402
 from ddpo_rl.models.embedded import PROMPT_TEMPLATE  # noqa: E402
 from ddpo_rl.rewards.digits import parse_digit  # noqa: E402
 from ddpo_rl.rewards.registry import make_reward  # noqa: E402
+from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 from recipes.ddpo_recipe import EVAL_SEED_OFFSET, DDPORecipe  # noqa: E402
 
 TRAIN_BASE_STD_KB = 0.0931  # the bar's unit: the training prompts' base std (README, digits section)
@@ -127,6 +130,8 @@ def main(argv=None) -> dict:
                         help="also score the training-prompt images by the pretrained model's implicit "
                              "classifier of its digit prompts (slow)")
     args = parser.parse_args(argv)
+    if args.json is not None:  # before the sampling: a bad path loses nothing
+        prepare_output_file(str(args.json), "json")
 
     with tempfile.TemporaryDirectory() as out:
         cfg = parse_cli(["--output-dir", out, "--epochs", "1", "--progress", "false"], algorithm="ddpo_is")
@@ -222,9 +227,10 @@ def main(argv=None) -> dict:
     for s, v in results["late_noise"].items():
         print(f"| {s} | {v['changed_fraction']:.2f} | {v['mean_abs_change']:.3f} | {v['mean_change']:+.3f} |")
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

@@ -57,9 +57,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: recipes/
 
+from ddpo_rl.atomic import write_text  # noqa: E402
 from ddpo_rl.config import parse_cli  # noqa: E402
+from ddpo_rl.errors import report_user_errors  # noqa: E402
 from ddpo_rl.headroom import reweighting_bound, tilt  # noqa: E402
 from ddpo_rl.plotting import save_scatter_png  # noqa: E402
+from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 from recipes.ddpo_recipe import DDPORecipe  # noqa: E402
 from recipes.headroom import score_base_samples  # noqa: E402
 
@@ -90,11 +93,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="digits", help="the recipe preset whose model is measured (default digits)")
     parser.add_argument("recipe_args", nargs="*", help="further recipe flags, after --")
     args = parser.parse_args(argv)
+    for field in ("json", "png"):  # before the sampling: a bad path loses nothing
+        if getattr(args, field) is not None:
+            prepare_output_file(str(getattr(args, field)), field)
     results = (json.loads(args.from_json.read_text()) if args.from_json
                else measure(args.samples, args.preset, args.recipe_args))
     report(results)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
     if args.png is not None:
         others = {label: json.loads(Path(path).read_text()) for label, path in (c.rsplit("=", 1) for c in args.compare)}
         plot(results, args.png, args.front, others)
@@ -242,4 +248,5 @@ def plot(results: dict, path: Path, front: Path | None, others: dict | None = No
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

@@ -1,5 +1,5 @@
 """recipes/pretrain_flow_digits.py end to end with a few steps: it saves a loadable model, a grid
-and the prompted-digit scores."""
+and the prompted-digit scores; both pretraining scripts refuse an output they could not write first."""
 
 from __future__ import annotations
 
@@ -61,3 +61,13 @@ def test_ddpo_recipe_runs_the_flow_digits_model(tmp_path):
     assert not (out / "final" / "unet").exists()  # the pipeline's component name for a transformer
     saved = json.loads((out / "final" / "transformer" / "config.json").read_text())
     assert saved["_class_name"] == "SD3Transformer2DModel"
+
+
+@pytest.mark.parametrize("script", ["pretrain_digits.py", "pretrain_flow_digits.py"])
+def test_pretraining_refuses_an_output_it_could_not_write_before_training(script, tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", script), "--out", str(tmp_path / "file" / "m"),
+                          "--steps", "5"], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: out: "), res.stderr[-2000:]
+    assert "trained" not in res.stdout  # refused before the first step
