@@ -16,7 +16,8 @@ epoch:
    the best evaluation whose monitors are within tolerance for best/; announce (once) the first
    one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint, then
-   move the best weights it covers into best/ (:meth:`DDPORecipe._settle_best`). A run
+   move the best weights it covers into best/ (:meth:`DDPORecipe._settle_best`). An error while
+   an epoch samples writes the checkpoint of the epoch before first (:meth:`DDPORecipe._sample_epoch`). A run
    stopped by a signal before its last epoch writes no final/, and its summary.json says
    ``"interrupted": true``.
 
@@ -136,6 +137,7 @@ class DDPORecipe:
         self.history: list[dict] = []
         self.run_dir: RunDir | None = None
         self._newest_checkpoint_damaged = False
+        self._checkpointed_epoch = 0  # the epoch of the newest checkpoint (0: none yet)
         self._stop_requested = False
         self._old_handlers = {}
 
@@ -203,11 +205,11 @@ class DDPORecipe:
         evaluation."""
         from ddpo_rl.rewards.base import check_prompts
 
-        for field, source in (("prompts", self.train_prompts), ("eval_prompts", self.eval_prompts)):
+        for option, source in (("prompts", self.train_prompts), ("eval_prompts", self.eval_prompts)):
             try:
                 check_prompts(reward_fn, source.prompts)
             except ValueError as err:
-                raise ConfigError(f"{field}: {what} cannot score them: {err}; give other prompts, or {hint}") from err
+                raise ConfigError(f"{option}: {what} cannot score them: {err}; give other prompts, or {hint}") from err
 
     def _setup_processes(self) -> None:
         """Device, torchrun processes, seeds and precision."""
@@ -450,7 +452,9 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     # state
     # ------------------------------------------------------------------------------------------
-    def state_dict(self, epoch: int) -> dict:
+    def state_dict(self, epoch: int, rng: dict | None = None) -> dict:
+        """What a checkpoint holds; ``rng``: this process's random state to record instead of the current
+        one (a checkpoint written after a failed epoch records the state that epoch started from)."""
         trainable = {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
         return {
             "epoch": epoch,
@@ -458,7 +462,7 @@ class DDPORecipe:
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
             "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-            "rng": distributed.all_gather_objects(rng_state(self.env.base_env._rng, self.train_rng)),
+            "rng": distributed.all_gather_objects(rng or rng_state(self.env.base_env._rng, self.train_rng)),
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
             "history": self.history,
@@ -494,7 +498,7 @@ class DDPORecipe:
             for e in state["eval_history"]
         ]
         self.trainer.skipped_steps = state.get("skipped_steps", 0)
-        self.start_epoch = self.last_epoch = int(state["epoch"])
+        self.start_epoch = self.last_epoch = self._checkpointed_epoch = int(state["epoch"])
         if self.is_main:
             self._truncate_logs(self.start_epoch)
             for name in ("final", "best"):  # a kill between the two renames of a weights save
@@ -517,10 +521,11 @@ class DDPORecipe:
             if match and int(match.group(1)) > epoch:
                 os.remove(os.path.join(samples, name))
 
-    def save_checkpoint(self, epoch: int) -> str | None:
-        state = self.state_dict(epoch)  # collective (gathers every rank's RNG state)
+    def save_checkpoint(self, epoch: int, rng: dict | None = None) -> str | None:
+        state = self.state_dict(epoch, rng)  # collective (gathers every rank's RNG state)
         if not self.is_main:
             return None
+        self._checkpointed_epoch = epoch
         # after resuming from checkpoint.prev.pt because checkpoint.pt was damaged, the damaged file
         # is replaced and the sound previous one kept
         keep = not self._newest_checkpoint_damaged
@@ -673,7 +678,7 @@ class DDPORecipe:
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
                 sampling_threads = self.threads.threads
-                traj = self._sample(self.env, cfg.num_batches_per_epoch)
+                traj = self._sample_epoch(epoch)
                 t1 = time.perf_counter()
                 training_threads = self.threads.update()  # between phases: a change of load is seen within an epoch
                 # 2. per-prompt advantages from terminal rewards, over every rank's samples
@@ -755,6 +760,28 @@ class DDPORecipe:
 
         print("\n".join(format_summary(summary, self.out)), flush=True)
         return summary
+
+    def _sample_epoch(self, epoch: int):
+        """Step 1 of the epoch after ``epoch``: its trajectories. Sampling calls the reward (a server
+        that goes away, a reward that raises): when it fails, the weights, optimizer and statistics are
+        still as epoch ``epoch`` left them, so the checkpoint of that epoch is written, with the random
+        state this epoch started from, before the error goes on: ``--resume`` then redoes exactly this
+        epoch and keeps the epochs since the last checkpoint. One process only (with torchrun the other
+        ranks may be inside a collective); nothing when that epoch is checkpointed already."""
+        single = self.dist.world_size == 1
+        start = rng_state(self.env.base_env._rng, self.train_rng) if single else None  # a few kB, host-side
+        try:
+            return self._sample(self.env, self.cfg.num_batches_per_epoch)
+        except Exception:
+            if single and epoch > self._checkpointed_epoch:
+                try:
+                    self.save_checkpoint(epoch, rng=start)
+                except Exception as err:  # the original error matters more
+                    print(f"note: the checkpoint of epoch {epoch} could not be written ({err})", file=sys.stderr)
+                else:
+                    print(f"note: sampling epoch {epoch + 1} failed; the checkpoint of epoch {epoch} is saved "
+                          f"(resume with --resume {self.out})", file=sys.stderr, flush=True)
+            raise
 
     @property
     def interrupted(self) -> bool:

@@ -44,6 +44,27 @@ def raises(resize=None):
     return raising_reward
 
 
+CALLS: dict[str, int] = {}
+"""Calls of each ``fail_once`` reward, by its marker path (read by the tests)."""
+
+
+def fail_once(call: int, marker: str, resize=None):
+    """Brightness, but the ``call``-th call raises, once: it then creates ``marker``, and no reward whose
+    marker exists raises again (a reward server that was down for a while)."""
+    import os
+
+    CALLS[marker] = 0
+
+    def fail_once_reward(images, prompts):
+        CALLS[marker] += 1
+        if CALLS[marker] == call and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("reward server unreachable")
+        return _brightness(images)
+
+    return fail_once_reward
+
+
 def fails_to_load(resize=None):
     """A reward whose model cannot be loaded (the run must stop before any model loads)."""
     raise OSError("weights not found: /nonexistent/monitor.safetensors")

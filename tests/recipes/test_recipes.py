@@ -166,6 +166,41 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
 
+def test_a_reward_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint(tmp_path, capsys):
+    """The reward raises while epoch 4 samples (checkpoints every 10 epochs): the checkpoint of epoch 3
+    is written, with the random state epoch 4 started from, and the error still stops the run in one
+    line; --resume (the reward back) then ends exactly as the run that never failed."""
+    from recipes.ddpo_recipe import main
+    from tests.recipes import bad_rewards
+
+    def run(out, call, *extra):
+        marker = str(tmp_path / f"{out}.failed")
+        reward = ["--reward", "tests.recipes.bad_rewards:fail_once",
+                  "--reward-kwargs", json.dumps({"call": call, "marker": marker})]
+        main(["--preset", "tiny", "--eval-every", "3", "--save-every", "10", "--progress", "false",
+              "--output-dir", str(tmp_path / out), *reward, *extra])
+        return marker
+
+    calls = bad_rewards.CALLS[run("three", 10**9, "--epochs", "3")]  # the reward calls of epochs 0-3
+    run("full", 10**9, "--epochs", "6")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run("failed", calls + 1, "--epochs", "6")  # the first call of epoch 4 fails
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "reward server unreachable" in err and "the checkpoint of epoch 3 is saved" in err
+    part = tmp_path / "failed"
+    assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    assert [m["epoch"] for m in read_jsonl(part / "metrics.jsonl")] == [1, 2, 3]
+    main(["--resume", str(part), "--progress", "false"])  # the marker exists: the reward no longer fails
+    a, b = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [m["epoch"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for ma, mb in zip(a, b):
+        for k in TRAIN_FIELDS:
+            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+    wa, wb = _state_of(tmp_path / "full"), _state_of(part)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
     from ddpo_rl.config import parse_cli
     from recipes.ddpo_recipe import run
