@@ -30,6 +30,9 @@ import re
 LOGGERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
 """Values of the ``logger`` config field: "none" (only the run directory's own files) or a torchrl logger."""
 
+OPTIONS_ARG = {"wandb": "wandb_kwargs", "mlflow": "mlflow_kwargs"}
+"""The loggers that take options (``logger_kwargs``), each with the torchrl argument that carries them."""
+
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 """The package each tracker needs besides torchrl (the CSV logger needs none)."""
 
@@ -50,8 +53,7 @@ def make_logger(kind: str, output_dir: str, logger_kwargs: dict | None = None):
 
     name = os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
     log_dir = os.path.join(output_dir, "logs")
-    kwargs = dict(logger_kwargs or {})
-    extra = {"wandb": {"wandb_kwargs": kwargs}, "mlflow": {"mlflow_kwargs": kwargs}}.get(kind, {})
+    extra = {OPTIONS_ARG[kind]: dict(logger_kwargs or {})} if kind in OPTIONS_ARG else {}
     return get_logger(kind, log_dir, name, **extra)
 
 
@@ -64,7 +66,7 @@ def check_logger(kind: str, logger_kwargs: dict | None = None) -> None:
         raise ValueError(f"logger: {kind!r} is not one of {LOGGERS}")
     if kind == "none":
         return
-    if logger_kwargs and kind not in ("wandb", "mlflow"):
+    if logger_kwargs and kind not in OPTIONS_ARG:
         raise ValueError(f"logger_kwargs: the {kind} logger takes no options, got {dict(logger_kwargs)}")
     package = PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
