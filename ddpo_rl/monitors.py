@@ -59,8 +59,24 @@ def build_monitors(names: Sequence[str], kwargs: Mapping[str, dict] | None = Non
 
 @torch.no_grad()
 def score_monitors(monitors: Mapping[str, Callable], images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Every monitor's values [B] (float32, on the images' device) for one batch of images."""
-    return {name: torch.as_tensor(fn(images, list(prompts))).float().reshape(-1).to(images.device) for name, fn in monitors.items()}
+    """Every monitor's values [B] (float32, on the images' device) for one batch of images. A monitor that
+    raises, or returns other than one value per image, is a :class:`~ddpo_rl.rewards.transform.RewardError`
+    naming it (non-finite values are kept: :func:`summarize` leaves them out)."""
+    from ddpo_rl.rewards.transform import RewardError
+
+    values = {}
+    for name, fn in monitors.items():
+        try:
+            v = torch.as_tensor(fn(images, list(prompts)))
+        except Exception as err:
+            raise RewardError(f"monitor {name!r} raised: {err!r}") from err
+        if v.shape != (images.shape[0],):
+            raise RewardError(
+                f"monitor {name!r} returned shape {tuple(v.shape)} for {images.shape[0]} images; "
+                f"it must return one scalar per image, shape ({images.shape[0]},)"
+            )
+        values[name] = v.float().to(images.device)
+    return values
 
 
 def summarize(values: torch.Tensor) -> tuple[float | None, float | None]:

@@ -17,7 +17,9 @@ epoch:
    one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint, then
    move the best weights it covers into best/ (:meth:`DDPORecipe._settle_best`). An error while
-   an epoch samples writes the checkpoint of the epoch before first (:meth:`DDPORecipe._sample_epoch`). A run
+   an epoch samples writes the checkpoint of the epoch before first (:meth:`DDPORecipe._sample_epoch`); an
+   error while an epoch is evaluated writes that epoch's checkpoint with the evaluation pending, which a
+   resumed run does first (:meth:`DDPORecipe._evaluate_epoch`). A run
    stopped by a signal before its last epoch writes no final/, and its summary.json says
    ``"interrupted": true``.
 
@@ -138,6 +140,9 @@ class DDPORecipe:
         self.run_dir: RunDir | None = None
         self._newest_checkpoint_damaged = False
         self._checkpointed_epoch = 0  # the epoch of the newest checkpoint (0: none yet)
+        # the metrics record of an epoch whose evaluation failed: the checkpoint of that epoch holds it,
+        # and a resumed run does that evaluation first (:meth:`_evaluate_epoch`)
+        self.pending_evaluation: dict | None = None
         self._stop_requested = False
         self._old_handlers = {}
 
@@ -250,7 +255,7 @@ class DDPORecipe:
         self.run_dir.clear_earlier_run()
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         self.run_logger = make_run_logger(
-            cfg.logger, self.out, cfg.logger_kwargs, resume_state["epoch"] if resume_state else 0, cfg.to_dict()
+            cfg.logger, self.out, cfg.logger_kwargs, self.recorded_epoch if resume_state else 0, cfg.to_dict()
         )
 
     def _setup_model(self) -> None:
@@ -395,7 +400,8 @@ class DDPORecipe:
             for note in loaded.notes:
                 print(f"note: resume: {note}", file=sys.stderr, flush=True)
             changed = "; ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items()) or "no config change"
-            print(f"resume: continuing {self.out} after epoch {state['epoch']} ({changed})", flush=True)
+            pending = ", whose evaluation failed: evaluated first" if state.get("pending_evaluation") else ""
+            print(f"resume: continuing {self.out} after epoch {state['epoch']}{pending} ({changed})", flush=True)
         return state
 
     def _make_policy(self, network):
@@ -452,9 +458,11 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     # state
     # ------------------------------------------------------------------------------------------
-    def state_dict(self, epoch: int, rng: dict | None = None) -> dict:
+    def state_dict(self, epoch: int, rng: dict | None = None, pending_evaluation: dict | None = None) -> dict:
         """What a checkpoint holds; ``rng``: this process's random state to record instead of the current
-        one (a checkpoint written after a failed epoch records the state that epoch started from)."""
+        one (a checkpoint written after a failed epoch records the state that epoch started from);
+        ``pending_evaluation``: the metrics record of ``epoch`` when its evaluation failed (the resumed
+        run evaluates ``epoch`` first, then writes that record)."""
         trainable = {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
         return {
             "epoch": epoch,
@@ -466,6 +474,7 @@ class DDPORecipe:
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
             "history": self.history,
+            "pending_evaluation": pending_evaluation,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -499,11 +508,18 @@ class DDPORecipe:
         ]
         self.trainer.skipped_steps = state.get("skipped_steps", 0)
         self.start_epoch = self.last_epoch = self._checkpointed_epoch = int(state["epoch"])
+        self.pending_evaluation = state.get("pending_evaluation")
         if self.is_main:
-            self._truncate_logs(self.start_epoch)
+            self._truncate_logs(self.recorded_epoch)
             for name in ("final", "best"):  # a kill between the two renames of a weights save
                 recover_directory(os.path.join(self.out, name))
-            self._settle_best(self.start_epoch)
+            self._settle_best(self.recorded_epoch)
+
+    @property
+    def recorded_epoch(self) -> int:
+        """The last epoch whose records (metrics.jsonl, eval.jsonl, its sample grid) the resumed state
+        covers: the checkpoint's epoch, or the one before when that epoch's evaluation is pending."""
+        return self.start_epoch - (self.pending_evaluation is not None)
 
     def _truncate_logs(self, epoch: int) -> None:
         """Drop log lines written after the checkpoint (a run killed between log and save), and a
@@ -521,8 +537,8 @@ class DDPORecipe:
             if match and int(match.group(1)) > epoch:
                 os.remove(os.path.join(samples, name))
 
-    def save_checkpoint(self, epoch: int, rng: dict | None = None) -> str | None:
-        state = self.state_dict(epoch, rng)  # collective (gathers every rank's RNG state)
+    def save_checkpoint(self, epoch: int, rng: dict | None = None, pending_evaluation: dict | None = None) -> str | None:
+        state = self.state_dict(epoch, rng, pending_evaluation)  # collective (gathers every rank's RNG state)
         if not self.is_main:
             return None
         self._checkpointed_epoch = epoch
@@ -533,7 +549,7 @@ class DDPORecipe:
         path = atomic_torch_save(
             state, os.path.join(self.out, "checkpoints", CHECKPOINT_NAME), kind=CHECKPOINT_KIND, keep_previous=keep
         )
-        self._settle_best(epoch)
+        self._settle_best(epoch - (pending_evaluation is not None))
         return path
 
     def _settle_best(self, epoch: int) -> None:
@@ -576,8 +592,13 @@ class DDPORecipe:
     def evaluate(self, epoch: int) -> EvalResult:
         """Rewards and monitor rewards of fixed-seed samples on the training and held-out prompts,
         and a sample grid; when this evaluation is the best within tolerance, its weights go to
-        :data:`BEST_PENDING`, for best/ at the next checkpoint."""
-        from ddpo_rl.monitors import best_evaluation, first_alarm, summarize
+        :data:`BEST_PENDING`, for best/ at the next checkpoint. All the sampling and scoring (where a
+        reward or a monitor may fail) comes before anything is recorded."""
+        return self._record_evaluation(*self._evaluation_samples(epoch))
+
+    def _evaluation_samples(self, epoch: int) -> tuple[EvalResult, object]:
+        """The evaluation's rollouts and scores, nothing written: its result and the grid's rollout."""
+        from ddpo_rl.monitors import summarize
 
         cfg = self.cfg
         stats, monitors = {}, {name: {} for name in self.monitors}
@@ -589,9 +610,15 @@ class DDPORecipe:
             stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
             for monitor, values in self._monitor_values(env, traj).items():
                 monitors[monitor][f"{name}_mean"], monitors[monitor][f"{name}_std"] = summarize(values)
-        traj = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
-        self._save_grid(traj, epoch)
-        result = EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors)
+        grid = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
+        return EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors), grid
+
+    def _record_evaluation(self, result: EvalResult, grid) -> EvalResult:
+        """The sample grid, the history, the alarm, the best weights and the eval.jsonl line."""
+        from ddpo_rl.monitors import best_evaluation, first_alarm
+
+        cfg, epoch = self.cfg, result.epoch
+        self._save_grid(grid, epoch)
         history = [e.as_dict() for e in self.eval_history]
         self.eval_history.append(result)
         record = result.as_dict()
@@ -660,7 +687,6 @@ class DDPORecipe:
         from ddpo_rl.progress import RunProgress
 
         self._install_signal_handlers()
-        metrics_path = os.path.join(self.out, "metrics.jsonl")
         epoch = self.start_epoch
         show = cfg.progress and self.is_main
         self.stopped_on_monitor_drop = False
@@ -673,7 +699,12 @@ class DDPORecipe:
             # rank between the all-reduce and this test would make that rank leave the loop alone
             # and the others wait for it forever.
             stop = distributed.any_true(self._stop_requested)
-            while epoch < cfg.epochs and not stop:
+            monitor_stop = False
+            if self.pending_evaluation is not None:  # the evaluation that failed before the resume
+                record, self.pending_evaluation = self.pending_evaluation, None
+                t0 = time.perf_counter() - record.pop("seconds", 0.0)
+                stop, monitor_stop = self._end_epoch(epoch, record, t0, progress, checkpoint=True)
+            while epoch < cfg.epochs and not stop and not monitor_stop:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
@@ -698,7 +729,7 @@ class DDPORecipe:
                 train_metrics = self.trainer.train(traj)
                 t2 = time.perf_counter()
                 epoch += 1
-                # 4. log
+                # 4.-6. the epoch's metrics; evaluate, log and checkpoint
                 record = {
                     "epoch": epoch,
                     "reward_mean": rewards.mean().item(),
@@ -718,35 +749,7 @@ class DDPORecipe:
                 record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1,
                               sampling_threads=sampling_threads, training_threads=training_threads)
                 self.threads.update()
-                # 5. evaluate
-                if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-                    ev = self.evaluate(epoch)
-                    record.update(
-                        eval_reward_mean=ev.eval_mean, eval_reward_std=ev.eval_std,
-                        train_prompts_reward_mean=ev.train_mean,
-                    )
-                    progress.log_eval(ev)
-                    if self.new_alarm is not None:
-                        from ddpo_rl.monitors import alarm_message
-
-                        progress.log_alarm(alarm_message(self.new_alarm))
-                        record["monitor_alarm"] = self.new_alarm
-                        self.stopped_on_monitor_drop = cfg.stop_on_monitor_drop
-                record["seconds"] = time.perf_counter() - t0
-                if self.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if self.run_logger is not None:
-                        self.run_logger.sync()
-                    progress.update(epoch, record)
-                # 6. checkpoint
-                stop = distributed.any_true(self._stop_requested)
-                monitor_stop = cfg.stop_on_monitor_drop and distributed.any_true(self.stopped_on_monitor_drop)
-                if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop or monitor_stop:
-                    self.save_checkpoint(epoch)
-                if monitor_stop:
-                    self.stopped_on_monitor_drop = True
-                    break
+                stop, monitor_stop = self._end_epoch(epoch, record, t0, progress)
         self.last_epoch = epoch
         self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
         if not self.is_main:
@@ -760,6 +763,66 @@ class DDPORecipe:
 
         print("\n".join(format_summary(summary, self.out)), flush=True)
         return summary
+
+    def _end_epoch(self, epoch: int, record: dict, t0: float, progress, checkpoint: bool = False) -> tuple[bool, bool]:
+        """Steps 5, 4 and 6 of ``epoch``, whose update is done and whose metrics are in ``record``:
+        evaluate (on its cadence), write the metrics line, checkpoint (on its cadence, on a stop, or when
+        ``checkpoint``). Returns the stop flags agreed by every rank: (a signal, the monitor alarm with
+        ``stop_on_monitor_drop``)."""
+        cfg = self.cfg
+        # 5. evaluate
+        if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            ev = self._evaluate_epoch(epoch, {**record, "seconds": time.perf_counter() - t0})
+            record.update(
+                eval_reward_mean=ev.eval_mean, eval_reward_std=ev.eval_std,
+                train_prompts_reward_mean=ev.train_mean,
+            )
+            progress.log_eval(ev)
+            if self.new_alarm is not None:
+                from ddpo_rl.monitors import alarm_message
+
+                progress.log_alarm(alarm_message(self.new_alarm))
+                record["monitor_alarm"] = self.new_alarm
+                self.stopped_on_monitor_drop = cfg.stop_on_monitor_drop
+        # 4. log (after the evaluation, whose figures the line carries)
+        record["seconds"] = time.perf_counter() - t0
+        if self.is_main:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.run_logger is not None:
+                self.run_logger.sync()
+            progress.update(epoch, record)
+        # 6. checkpoint
+        stop = distributed.any_true(self._stop_requested)
+        monitor_stop = cfg.stop_on_monitor_drop and distributed.any_true(self.stopped_on_monitor_drop)
+        if checkpoint or epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop or monitor_stop:
+            self.save_checkpoint(epoch)
+        if monitor_stop:
+            self.stopped_on_monitor_drop = True
+        return stop, monitor_stop
+
+    def _evaluate_epoch(self, epoch: int, record: dict) -> EvalResult:
+        """Step 5 of ``epoch``. The evaluation calls the reward and the monitors (a server that goes
+        away, a monitor that raises): when its sampling or scoring fails, the update of ``epoch`` is
+        done and nothing of the evaluation is recorded yet, so the checkpoint of ``epoch`` is written
+        with ``record`` (its metrics line, not yet written) as the pending evaluation, before the
+        error goes on: ``--resume`` evaluates ``epoch`` first, writes that line, and loses no epoch.
+        One process only (the evaluation runs on rank 0 while the others wait in a collective);
+        nothing when that epoch is checkpointed already (a resumed run whose pending evaluation fails
+        again)."""
+        try:
+            samples = self._evaluation_samples(epoch)
+        except Exception:
+            if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
+                try:
+                    self.save_checkpoint(epoch, pending_evaluation=record)
+                except Exception as err:  # the original error matters more
+                    print(f"note: the checkpoint of epoch {epoch} could not be written ({err})", file=sys.stderr)
+                else:
+                    print(f"note: the evaluation of epoch {epoch} failed; the checkpoint of epoch {epoch} is saved "
+                          f"and a resumed run evaluates it first (--resume {self.out})", file=sys.stderr, flush=True)
+            raise
+        return self._record_evaluation(*samples)
 
     def _sample_epoch(self, epoch: int):
         """Step 1 of the epoch after ``epoch``: its trajectories. Sampling calls the reward (a server

@@ -72,3 +72,19 @@ def test_score_and_summarize():
     finite = values["sample_diversity"][:5]
     assert mean == pytest.approx(finite.mean().item()) and std == pytest.approx(finite.std(unbiased=False).item())
     assert summarize(torch.full((3,), float("nan"))) == (None, None)
+
+
+def test_a_monitor_that_raises_or_returns_other_than_one_value_per_image_is_named():
+    """A monitor's failure is one line naming it (not a traceback), and a wrong shape is refused rather
+    than flattened into the statistics (a [B, 2] output would count every image twice)."""
+    from ddpo_rl.rewards.transform import RewardError
+
+    images = torch.rand(4, 3, 8, 8)
+    prompts = ["a handwritten digit 1"] * 4
+    for factory, match in [
+        ("raises", r"monitor 'tests.recipes.bad_rewards:raises' raised: RuntimeError\('reward server unreachable'\)"),
+        ("wrong_shape", r"monitor 'tests.recipes.bad_rewards:wrong_shape' returned shape \(4, 2\) for 4 images"),
+    ]:
+        monitors = build_monitors([f"tests.recipes.bad_rewards:{factory}"])
+        with pytest.raises(RewardError, match=match):
+            score_monitors(monitors, images, prompts)

@@ -201,6 +201,62 @@ def test_a_reward_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint(
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
 
+def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint(tmp_path, capsys):
+    """A monitor raises during the evaluation of epoch 6 (evaluations every 3 epochs, checkpoints every
+    10): the checkpoint of epoch 6 is written with that evaluation pending, and the error still stops the
+    run in one line; --resume (the monitor back) evaluates epoch 6 first and ends exactly as the run that
+    never failed, each record once, even after a killed earlier resume had begun to write them."""
+    from recipes.ddpo_recipe import main
+    from tests.recipes import bad_rewards
+
+    monitor = "tests.recipes.bad_rewards:fail_once"
+
+    def run(out, call, *extra):
+        marker = str(tmp_path / f"{out}.failed")
+        main(["--preset", "tiny", "--eval-every", "3", "--save-every", "10", "--progress", "false",
+              "--output-dir", str(tmp_path / out), "--monitor-rewards", monitor,
+              "--monitor-reward-kwargs", json.dumps({monitor: {"call": call, "marker": marker}}), *extra])
+        return marker
+
+    calls = bad_rewards.CALLS[run("three", 10**9, "--epochs", "3")]  # the monitor calls of the evaluations at 0 and 3
+    run("full", 10**9, "--epochs", "7")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run("failed", calls + 1, "--epochs", "7")  # the first monitor call of the evaluation at 6 fails
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "reward server unreachable" in err
+    assert "the evaluation of epoch 6 failed; the checkpoint of epoch 6 is saved" in err
+    part = tmp_path / "failed"
+    state = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 6 and state["pending_evaluation"]["epoch"] == 6
+    assert [m["epoch"] for m in read_jsonl(part / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert [e["epoch"] for e in read_jsonl(part / "eval.jsonl")] == [0, 3]
+    assert not (part / "samples" / "epoch_0006.png").exists()
+    # what a resumed run killed after the evaluation's records and before its checkpoint would leave
+    with open(part / "eval.jsonl", "a") as f:
+        f.write(json.dumps({**read_jsonl(part / "eval.jsonl")[-1], "epoch": 6}) + "\n")
+    shutil.copy(part / "samples" / "epoch_0003.png", part / "samples" / "epoch_0006.png")
+    main(["--resume", str(part), "--progress", "false"])  # the marker exists: the monitor no longer fails
+    a, b = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [m["epoch"] for m in b] == [1, 2, 3, 4, 5, 6, 7]
+    for ma, mb in zip(a, b):
+        for k in (*TRAIN_FIELDS, "eval_reward_mean", "train_prompts_reward_mean"):
+            expected = ma[k] if ma[k] is None else pytest.approx(ma[k], rel=1e-6, abs=1e-9)
+            assert mb[k] == expected, (ma["epoch"], k)
+        assert mb["seconds"] > 0
+    ea, eb = read_jsonl(tmp_path / "full" / "eval.jsonl"), read_jsonl(part / "eval.jsonl")
+    assert [e["epoch"] for e in eb] == [0, 3, 6, 7]
+    for xa, xb in zip(ea, eb):
+        assert xb["monitors"][monitor] == pytest.approx(xa["monitors"][monitor], rel=1e-6), xa["epoch"]
+        assert xb["train_prompts_reward_mean"] == pytest.approx(xa["train_prompts_reward_mean"], rel=1e-6)
+    assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["pending_evaluation"] is None
+    wa, wb = _state_of(tmp_path / "full"), _state_of(part)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    summary_a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    summary_b = json.loads((part / "summary.json").read_text())
+    assert summary_a["best_epoch"] == summary_b["best_epoch"]
+
+
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
     from ddpo_rl.config import parse_cli
     from recipes.ddpo_recipe import run
