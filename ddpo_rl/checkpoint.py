@@ -173,7 +173,8 @@ def find_checkpoint(path: str) -> str:
             return c
     raise CheckpointError(
         f"resume: no checkpoint in {path!r} (looked for {CHECKPOINT_NAME} there and in its checkpoints/ folder); "
-        "a run stopped before its first checkpoint cannot be resumed: start it again"
+        "a run stopped before its first checkpoint cannot be resumed: start it again (into the same "
+        "directory with --overwrite true)"
     )
 
 

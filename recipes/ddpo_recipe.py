@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
 
+import contextlib
 import json
 import math
 import os
@@ -805,45 +806,42 @@ class DDPORecipe:
         """Step 5 of ``epoch``. The evaluation calls the reward and the monitors (a server that goes
         away, a monitor that raises): when its sampling or scoring fails, the update of ``epoch`` is
         done and nothing of the evaluation is recorded yet, so the checkpoint of ``epoch`` is written
-        with ``record`` (its metrics line, not yet written) as the pending evaluation, before the
-        error goes on: ``--resume`` evaluates ``epoch`` first, writes that line, and loses no epoch.
-        One process only (the evaluation runs on rank 0 while the others wait in a collective);
-        nothing when that epoch is checkpointed already (a resumed run whose pending evaluation fails
-        again)."""
-        try:
+        with ``record`` (its metrics line, not yet written) as the pending evaluation before the error
+        goes on (:meth:`_checkpoint_on_failure`): ``--resume`` evaluates ``epoch`` first, writes that
+        line, and loses no epoch."""
+        with self._checkpoint_on_failure(epoch, f"the evaluation of epoch {epoch} failed", pending_evaluation=record):
             samples = self._evaluation_samples(epoch)
-        except Exception:
-            if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
-                try:
-                    self.save_checkpoint(epoch, pending_evaluation=record)
-                except Exception as err:  # the original error matters more
-                    print(f"note: the checkpoint of epoch {epoch} could not be written ({err})", file=sys.stderr)
-                else:
-                    print(f"note: the evaluation of epoch {epoch} failed; the checkpoint of epoch {epoch} is saved "
-                          f"and a resumed run evaluates it first (--resume {self.out})", file=sys.stderr, flush=True)
-            raise
         return self._record_evaluation(*samples)
 
     def _sample_epoch(self, epoch: int):
         """Step 1 of the epoch after ``epoch``: its trajectories. Sampling calls the reward (a server
         that goes away, a reward that raises): when it fails, the weights, optimizer and statistics are
         still as epoch ``epoch`` left them, so the checkpoint of that epoch is written, with the random
-        state this epoch started from, before the error goes on: ``--resume`` then redoes exactly this
-        epoch and keeps the epochs since the last checkpoint. One process only (with torchrun the other
-        ranks may be inside a collective); nothing when that epoch is checkpointed already."""
+        state this epoch started from, before the error goes on (:meth:`_checkpoint_on_failure`):
+        ``--resume`` then redoes exactly this epoch and keeps the epochs since the last checkpoint."""
         single = self.dist.world_size == 1
         start = rng_state(self.env.base_env._rng, self.train_rng) if single else None  # a few kB, host-side
-        try:
+        with self._checkpoint_on_failure(epoch, f"sampling epoch {epoch + 1} failed", rng=start):
             return self._sample(self.env, self.cfg.num_batches_per_epoch)
+
+    @contextlib.contextmanager
+    def _checkpoint_on_failure(self, epoch: int, what: str, **state):
+        """When the block raises, write the checkpoint of ``epoch`` (with ``state``: :meth:`save_checkpoint`'s
+        arguments) and say so, then let the error go on; a failure to write it does not hide that error.
+        One process only (with torchrun the other ranks may be inside a collective); nothing when
+        ``epoch`` is checkpointed already (a resumed run that fails again at the same place)."""
+        try:
+            yield
         except Exception:
-            if single and epoch > self._checkpointed_epoch:
+            if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
                 try:
-                    self.save_checkpoint(epoch, rng=start)
+                    self.save_checkpoint(epoch, **state)
                 except Exception as err:  # the original error matters more
                     print(f"note: the checkpoint of epoch {epoch} could not be written ({err})", file=sys.stderr)
                 else:
-                    print(f"note: sampling epoch {epoch + 1} failed; the checkpoint of epoch {epoch} is saved "
-                          f"(resume with --resume {self.out})", file=sys.stderr, flush=True)
+                    first = " and a resumed run evaluates it first" if state.get("pending_evaluation") else ""
+                    print(f"note: {what}; the checkpoint of epoch {epoch} is saved{first} (resume with --resume {self.out})",
+                          file=sys.stderr, flush=True)
             raise
 
     @property
