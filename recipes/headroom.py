@@ -42,6 +42,7 @@ from ddpo_rl.errors import report_user_errors
 from ddpo_rl.headroom import reweighting_bound, tilt
 from ddpo_rl.keys import KEYS
 from ddpo_rl.plotting import save_scatter_png
+from ddpo_rl.run_dir import prepare_output_file
 
 SEED = 12345  # not the evaluation seed: independent of the runs' evaluations
 BETAS = (math.inf, 5.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3)  # in per-prompt reward std
@@ -194,6 +195,9 @@ def _main(argv) -> dict:
     args, cli = parser.parse_known_args(argv)
     if args.samples < 2:
         raise ValueError(f"samples: need at least 2 per prompt set, got {args.samples}")
+    for field in ("json", "png"):  # checked before the sampling, which takes minutes
+        if getattr(args, field):
+            prepare_output_file(getattr(args, field), field)
     results = measure(cli, args.samples, args.sample_seed)
     print(f"{results['preset']}: reward {results['reward']}, {args.samples} base samples per prompt set, "
           f"unit (training prompts' base std) {results['unit']:.4g}")

@@ -64,12 +64,18 @@ def test_bound_grows_with_k_and_lies_above_every_tilt_that_keeps_the_monitor(res
         (["--preset", "tiny", "--samples", "8"], "monitor_rewards"),  # the tiny preset has none
         ([*ARGS[:4], "--samples", "1"], "samples"),
         ([*ARGS[:2], "--monitor-rewards", "nope", "--samples", "8"], "monitor_rewards"),
+        # outputs it could not write are refused before the sampling (they used to fail after it)
+        ([*ARGS, "--json", "{TMP}"], "json: {TMP} is a directory"),
+        ([*ARGS, "--png", "{TMP}/afile/front.png"], "png:"),
     ],
 )
-def test_bad_input_is_one_line_naming_the_field(args, field, capsys):
+def test_bad_input_is_one_line_naming_the_field(args, field, capsys, tmp_path):
+    args = [a.replace("{TMP}", str(tmp_path)) for a in args]
+    (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit) as exc:
         main(args)
     err = capsys.readouterr().err.strip().splitlines()
+    field = field.replace("{TMP}", str(tmp_path))
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {field}"), err
 
 
