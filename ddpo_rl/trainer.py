@@ -119,6 +119,9 @@ class DDPOTrainer:
         self.generator = generator
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
+        self.steps_begun = 0
+        """Optimizer steps begun (counted before the weights change): a failure with the count unchanged
+        left the weights and the optimizer state as they were (the recipe checkpoints them then)."""
         self.on_policy = bool(getattr(loss_module, "on_policy", False))
         if self.on_policy and self.config.num_inner_epochs != 1:
             raise ValueError(
@@ -146,6 +149,7 @@ class DDPOTrainer:
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
         saved = self._snapshot() if cfg.skip_nonfinite else None
+        self.steps_begun += 1
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
         else:

@@ -17,7 +17,8 @@ epoch:
    one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint, then
    move the best weights it covers into best/ (:meth:`DDPORecipe._settle_best`). An error while
-   an epoch samples writes the checkpoint of the epoch before first (:meth:`DDPORecipe._sample_epoch`); an
+   an epoch samples, or updates before its first optimizer step, writes the checkpoint of the epoch before
+   first (:meth:`DDPORecipe._sample_epoch`, :meth:`DDPORecipe._update_epoch`); an
    error while an epoch is evaluated writes that epoch's checkpoint with the evaluation pending, which a
    resumed run does first (:meth:`DDPORecipe._evaluate_epoch`). A run
    stopped by a signal before its last epoch writes no final/, and its summary.json says
@@ -710,24 +711,14 @@ class DDPORecipe:
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
                 sampling_threads = self.threads.threads
-                traj = self._sample_epoch(epoch)
+                # the random state this epoch starts from (one process: a checkpoint written when the
+                # epoch fails records it, so that --resume redoes the epoch exactly; host-side, a few kB)
+                start = rng_state(self.env.base_env._rng, self.train_rng) if self.dist.world_size == 1 else None
+                traj = self._sample_epoch(epoch, start)
                 t1 = time.perf_counter()
                 training_threads = self.threads.update()  # between phases: a change of load is seen within an epoch
-                # 2. per-prompt advantages from terminal rewards, over every rank's samples
-                #    (samples whose reward was dropped as NaN get no weight and are removed)
-                local = terminal_rewards(traj)
-                rewards = distributed.all_gather_cat(local)
-                prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
-                adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max, group_size=cfg.group_size)
-                n = local.numel()
-                with_advantages(traj, adv[self.dist.rank * n : (self.dist.rank + 1) * n])
-                finite = torch.isfinite(local)
-                if not bool(finite.all()):
-                    traj = traj[finite]
-                rewards = rewards[torch.isfinite(rewards)]
-                # 3. policy-gradient update
-                self.policy.train()
-                train_metrics = self.trainer.train(traj)
+                # 2.-3. advantages and the policy-gradient update
+                rewards, train_metrics = self._update_epoch(epoch, traj, start)
                 t2 = time.perf_counter()
                 epoch += 1
                 # 4.-6. the epoch's metrics; evaluate, log and checkpoint
@@ -813,27 +804,67 @@ class DDPORecipe:
             samples = self._evaluation_samples(epoch)
         return self._record_evaluation(*samples)
 
-    def _sample_epoch(self, epoch: int):
+    def _sample_epoch(self, epoch: int, start: dict | None):
         """Step 1 of the epoch after ``epoch``: its trajectories. Sampling calls the reward (a server
         that goes away, a reward that raises): when it fails, the weights, optimizer and statistics are
-        still as epoch ``epoch`` left them, so the checkpoint of that epoch is written, with the random
-        state this epoch started from, before the error goes on (:meth:`_checkpoint_on_failure`):
-        ``--resume`` then redoes exactly this epoch and keeps the epochs since the last checkpoint."""
-        single = self.dist.world_size == 1
-        start = rng_state(self.env.base_env._rng, self.train_rng) if single else None  # a few kB, host-side
+        still as epoch ``epoch`` left them, so the checkpoint of that epoch is written, with ``start``,
+        the random state this epoch started from, before the error goes on
+        (:meth:`_checkpoint_on_failure`): ``--resume`` then redoes exactly this epoch and keeps the
+        epochs since the last checkpoint."""
         with self._checkpoint_on_failure(epoch, f"sampling epoch {epoch + 1} failed", rng=start):
             return self._sample(self.env, self.cfg.num_batches_per_epoch)
 
+    def _update_epoch(self, epoch: int, traj, start: dict | None):
+        """Steps 2 and 3 of the epoch after ``epoch``: per-prompt advantages from the terminal rewards over
+        every rank's samples (samples whose reward was dropped as NaN get no weight and are removed),
+        then the policy-gradient update. Returns (the finite rewards, the trainer's metrics). When this
+        fails before the epoch's first optimizer step (an out-of-memory error in the first forward or
+        backward, say), the weights and optimizer are still as epoch ``epoch`` left them and the
+        per-prompt statistics are put back, so the checkpoint of ``epoch`` is written as for a failed
+        sampling; after that step the weights are half-updated and the last checkpoint stays the one to
+        resume from (it says which)."""
+        cfg = self.cfg
+        steps = self.trainer.steps_begun
+        tracker = self.tracker.state_dict() if start is not None and self.tracker is not None else None
+
+        def untouched() -> bool:
+            if self.trainer.steps_begun != steps:
+                return False
+            if tracker is not None:
+                self.tracker.load_state_dict(tracker)
+            return True
+
+        with self._checkpoint_on_failure(epoch, f"the update of epoch {epoch + 1} failed", untouched, rng=start):
+            local = terminal_rewards(traj)
+            rewards = distributed.all_gather_cat(local)
+            prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
+            adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max, group_size=cfg.group_size)
+            n = local.numel()
+            with_advantages(traj, adv[self.dist.rank * n : (self.dist.rank + 1) * n])
+            finite = torch.isfinite(local)
+            if not bool(finite.all()):
+                traj = traj[finite]
+            self.policy.train()
+            return rewards[torch.isfinite(rewards)], self.trainer.train(traj)
+
     @contextlib.contextmanager
-    def _checkpoint_on_failure(self, epoch: int, what: str, **state):
+    def _checkpoint_on_failure(self, epoch: int, what: str, untouched=None, **state):
         """When the block raises, write the checkpoint of ``epoch`` (with ``state``: :meth:`save_checkpoint`'s
         arguments) and say so, then let the error go on; a failure to write it does not hide that error.
-        One process only (with torchrun the other ranks may be inside a collective); nothing when
-        ``epoch`` is checkpointed already (a resumed run that fails again at the same place)."""
+        ``untouched``: called on failure, whether the run's state is still that of ``epoch`` (else nothing
+        is written, and the note names the checkpoint to resume from). One process only (with torchrun the
+        other ranks may be inside a collective); nothing when ``epoch`` is checkpointed already (a resumed
+        run that fails again at the same place)."""
         try:
             yield
         except Exception:
             if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
+                if untouched is not None and not untouched():
+                    last = (f"that of epoch {self._checkpointed_epoch} (resume with --resume {self.out})"
+                            if self._checkpointed_epoch else "none: start again")
+                    print(f"note: {what} after its first optimizer step (the weights half-updated); the last "
+                          f"checkpoint is {last}", file=sys.stderr, flush=True)
+                    raise
                 try:
                     self.save_checkpoint(epoch, **state)
                 except Exception as err:  # the original error matters more

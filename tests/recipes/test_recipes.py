@@ -257,6 +257,70 @@ def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint
     assert summary_a["best_epoch"] == summary_b["best_epoch"]
 
 
+def test_an_update_that_fails_before_its_first_step_keeps_the_epochs_since_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """The update of epoch 4 raises (an out-of-memory error in its first forward, say; checkpoints every
+    10 epochs) before any optimizer step: the weights are still those of epoch 3, the per-prompt
+    statistics are put back, and the checkpoint of epoch 3 is written with the random state epoch 4
+    started from; --resume then ends exactly as the run that never failed. Failing after the first
+    optimizer step writes nothing (the weights are half-updated) and names the checkpoint to resume from."""
+    from ddpo_rl.trainer import DDPOTrainer
+    from recipes.ddpo_recipe import main
+
+    # per-prompt statistics from the second sample of a prompt on: the failed epoch's rewards must not stay in them
+    common = ["--preset", "tiny", "--epochs", "6", "--eval-every", "3", "--progress", "false", "--stat-min-count", "2"]
+    main([*common, "--save-every", "10", "--output-dir", str(tmp_path / "full")])
+    real_train, real_step = DDPOTrainer.train, DDPOTrainer._optimizer_step
+    calls = {"train": 0, "step": 0}
+
+    def failing_train(self, batch):
+        calls["train"] += 1
+        if calls["train"] == 4:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return real_train(self, batch)
+
+    monkeypatch.setattr(DDPOTrainer, "train", failing_train)
+    capsys.readouterr()
+    part = tmp_path / "failed"
+    with pytest.raises(torch.OutOfMemoryError):
+        main([*common, "--save-every", "10", "--output-dir", str(part)])
+    err = capsys.readouterr().err
+    assert "the update of epoch 4 failed; the checkpoint of epoch 3 is saved" in err
+    assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    monkeypatch.setattr(DDPOTrainer, "train", real_train)
+    main(["--resume", str(part), "--progress", "false"])
+    a, b = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [m["epoch"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for ma, mb in zip(a, b):
+        for k in TRAIN_FIELDS:
+            assert mb[k] == pytest.approx(ma[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+    wa, wb = _state_of(tmp_path / "full"), _state_of(part)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+    def failing_step(self, losses):  # the first step of epoch 4 is taken, then the update raises
+        norm = real_step(self, losses)
+        calls["step"] += 1
+        if calls["step"] == steps_per_epoch * 3 + 1:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return norm
+
+    steps_per_epoch = 0
+
+    def counting_step(self, losses):
+        nonlocal steps_per_epoch
+        steps_per_epoch += 1
+        return real_step(self, losses)
+
+    monkeypatch.setattr(DDPOTrainer, "_optimizer_step", counting_step)
+    main([*common, "--epochs", "1", "--output-dir", str(tmp_path / "one")])
+    monkeypatch.setattr(DDPOTrainer, "_optimizer_step", failing_step)
+    capsys.readouterr()
+    with pytest.raises(torch.OutOfMemoryError):
+        main([*common, "--save-every", "2", "--output-dir", str(tmp_path / "late")])
+    err = capsys.readouterr().err
+    assert "the update of epoch 4 failed after its first optimizer step" in err and "the last checkpoint is that of epoch 2" in err
+    assert torch.load(tmp_path / "late" / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
     from ddpo_rl.config import parse_cli
     from recipes.ddpo_recipe import run
