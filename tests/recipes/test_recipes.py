@@ -126,6 +126,19 @@ def _state_of(run_dir):
     return load_file(os.path.join(run_dir, "final", "unet", "diffusion_pytorch_model.safetensors"))
 
 
+def assert_same_run(full, part, epochs: int, fields=TRAIN_FIELDS):
+    """``part`` (interrupted or failed, then resumed) logged every epoch once with ``full``'s figures
+    (``fields`` of metrics.jsonl; None where ``full`` has None) and ends with its weights."""
+    a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
+    assert [m["epoch"] for m in b] == list(range(1, epochs + 1))
+    for ma, mb in zip(a, b):
+        for k in fields:
+            expected = ma[k] if ma[k] is None else pytest.approx(ma[k], rel=1e-6, abs=1e-9)
+            assert mb[k] == expected, (ma["epoch"], k)
+    wa, wb = _state_of(full), _state_of(part)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     common = ["--preset", "tiny", "--epochs", "4", "--eval-every", "10", "--save-every", "1", "--progress", "false"]
@@ -157,13 +170,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((part / "summary.json").read_text())
     assert (summary["interrupted"], summary["epochs_trained"]) == (False, 4)
-    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [m["epoch"] for m in b] == [1, 2, 3, 4]
-    for ma, mb in zip(a, b):
-        for k in TRAIN_FIELDS:
-            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
-    wa, wb = _state_of(full), _state_of(part)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert_same_run(full, part, 4)
 
 
 def test_a_reward_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint(tmp_path, capsys):
@@ -192,13 +199,7 @@ def test_a_reward_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint(
     assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 3
     assert [m["epoch"] for m in read_jsonl(part / "metrics.jsonl")] == [1, 2, 3]
     main(["--resume", str(part), "--progress", "false"])  # the marker exists: the reward no longer fails
-    a, b = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [m["epoch"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for ma, mb in zip(a, b):
-        for k in TRAIN_FIELDS:
-            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
-    wa, wb = _state_of(tmp_path / "full"), _state_of(part)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert_same_run(tmp_path / "full", part, 6)
 
 
 def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint(tmp_path, capsys):
@@ -237,21 +238,14 @@ def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint
         f.write(json.dumps({**read_jsonl(part / "eval.jsonl")[-1], "epoch": 6}) + "\n")
     shutil.copy(part / "samples" / "epoch_0003.png", part / "samples" / "epoch_0006.png")
     main(["--resume", str(part), "--progress", "false"])  # the marker exists: the monitor no longer fails
-    a, b = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [m["epoch"] for m in b] == [1, 2, 3, 4, 5, 6, 7]
-    for ma, mb in zip(a, b):
-        for k in (*TRAIN_FIELDS, "eval_reward_mean", "train_prompts_reward_mean"):
-            expected = ma[k] if ma[k] is None else pytest.approx(ma[k], rel=1e-6, abs=1e-9)
-            assert mb[k] == expected, (ma["epoch"], k)
-        assert mb["seconds"] > 0
+    assert_same_run(tmp_path / "full", part, 7, (*TRAIN_FIELDS, "eval_reward_mean", "train_prompts_reward_mean"))
+    assert all(m["seconds"] > 0 for m in read_jsonl(part / "metrics.jsonl"))
     ea, eb = read_jsonl(tmp_path / "full" / "eval.jsonl"), read_jsonl(part / "eval.jsonl")
     assert [e["epoch"] for e in eb] == [0, 3, 6, 7]
     for xa, xb in zip(ea, eb):
         assert xb["monitors"][monitor] == pytest.approx(xa["monitors"][monitor], rel=1e-6), xa["epoch"]
         assert xb["train_prompts_reward_mean"] == pytest.approx(xa["train_prompts_reward_mean"], rel=1e-6)
     assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["pending_evaluation"] is None
-    wa, wb = _state_of(tmp_path / "full"), _state_of(part)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     summary_a = json.loads((tmp_path / "full" / "summary.json").read_text())
     summary_b = json.loads((part / "summary.json").read_text())
     assert summary_a["best_epoch"] == summary_b["best_epoch"]
@@ -288,13 +282,7 @@ def test_an_update_that_fails_before_its_first_step_keeps_the_epochs_since_the_l
     assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 3
     monkeypatch.setattr(DDPOTrainer, "train", real_train)
     main(["--resume", str(part), "--progress", "false"])
-    a, b = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [m["epoch"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for ma, mb in zip(a, b):
-        for k in TRAIN_FIELDS:
-            assert mb[k] == pytest.approx(ma[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
-    wa, wb = _state_of(tmp_path / "full"), _state_of(part)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert_same_run(tmp_path / "full", part, 6)
 
     def failing_step(self, losses):  # the first step of epoch 4 is taken, then the update raises
         norm = real_step(self, losses)
