@@ -827,14 +827,14 @@ class DDPORecipe:
         steps = self.trainer.steps_begun
         tracker = self.tracker.state_dict() if start is not None and self.tracker is not None else None
 
-        def untouched() -> bool:
+        def rewind() -> bool:  # the statistics back to those of ``epoch``; False once the weights changed
             if self.trainer.steps_begun != steps:
                 return False
             if tracker is not None:
                 self.tracker.load_state_dict(tracker)
             return True
 
-        with self._checkpoint_on_failure(epoch, f"the update of epoch {epoch + 1} failed", untouched, rng=start):
+        with self._checkpoint_on_failure(epoch, f"the update of epoch {epoch + 1} failed", rewind, rng=start):
             local = terminal_rewards(traj)
             rewards = distributed.all_gather_cat(local)
             prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
@@ -848,18 +848,19 @@ class DDPORecipe:
             return rewards[torch.isfinite(rewards)], self.trainer.train(traj)
 
     @contextlib.contextmanager
-    def _checkpoint_on_failure(self, epoch: int, what: str, untouched=None, **state):
+    def _checkpoint_on_failure(self, epoch: int, what: str, rewind=None, **state):
         """When the block raises, write the checkpoint of ``epoch`` (with ``state``: :meth:`save_checkpoint`'s
         arguments) and say so, then let the error go on; a failure to write it does not hide that error.
-        ``untouched``: called on failure, whether the run's state is still that of ``epoch`` (else nothing
-        is written, and the note names the checkpoint to resume from). One process only (with torchrun the
+        ``rewind``: called on failure, puts back what the block changed of the run's state and says whether
+        that state is now that of ``epoch`` again (if not, nothing is written, and the note names the
+        checkpoint to resume from). One process only (with torchrun the
         other ranks may be inside a collective); nothing when ``epoch`` is checkpointed already (a resumed
         run that fails again at the same place)."""
         try:
             yield
         except Exception:
             if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
-                if untouched is not None and not untouched():
+                if rewind is not None and not rewind():
                     last = (f"that of epoch {self._checkpointed_epoch} (resume with --resume {self.out})"
                             if self._checkpointed_epoch else "none: start again")
                     print(f"note: {what} after its first optimizer step (the weights half-updated); the last "
