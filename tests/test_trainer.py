@@ -1,5 +1,6 @@
 """The trainer's non-finite guard: a step whose result is not finite is undone, weights and optimizer state."""
 
+import pytest
 import torch
 from tensordict import TensorDict
 from torch import nn
@@ -74,3 +75,24 @@ def test_after_step_is_called_once_per_optimizer_step():
     trainer.train(_batch(0))  # 4 trajectories, minibatch 2: two optimizer steps
     assert len(weights_seen) == 2 and not torch.equal(weights_seen[0], weights_seen[1])
     assert torch.equal(weights_seen[1], loss.w.detach())
+
+
+def test_steps_begun_counts_every_optimizer_step_before_it_changes_the_weights():
+    """The recipe checkpoints a failed update only while no step has begun: the count must rise before the
+    weights change (a step that raises inside the optimizer counts), and count undone steps too."""
+    loss, opt, trainer, after_step = _trainer(1e-2, minibatch_size=2)
+    trainer.train(_batch(0))  # 4 trajectories, minibatch 2: two optimizer steps
+    assert trainer.steps_begun == 2 == len(after_step)
+    poisoned = _batch(1)
+    poisoned["x"][0, 0, 0] = float("nan")  # its first step is undone by the guard, and still counted
+    trainer.train(poisoned)
+    assert trainer.steps_begun == 4 and trainer.skipped_steps == 1
+
+    def failing_step(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    w = loss.w.detach().clone()
+    opt.step = failing_step
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train(_batch(2))
+    assert trainer.steps_begun == 5 and torch.equal(loss.w.detach(), w)
