@@ -475,6 +475,9 @@ class DDPORecipe:
             "rng": distributed.all_gather_objects(rng or rng_state(self.env.base_env._rng, self.train_rng)),
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
+            # fp16's loss scale as training left it (a resumed run starting from the initial scale would
+            # skip steps the run never skipped); None without a scaler
+            "grad_scaler": self.trainer.grad_scaler.state_dict() if self.trainer.grad_scaler is not None else None,
             "history": self.history,
             "pending_evaluation": pending_evaluation,
         }
@@ -509,6 +512,8 @@ class DDPORecipe:
             for e in state["eval_history"]
         ]
         self.trainer.skipped_steps = state.get("skipped_steps", 0)
+        if state.get("grad_scaler") and self.trainer.grad_scaler is not None and self.trainer.grad_scaler.is_enabled():
+            self.trainer.grad_scaler.load_state_dict(state["grad_scaler"])
         self.start_epoch = self.last_epoch = self._checkpointed_epoch = int(state["epoch"])
         self.pending_evaluation = state.get("pending_evaluation")
         if self.is_main:

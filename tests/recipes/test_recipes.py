@@ -309,6 +309,29 @@ def test_an_update_that_fails_before_its_first_step_keeps_the_epochs_since_the_l
     assert torch.load(tmp_path / "late" / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
 
+def test_the_fp16_loss_scale_is_part_of_the_checkpoint(tmp_path):
+    """With fp16 mixed precision the GradScaler's scale is training state: a resumed run that started again
+    from the initial scale would skip optimizer steps (inf gradients) that the uninterrupted run took."""
+    from ddpo_rl.config import parse_cli
+    from recipes.ddpo_recipe import DDPORecipe
+
+    common = ["--preset", "tiny", "--mixed-precision", "fp16", "--progress", "false"]
+    recipe = DDPORecipe(parse_cli([*common, "--output-dir", str(tmp_path / "run")])).setup()
+    try:
+        scaler = recipe.trainer.grad_scaler
+        assert scaler.is_enabled()
+        scaler.scale(torch.ones(()))  # the scale is made on first use
+        scaler.update(512.0)  # where overflows would have brought it
+        recipe.save_checkpoint(1)
+    finally:
+        recipe.cleanup()
+    resumed = DDPORecipe(parse_cli([*common, "--resume", str(tmp_path / "run")])).setup()
+    try:
+        assert resumed.trainer.grad_scaler.get_scale() == 512.0
+    finally:
+        resumed.cleanup()
+
+
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
     from ddpo_rl.config import parse_cli
     from recipes.ddpo_recipe import run
