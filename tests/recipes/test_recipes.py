@@ -207,6 +207,7 @@ def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint
     10): the checkpoint of epoch 6 is written with that evaluation pending, and the error still stops the
     run in one line; --resume (the monitor back) evaluates epoch 6 first and ends exactly as the run that
     never failed, each record once, even after a killed earlier resume had begun to write them."""
+    from ddpo_rl.checkpoint import read_weights_info
     from recipes.ddpo_recipe import main
     from tests.recipes import bad_rewards
 
@@ -248,7 +249,7 @@ def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint
     assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["pending_evaluation"] is None
     summary_a = json.loads((tmp_path / "full" / "summary.json").read_text())
     summary_b = json.loads((part / "summary.json").read_text())
-    assert summary_a["best_epoch"] == summary_b["best_epoch"]
+    assert summary_a["best_epoch"] == summary_b["best_epoch"] == read_weights_info(str(part / "best"))["epoch"]
 
 
 def test_an_update_that_fails_before_its_first_step_keeps_the_epochs_since_the_last_checkpoint(tmp_path, capsys, monkeypatch):
