@@ -84,7 +84,7 @@ def targets(report: dict) -> dict:
     pe = rec.get("paper_epoch") or {}
     out["paper_epoch_seconds"] = {
         "one_gpu": pe.get("one_gpu_seconds"), "eight_gpus_ideal": pe.get("eight_gpus_seconds_ideal"),
-        "reference_eight_a100": pe.get("reference_seconds"),
+        "reference_eight_a100": pe.get("reference_seconds"), "comparable": pe.get("comparable"),
     }
     out["recipe_per_epoch"] = rec.get("per_epoch")
     out["recipe_peak_gpu_memory_bytes"] = rec.get("peak_gpu_memory_bytes")
@@ -109,7 +109,9 @@ def summary_text(report: dict) -> str:
     mem = t.get("recipe_peak_gpu_memory_bytes")
     lines.append(f"  recipe peak GPU memory: {mem / 2**30:.2f} GiB" if mem else "  recipe peak GPU memory: n/a")
     pe = t.get("paper_epoch_seconds") or {}
-    if pe.get("one_gpu") is not None:
+    if pe.get("one_gpu") is not None and pe.get("comparable") is False:
+        lines.append("  paper epoch: not extrapolated here (a run of the paper's configuration on a GPU only)")
+    elif pe.get("one_gpu") is not None:
         lines.append(f"  paper epoch extrapolated: {pe['one_gpu']:.1f} s on one GPU, {pe['eight_gpus_ideal']:.1f} s on eight "
                      f"(reference {pe['reference_eight_a100']:.0f} s on 8x A100)")
     if not t.get("targets_apply"):

@@ -38,5 +38,7 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     assert run["sampler_class"] == "EnvSampler" and run["mixed_precision"] == "no"  # "auto" on CPU
     assert recipe["config"]["samples_per_epoch"] == 4 and recipe["config"]["lora"] is True
     assert targets["paper_epoch_seconds"]["one_gpu"] > 0
+    assert targets["paper_epoch_seconds"]["comparable"] is False  # a tiny model on a CPU is not the paper's epoch
     summary = (out / "summary.txt").read_text()
     assert "DRY RUN" in summary and "recipe epoch 2" in summary
+    assert "paper epoch: not extrapolated here" in summary and "on one GPU" not in summary
