@@ -77,7 +77,7 @@ def test_async_reward_errors_are_named_and_the_queue_is_cleared(parts):
 
     with AsyncReward(nan_reward) as reward:
         env = make_env(batch_size=B, steps=STEPS, reward=reward, encoder=encoder)
-        with pytest.raises(RewardError, match="non-finite"):
+        with pytest.raises(RewardError, match="reward function nan_reward returned .* non-finite"):
             _collect(env, policy)
         assert env.transform._pending == []
 
@@ -86,5 +86,5 @@ def test_async_reward_errors_are_named_and_the_queue_is_cleared(parts):
 
     with AsyncReward(failing) as reward:
         env = make_env(batch_size=B, steps=STEPS, reward=reward, encoder=encoder)
-        with pytest.raises(RewardError, match="boom"):
+        with pytest.raises(RewardError, match="reward function failing raised: KeyError.*boom"):  # not "AsyncReward"
             _collect(env, policy, num_batches=1)

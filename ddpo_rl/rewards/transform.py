@@ -37,6 +37,9 @@ class RewardError(RuntimeError):
 
 
 def _name(fn) -> str:
+    """The reward function's name, through wrappers that keep it as ``reward_fn`` (AsyncReward)."""
+    while getattr(fn, "reward_fn", None) is not None and not hasattr(fn, "__name__"):
+        fn = fn.reward_fn
     return getattr(fn, "__name__", type(fn).__name__)
 
 
