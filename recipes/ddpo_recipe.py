@@ -116,7 +116,9 @@ class EvalResult:
     eval_std: float
     n: int
     monitors: dict = field(default_factory=dict)
-    """{monitor: {"train_mean", "train_std", "eval_mean", "eval_std"}} (see ddpo_rl.monitors)."""
+    """{monitor: {"train_mean", "train_std", "eval_mean", "eval_std"}} (see ddpo_rl.monitors), and
+    "train_left_out" / "eval_left_out" when that many of the set's values were not finite (left out of
+    the mean and std; e.g. sample_diversity for a prompt alone in its batch)."""
 
     def as_dict(self) -> dict:
         return dict(
@@ -617,6 +619,9 @@ class DDPORecipe:
             stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
             for monitor, values in self._monitor_values(env, traj).items():
                 monitors[monitor][f"{name}_mean"], monitors[monitor][f"{name}_std"] = summarize(values)
+                left_out = int((~torch.isfinite(values)).sum())  # once per evaluation, not in a hot loop
+                if left_out:  # the mean and std are over the others: the record says so
+                    monitors[monitor][f"{name}_left_out"] = left_out
         grid = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
         return EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors), grid
 

@@ -333,6 +333,21 @@ def test_the_fp16_loss_scale_is_part_of_the_checkpoint(tmp_path):
         resumed.cleanup()
 
 
+def test_a_monitor_value_left_out_is_counted_in_the_record(tmp_path):
+    """A monitor's non-finite values are left out of its mean and std; eval.jsonl says how many, so that
+    a mean over half the samples does not read as one over all of them."""
+    from recipes.ddpo_recipe import main
+
+    monitors = "tests.recipes.bad_rewards:nan_for_some,digit_alignment"
+    main(["--preset", "tiny", "--epochs", "1", "--progress", "false", "--output-dir", str(tmp_path / "run"),
+          "--monitor-rewards", monitors])
+    for record in read_jsonl(tmp_path / "run" / "eval.jsonl"):
+        nan_half = record["monitors"]["tests.recipes.bad_rewards:nan_for_some"]
+        assert nan_half["train_left_out"] == nan_half["eval_left_out"] == 2  # 4 samples, every other one NaN
+        assert math.isfinite(nan_half["train_mean"])
+        assert "train_left_out" not in record["monitors"]["digit_alignment"]  # nothing left out: no field
+
+
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
     from ddpo_rl.config import parse_cli
     from recipes.ddpo_recipe import run
