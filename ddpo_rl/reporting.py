@@ -101,6 +101,8 @@ def write_summary(
                     final_std=f.get(f"{s}_std"),
                     change_in_base_std=gain(b[f"{s}_mean"], b[f"{s}_std"], f.get(f"{s}_mean")),
                     final_over_base=f[f"{s}_mean"] / b[f"{s}_mean"] if f.get(f"{s}_mean") is not None and b[f"{s}_mean"] else None,
+                    # values that were not finite, left out of the means (only when there were some)
+                    **{k: n for k, n in (("base_left_out", b.get(f"{s}_left_out")), ("final_left_out", f.get(f"{s}_left_out"))) if n},
                 )
                 for s, label in PROMPT_SETS.items()
             }

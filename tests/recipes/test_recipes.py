@@ -346,6 +346,11 @@ def test_a_monitor_value_left_out_is_counted_in_the_record(tmp_path):
         assert nan_half["train_left_out"] == nan_half["eval_left_out"] == 2  # 4 samples, every other one NaN
         assert math.isfinite(nan_half["train_mean"])
         assert "train_left_out" not in record["monitors"]["digit_alignment"]  # nothing left out: no field
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["monitors"]
+    for label in ("training prompts", "held-out prompts"):
+        assert summary["tests.recipes.bad_rewards:nan_for_some"][label]["base_left_out"] == 2
+        assert summary["tests.recipes.bad_rewards:nan_for_some"][label]["final_left_out"] == 2
+        assert "base_left_out" not in summary["digit_alignment"][label]
 
 
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
