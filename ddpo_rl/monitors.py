@@ -62,20 +62,15 @@ def score_monitors(monitors: Mapping[str, Callable], images: torch.Tensor, promp
     """Every monitor's values [B] (float32, on the images' device) for one batch of images. A monitor that
     raises, or returns other than one value per image, is a :class:`~ddpo_rl.rewards.transform.RewardError`
     naming it (non-finite values are kept: :func:`summarize` leaves them out)."""
-    from ddpo_rl.rewards.transform import RewardError
+    from ddpo_rl.rewards.transform import RewardError, one_per_image
 
     values = {}
     for name, fn in monitors.items():
         try:
-            v = torch.as_tensor(fn(images, list(prompts)))
+            v = fn(images, list(prompts))
         except Exception as err:
             raise RewardError(f"monitor {name!r} raised: {err!r}") from err
-        if v.shape != (images.shape[0],):
-            raise RewardError(
-                f"monitor {name!r} returned shape {tuple(v.shape)} for {images.shape[0]} images; "
-                f"it must return one scalar per image, shape ({images.shape[0]},)"
-            )
-        values[name] = v.float().to(images.device)
+        values[name] = one_per_image(v, images.shape[0], f"monitor {name!r}").float().to(images.device)
     return values
 
 

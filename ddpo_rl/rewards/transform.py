@@ -43,6 +43,18 @@ def _name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def one_per_image(values, batch_size: int, what: str) -> torch.Tensor:
+    """``values`` as a tensor, or a :class:`RewardError` naming ``what`` (a reward function, a monitor)
+    unless it holds one scalar per image, shape ``(batch_size,)``."""
+    values = torch.as_tensor(values)
+    if values.shape != (batch_size,):
+        raise RewardError(
+            f"{what} returned shape {tuple(values.shape)} for {batch_size} images; "
+            f"it must return one scalar per image, shape ({batch_size},)"
+        )
+    return values
+
+
 def validate_rewards(rewards, batch_size: int, reward_fn, on_invalid: str = "raise") -> torch.Tensor:
     """Check a reward function's output: a tensor [B] of finite values.
 
@@ -51,13 +63,7 @@ def validate_rewards(rewards, batch_size: int, reward_fn, on_invalid: str = "rai
     shape always raises.
     """
     name = _name(reward_fn)
-    rewards = torch.as_tensor(rewards)
-    if rewards.shape != (batch_size,):
-        raise RewardError(
-            f"reward function {name} returned shape {tuple(rewards.shape)} for {batch_size} images; "
-            f"it must return one scalar per image, shape ({batch_size},)"
-        )
-    rewards = rewards.float()
+    rewards = one_per_image(rewards, batch_size, f"reward function {name}").float()
     bad = ~torch.isfinite(rewards)
     if bad.any():
         n = int(bad.sum())
