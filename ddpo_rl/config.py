@@ -140,7 +140,9 @@ class DDPOConfig:
     waits for all rewards after the epoch's last batch. For slow reward models (VLMs). A reward that
     is already asynchronous (e.g. vlm_alignment with {"asynchronous": true}) is used as is."""
     on_invalid_reward: OnInvalidReward = "raise"
-    """NaN/inf rewards: "raise" a named error, or "drop" those samples with a warning."""
+    """NaN/inf rewards: "raise" a named error, or "drop" those samples with a warning (left out of the
+    update and of the statistics; metrics.jsonl and eval.jsonl count the samples kept, `num_samples` /
+    `eval_num_samples`, and eval.jsonl the ones left out, `train_left_out` / `eval_left_out`)."""
 
     # --- advantages and loss ----------------------------------------------------------------
     per_prompt_stat_tracking: bool = True

@@ -148,6 +148,11 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
         f"held-out {_fmt(base['eval_reward_mean'])} -> {_fmt(final['eval_reward_mean'])} "
         f"({_fmt(summary['eval_prompts_gain_in_base_std'], '+.2f')} base std)"
     )
+    dropped = [f"{n} {label} samples of the {when} evaluation" for when, record in (("base", base), (last, final))
+               for label, key in (("training-prompt", "train_left_out"), ("held-out", "eval_left_out"))
+               if (n := record.get(key))]
+    if dropped:  # --on-invalid-reward drop
+        lines.append("rewards not finite, left out of the means above: " + ", ".join(dropped))
     tolerance = summary.get("monitor_tolerance")
     for name, sets in summary.get("monitors", {}).items():
         parts = []
@@ -157,7 +162,10 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
             parts.append(
                 f"{label.split()[0]} {_fmt(m['base_mean'])} -> {_fmt(m['final_mean'])} "
                 f"({_fmt(m['final_over_base'], '.2f')} x, {_fmt(change, '+.2f')} base std"
-                + (", beyond tolerance)" if beyond else ")")
+                + (", beyond tolerance" if beyond else "")
+                + "".join(f", {m[k]} {when} values not finite, left out" for k, when in
+                          (("base_left_out", "base"), ("final_left_out", "final")) if m.get(k))
+                + ")"
             )
         lines.append(f"monitor {name}: " + ", ".join(parts))
     if tolerance is not None:

@@ -115,10 +115,17 @@ class EvalResult:
     eval_mean: float
     eval_std: float
     n: int
+    """How many training-prompt samples the reward's mean and std are over (those whose reward was
+    finite: fewer than sampled with ``--on-invalid-reward drop``)."""
     monitors: dict = field(default_factory=dict)
     """{monitor: {"train_mean", "train_std", "eval_mean", "eval_std"}} (see ddpo_rl.monitors), and
     "train_left_out" / "eval_left_out" when that many of the set's values were not finite (left out of
     the mean and std; e.g. sample_diversity for a prompt alone in its batch)."""
+    eval_n: int | None = None
+    """The same count for the held-out prompts (None in records written before it was kept)."""
+    left_out: dict = field(default_factory=dict)
+    """{"train_left_out": k, "eval_left_out": k}: how many of the set's samples had a reward that was not
+    finite (``--on-invalid-reward drop``), left out of its mean and std; only the sets with some."""
 
     def as_dict(self) -> dict:
         return dict(
@@ -128,6 +135,8 @@ class EvalResult:
             eval_reward_mean=self.eval_mean,
             eval_reward_std=self.eval_std,
             num_samples=self.n,
+            eval_num_samples=self.eval_n,
+            **self.left_out,
             monitors=self.monitors,
         )
 
@@ -510,6 +519,7 @@ class DDPORecipe:
             EvalResult(
                 e["epoch"], e["train_prompts_reward_mean"], e["train_prompts_reward_std"],
                 e["eval_reward_mean"], e["eval_reward_std"], e["num_samples"], e.get("monitors", {}),
+                e.get("eval_num_samples"), {k: e[k] for k in ("train_left_out", "eval_left_out") if k in e},
             )
             for e in state["eval_history"]
         ]
@@ -610,20 +620,22 @@ class DDPORecipe:
         from ddpo_rl.monitors import summarize
 
         cfg = self.cfg
-        stats, monitors = {}, {name: {} for name in self.monitors}
+        stats, monitors, dropped = {}, {name: {} for name in self.monitors}, {}
         for name, env in self.eval_envs.items():
             n_batches = math.ceil(cfg.eval_num_samples / cfg.sample_batch_size)
             traj = self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET)
             r = terminal_rewards(traj)
-            r = r[torch.isfinite(r)]
+            r = r[torch.isfinite(r)]  # NaN where dropped (--on-invalid-reward drop)
             stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
+            if r.numel() < traj.shape[0]:  # the mean and std are over the others: the record says so
+                dropped[f"{name}_left_out"] = traj.shape[0] - r.numel()
             for monitor, values in self._monitor_values(env, traj).items():
                 monitors[monitor][f"{name}_mean"], monitors[monitor][f"{name}_std"] = summarize(values)
                 left_out = int((~torch.isfinite(values)).sum())  # once per evaluation, not in a hot loop
                 if left_out:  # the mean and std are over the others: the record says so
                     monitors[monitor][f"{name}_left_out"] = left_out
         grid = self._fixed_seed_rollout(self.grid_env, 1, cfg.seed + 2 * EVAL_SEED_OFFSET)
-        return EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors), grid
+        return EvalResult(epoch, *stats["train"][:2], *stats["eval"][:2], stats["train"][2], monitors, stats["eval"][2], dropped), grid
 
     def _record_evaluation(self, result: EvalResult, grid) -> EvalResult:
         """The sample grid, the history, the alarm, the best weights and the eval.jsonl line."""

@@ -333,14 +333,18 @@ def test_the_fp16_loss_scale_is_part_of_the_checkpoint(tmp_path):
         resumed.cleanup()
 
 
-def test_a_monitor_value_left_out_is_counted_in_the_record(tmp_path):
-    """A monitor's non-finite values are left out of its mean and std; eval.jsonl says how many, so that
-    a mean over half the samples does not read as one over all of them."""
+def test_a_monitor_value_left_out_is_counted_in_the_record(tmp_path, capsys):
+    """A monitor's non-finite values are left out of its mean and std; eval.jsonl, summary.json and the
+    lines a run ends with say how many, so that a mean over half the samples does not read as one over
+    all of them."""
     from recipes.ddpo_recipe import main
 
     monitors = "tests.recipes.bad_rewards:nan_for_some,digit_alignment"
     main(["--preset", "tiny", "--epochs", "1", "--progress", "false", "--output-dir", str(tmp_path / "run"),
           "--monitor-rewards", monitors])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("monitor ")]
+    assert "2 base values not finite, left out" in printed[0] and "2 final values" in printed[0]
+    assert "left out" not in printed[1]  # digit_alignment
     for record in read_jsonl(tmp_path / "run" / "eval.jsonl"):
         nan_half = record["monitors"]["tests.recipes.bad_rewards:nan_for_some"]
         assert nan_half["train_left_out"] == nan_half["eval_left_out"] == 2  # 4 samples, every other one NaN
@@ -398,6 +402,21 @@ def test_dropped_rewards_are_left_out_and_training_continues(tmp_path):
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward_mean", "loss", "grad_norm"))
         assert m["skipped_steps"] == 0
     assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    # the evaluations' means are over the finite rewards, and every record says over how many
+    for record in read_jsonl(out / "eval.jsonl"):
+        assert record["num_samples"] == record["eval_num_samples"] == 2  # 4 per prompt set, every other NaN
+        assert record["train_left_out"] == record["eval_left_out"] == 2
+        assert math.isfinite(record["eval_reward_mean"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["eval_num_samples"] == summary["final"]["eval_left_out"] == 2
+    assert ("rewards not finite, left out of the means above: 2 training-prompt samples of the base "
+            "evaluation, 2 held-out samples of the base evaluation") in res.stdout
+    # a resumed run's summary reads the base evaluation from the checkpoint: the counts come with it
+    res = run_recipe("ddpo_is.py", "--resume", str(out), "--epochs", "3", "--progress", "false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_trained"] == 3
+    assert summary["base"]["eval_num_samples"] == summary["base"]["train_left_out"] == 2
 
 
 class _PoisonFirstLoss:
