@@ -45,14 +45,18 @@ class RunProgress:
 
     def log_eval(self, ev) -> None:
         if self.enabled:
+            def num(x, spec):  # None: no finite value to average
+                return "n/a" if x is None else format(x, spec)
+
             monitors = "".join(
-                f"; {name} {m['train_mean']} / {m['eval_mean']}" if m["train_mean"] is None or m["eval_mean"] is None
-                else f"; {name} {m['train_mean']:.3g} / {m['eval_mean']:.3g}"
+                f"; {name} {num(m['train_mean'], '.3g')} / {num(m['eval_mean'], '.3g')}"
                 for name, m in getattr(ev, "monitors", {}).items()
             )
+            eval_n = getattr(ev, "eval_n", None)
+            counts = f"n={ev.n}" if eval_n in (None, ev.n) else f"n={ev.n} / {eval_n}"
             self.progress.console.log(
-                f"eval after {ev.epoch} epochs: train prompts {ev.train_mean:.4g}±{ev.train_std:.3g}, "
-                f"held-out {ev.eval_mean:.4g}±{ev.eval_std:.3g} (n={ev.n}){monitors}"
+                f"eval after {ev.epoch} epochs: train prompts {num(ev.train_mean, '.4g')}±{num(ev.train_std, '.3g')}, "
+                f"held-out {num(ev.eval_mean, '.4g')}±{num(ev.eval_std, '.3g')} ({counts}){monitors}"
             )
 
     def log_alarm(self, message: str) -> None:

@@ -78,7 +78,7 @@ from ddpo_rl.objectives import loss_kwargs, make_loss
 from ddpo_rl.plotting import save_image_grid
 from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
-from ddpo_rl.rewards.transform import RewardTransform
+from ddpo_rl.rewards.transform import RewardError, RewardTransform
 from ddpo_rl.sampling import make_sampler
 from ddpo_rl.schedules import is_flow_matching_scheduler
 from ddpo_rl.threads import ThreadGovernor
@@ -624,11 +624,11 @@ class DDPORecipe:
         for name, env in self.eval_envs.items():
             n_batches = math.ceil(cfg.eval_num_samples / cfg.sample_batch_size)
             traj = self._fixed_seed_rollout(env, n_batches, cfg.seed + EVAL_SEED_OFFSET)
-            r = terminal_rewards(traj)
-            r = r[torch.isfinite(r)]  # NaN where dropped (--on-invalid-reward drop)
-            stats[name] = (r.mean().item(), r.std(unbiased=False).item(), r.numel())
-            if r.numel() < traj.shape[0]:  # the mean and std are over the others: the record says so
-                dropped[f"{name}_left_out"] = traj.shape[0] - r.numel()
+            r = terminal_rewards(traj)  # NaN where dropped (--on-invalid-reward drop)
+            kept = int(torch.isfinite(r).sum())  # once per evaluation, not in a hot loop
+            stats[name] = (*summarize(r), kept)  # None (null) when no reward was finite
+            if kept < r.numel():  # the mean and std are over the others: the record says so
+                dropped[f"{name}_left_out"] = r.numel() - kept
             for monitor, values in self._monitor_values(env, traj).items():
                 monitors[monitor][f"{name}_mean"], monitors[monitor][f"{name}_std"] = summarize(values)
                 left_out = int((~torch.isfinite(values)).sum())  # once per evaluation, not in a hot loop
@@ -859,6 +859,11 @@ class DDPORecipe:
         with self._checkpoint_on_failure(epoch, f"the update of epoch {epoch + 1} failed", rewind, rng=start):
             local = terminal_rewards(traj)
             rewards = distributed.all_gather_cat(local)
+            if not bool(torch.isfinite(rewards).any()):  # every rank sees the same: all stop alike
+                raise RewardError(
+                    f"reward {self.cfg.reward}: not one of the {rewards.numel()} samples of epoch {epoch + 1} had a "
+                    "finite reward (--on-invalid-reward drop left them all out): nothing to train on"
+                )
             prompts = self.env.base_env.prompts_of(distributed.all_gather_cat(traj[KEYS.prompt_id][:, 0]))
             adv = compute_advantages(rewards, prompts, self.tracker, clip=cfg.adv_clip_max, group_size=cfg.group_size)
             n = local.numel()

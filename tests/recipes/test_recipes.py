@@ -419,6 +419,25 @@ def test_dropped_rewards_are_left_out_and_training_continues(tmp_path):
     assert summary["base"]["eval_num_samples"] == summary["base"]["train_left_out"] == 2
 
 
+def test_a_reward_never_finite_stops_the_run_with_one_line(tmp_path):
+    """--on-invalid-reward drop with every reward dropped: the evaluation records null means over 0
+    samples (valid JSON, not NaN), and the first epoch stops with one line instead of "training" on
+    nothing and reporting a finished run."""
+    out = tmp_path / "run"
+    res = run_recipe(
+        "ddpo_is.py", "--preset", "tiny", "--epochs", "2", "--output-dir", str(out), "--progress", "false",
+        "--reward", "tests.recipes.bad_rewards:inf_for_all", "--on-invalid-reward", "drop",
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not one of the 4 samples of epoch 1 had a finite reward" in errors[0]
+    assert "Traceback" not in res.stderr
+    (base,) = [json.loads(line, parse_constant=pytest.fail) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert base["train_prompts_reward_mean"] is None and base["eval_reward_std"] is None
+    assert base["num_samples"] == 0 and base["train_left_out"] == base["eval_left_out"] == 4
+    assert not (out / "metrics.jsonl").exists() and not (out / "summary.json").exists()
+
+
 class _PoisonFirstLoss:
     """Wraps a loss module: the first forward's loss is NaN (then the real loss)."""
 
