@@ -189,6 +189,30 @@ class DDPOTrainer:
             else:  # the step initialised this state: back to uninitialised
                 self.optimizer.state.pop(p, None)
 
+    def state_bytes(self) -> int:
+        """The bytes of the trainable weights and the optimizer state: what :meth:`state_snapshot` copies."""
+        params = self._stepped_params()
+        tensors = params + [v for p in params for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def state_snapshot(self) -> dict:
+        """A copy of everything :meth:`train` changes (the trainable weights, the optimizer's per-parameter
+        state, the fp16 loss scale, the step counters), for :meth:`restore_state`. Held on the weights'
+        device, it costs :meth:`state_bytes` again. Reads the loss scale (one host sync with fp16):
+        call it between epochs, not in the loop."""
+        weights, state = self._snapshot()
+        scaler = copy.deepcopy(self.grad_scaler.state_dict()) if self.grad_scaler is not None else None
+        return {"weights": weights, "state": state, "grad_scaler": scaler,
+                "skipped_steps": self.skipped_steps, "steps_begun": self.steps_begun}
+
+    def restore_state(self, snapshot: dict) -> None:
+        """Put back what :meth:`state_snapshot` copied: the trainer is as it was then (gradients cleared)."""
+        self._restore((snapshot["weights"], snapshot["state"]))
+        if self.grad_scaler is not None and snapshot["grad_scaler"]:
+            self.grad_scaler.load_state_dict(snapshot["grad_scaler"])
+        self.skipped_steps, self.steps_begun = snapshot["skipped_steps"], snapshot["steps_begun"]
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _weights_finite(self) -> torch.Tensor:
         """0-dim bool tensor: every trainable weight is finite (no host sync)."""
         norms = torch._foreach_norm([p.detach() for p in self._stepped_params()], ord=float("inf"))

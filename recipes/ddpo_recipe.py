@@ -17,8 +17,9 @@ epoch:
    one that is not (and stop there with ``stop_on_monitor_drop``);
 6. every ``save_every`` epochs (and at the end, and on SIGINT/SIGTERM): write a checkpoint, then
    move the best weights it covers into best/ (:meth:`DDPORecipe._settle_best`). An error while
-   an epoch samples, or updates before its first optimizer step, writes the checkpoint of the epoch before
-   first (:meth:`DDPORecipe._sample_epoch`, :meth:`DDPORecipe._update_epoch`); an
+   an epoch samples or updates writes the checkpoint of the epoch before first
+   (:meth:`DDPORecipe._sample_epoch`, :meth:`DDPORecipe._update_epoch`; after the update's first
+   optimizer step only when a copy of the weights was small enough to keep); an
    error while an epoch is evaluated writes that epoch's checkpoint with the evaluation pending, which a
    resumed run does first (:meth:`DDPORecipe._evaluate_epoch`). A run
    stopped by a signal before its last epoch writes no final/, and its summary.json says
@@ -91,6 +92,11 @@ CHECKPOINT_KIND = "ddpo"
 BEST_PENDING = os.path.join("checkpoints", "best.pending")
 """Where the weights of a new best evaluation wait for the next checkpoint before they replace best/
 (:meth:`DDPORecipe._settle_best`)."""
+UPDATE_SNAPSHOT_MAX_BYTES = 1 << 30
+"""An epoch's update keeps a copy of the trainable weights and the optimizer state (on their device) when
+they take at most this many bytes, so that a failure halfway through the update still writes the
+checkpoint of the epoch before (:meth:`DDPORecipe._update_epoch`): the digits models (10 MB with AdamW's
+state), LoRA on SD (a few MB); not SD 1.5's full UNet (10 GB)."""
 GRID_NAME = re.compile(r"epoch_(\d+)\.png")
 """The name of an evaluation's sample grid in samples/ (``epoch_NNNN.png``)."""
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "samples", "checkpoints", "final", "best", "logs",
@@ -843,18 +849,28 @@ class DDPORecipe:
         fails before the epoch's first optimizer step (an out-of-memory error in the first forward or
         backward, say), the weights and optimizer are still as epoch ``epoch`` left them and the
         per-prompt statistics are put back, so the checkpoint of ``epoch`` is written as for a failed
-        sampling; after that step the weights are half-updated and the last checkpoint stays the one to
-        resume from (it says which)."""
+        sampling. A failure after that step (memory running out later in the update) finds the weights
+        half-updated: they and the optimizer state are put back from a copy made before the update
+        (:meth:`~ddpo_rl.trainer.DDPOTrainer.state_snapshot`, kept when it is at most
+        :data:`UPDATE_SNAPSHOT_MAX_BYTES`: LoRA, the digits models; not SD's full UNet), and the
+        checkpoint of ``epoch`` is written all the same; without a copy the last checkpoint stays the one
+        to resume from (the note says which)."""
         cfg = self.cfg
         steps = self.trainer.steps_begun
-        tracker = self.tracker.state_dict() if start is not None and self.tracker is not None else None
+        keep = start is not None and epoch > self._checkpointed_epoch  # a failure would write a checkpoint
+        tracker = self.tracker.state_dict() if keep and self.tracker is not None else None
+        size = self.trainer.state_bytes()
+        snapshot = self.trainer.state_snapshot() if keep and size <= UPDATE_SNAPSHOT_MAX_BYTES else None
 
-        def rewind() -> bool:  # the statistics back to those of ``epoch``; False once the weights changed
+        def rewind() -> str | None:  # the state back to that of ``epoch``; else why not
             if self.trainer.steps_begun != steps:
-                return False
+                if snapshot is None:
+                    return (f"the weights half-updated, and no copy of them kept: with the optimizer state "
+                            f"{size / 2**30:.1f} GiB, over {UPDATE_SNAPSHOT_MAX_BYTES / 2**30:g} GiB")
+                self.trainer.restore_state(snapshot)
             if tracker is not None:
                 self.tracker.load_state_dict(tracker)
-            return True
+            return None
 
         with self._checkpoint_on_failure(epoch, f"the update of epoch {epoch + 1} failed", rewind, rng=start):
             local = terminal_rewards(traj)
@@ -878,19 +894,20 @@ class DDPORecipe:
     def _checkpoint_on_failure(self, epoch: int, what: str, rewind=None, **state):
         """When the block raises, write the checkpoint of ``epoch`` (with ``state``: :meth:`save_checkpoint`'s
         arguments) and say so, then let the error go on; a failure to write it does not hide that error.
-        ``rewind``: called on failure, puts back what the block changed of the run's state and says whether
-        that state is now that of ``epoch`` again (if not, nothing is written, and the note names the
-        checkpoint to resume from). One process only (with torchrun the
+        ``rewind``: called on failure, puts back what the block changed of the run's state so that it is
+        that of ``epoch`` again, and returns None; or says why it cannot (then nothing is written, and the
+        note names the checkpoint to resume from). One process only (with torchrun the
         other ranks may be inside a collective); nothing when ``epoch`` is checkpointed already (a resumed
         run that fails again at the same place)."""
         try:
             yield
         except Exception:
             if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
-                if rewind is not None and not rewind():
+                why = rewind() if rewind is not None else None
+                if why is not None:
                     last = (f"that of epoch {self._checkpointed_epoch} (resume with --resume {self.out})"
                             if self._checkpointed_epoch else "none: start again")
-                    print(f"note: {what} after its first optimizer step (the weights half-updated); the last "
+                    print(f"note: {what} after its first optimizer step ({why}); the last "
                           f"checkpoint is {last}", file=sys.stderr, flush=True)
                     raise
                 try:

@@ -96,3 +96,31 @@ def test_steps_begun_counts_every_optimizer_step_before_it_changes_the_weights()
     with pytest.raises(torch.OutOfMemoryError):
         trainer.train(_batch(2))
     assert trainer.steps_begun == 5 and torch.equal(loss.w.detach(), w)
+
+
+@pytest.mark.parametrize("first_update", [True, False])
+def test_a_state_snapshot_puts_the_trainer_back_as_it_was(first_update):
+    """What the recipe keeps across an epoch's update: restored after some steps, the weights, the optimizer
+    state (uninitialised again before the first update), the counters and the next update equal those of
+    a trainer that never took the steps."""
+    def made():
+        loss, opt, trainer, _ = _trainer(1e-2, minibatch_size=2)
+        if not first_update:
+            trainer.train(_batch(0))
+        return loss, opt, trainer
+
+    loss, opt, trainer = made()
+    assert trainer.state_bytes() == (3 if first_update else 3 + 3 + 3 + 1) * 4  # w; then Adam's two moments and step
+    snapshot = trainer.state_snapshot()
+    trainer.train(_batch(1))
+    assert trainer.steps_begun == (4 if not first_update else 2)
+    trainer.restore_state(snapshot)
+    other_loss, other_opt, other = made()
+    assert torch.equal(loss.w.detach(), other_loss.w.detach()) and loss.w.grad is None
+    assert trainer.steps_begun == other.steps_begun and trainer.skipped_steps == other.skipped_steps
+    assert opt.state[loss.w].keys() == other_opt.state[other_loss.w].keys()
+    for k, v in opt.state[loss.w].items():
+        assert torch.equal(v, other_opt.state[other_loss.w][k])
+    trainer.generator.manual_seed(5), other.generator.manual_seed(5)
+    trainer.train(_batch(2)), other.train(_batch(2))
+    assert torch.equal(loss.w.detach(), other_loss.w.detach())

@@ -257,8 +257,11 @@ def test_an_update_that_fails_before_its_first_step_keeps_the_epochs_since_the_l
     10 epochs) before any optimizer step: the weights are still those of epoch 3, the per-prompt
     statistics are put back, and the checkpoint of epoch 3 is written with the random state epoch 4
     started from; --resume then ends exactly as the run that never failed. Failing after the first
-    optimizer step writes nothing (the weights are half-updated) and names the checkpoint to resume from."""
+    optimizer step does the same from the copy of the weights and optimizer state kept for the update;
+    without that copy (state too large to keep) it writes nothing (the weights are half-updated) and
+    names the checkpoint to resume from."""
     from ddpo_rl.trainer import DDPOTrainer
+    from recipes import ddpo_recipe
     from recipes.ddpo_recipe import main
 
     # per-prompt statistics from the second sample of a prompt on: the failed epoch's rewards must not stay in them
@@ -306,8 +309,22 @@ def test_an_update_that_fails_before_its_first_step_keeps_the_epochs_since_the_l
     with pytest.raises(torch.OutOfMemoryError):
         main([*common, "--save-every", "2", "--output-dir", str(tmp_path / "late")])
     err = capsys.readouterr().err
-    assert "the update of epoch 4 failed after its first optimizer step" in err and "the last checkpoint is that of epoch 2" in err
-    assert torch.load(tmp_path / "late" / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert "the update of epoch 4 failed; the checkpoint of epoch 3 is saved" in err
+    assert torch.load(tmp_path / "late" / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    monkeypatch.setattr(DDPOTrainer, "_optimizer_step", real_step)
+    main(["--resume", str(tmp_path / "late"), "--progress", "false"])
+    assert_same_run(tmp_path / "full", tmp_path / "late", 6)
+
+    # the same failure with no copy kept (the weights and optimizer state over the limit): nothing written
+    calls["step"] = 0
+    monkeypatch.setattr(DDPOTrainer, "_optimizer_step", failing_step)
+    monkeypatch.setattr(ddpo_recipe, "UPDATE_SNAPSHOT_MAX_BYTES", 1000)
+    with pytest.raises(torch.OutOfMemoryError):
+        main([*common, "--save-every", "2", "--output-dir", str(tmp_path / "large")])
+    err = capsys.readouterr().err
+    assert "the update of epoch 4 failed after its first optimizer step (the weights half-updated, and no copy" in err
+    assert "GiB); the last checkpoint is that of epoch 2" in err
+    assert torch.load(tmp_path / "large" / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
 
 def test_the_fp16_loss_scale_is_part_of_the_checkpoint(tmp_path):
