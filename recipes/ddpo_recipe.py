@@ -477,9 +477,11 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     # state
     # ------------------------------------------------------------------------------------------
-    def state_dict(self, epoch: int, rng: dict | None = None, pending_evaluation: dict | None = None) -> dict:
-        """What a checkpoint holds; ``rng``: this process's random state to record instead of the current
-        one (a checkpoint written after a failed epoch records the state that epoch started from);
+    def state_dict(self, epoch: int, rng: list | None = None, pending_evaluation: dict | None = None) -> dict:
+        """What a checkpoint holds; ``rng``: every process's random state, gathered before, to record
+        instead of the current ones (a checkpoint written after a failed epoch records the states that
+        epoch started from; no collective then, so that the one process writing it need not wait for
+        the others); 
         ``pending_evaluation``: the metrics record of ``epoch`` when its evaluation failed (the resumed
         run evaluates ``epoch`` first, then writes that record)."""
         trainable = {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
@@ -489,7 +491,7 @@ class DDPORecipe:
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
             "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-            "rng": distributed.all_gather_objects(rng or rng_state(self.env.base_env._rng, self.train_rng)),
+            "rng": rng if rng is not None else self._gather_rng_states(),
             "eval_history": [e.as_dict() for e in self.eval_history],
             "skipped_steps": self.trainer.skipped_steps,
             # fp16's loss scale as training left it (a resumed run starting from the initial scale would
@@ -562,8 +564,12 @@ class DDPORecipe:
             if match and int(match.group(1)) > epoch:
                 os.remove(os.path.join(samples, name))
 
-    def save_checkpoint(self, epoch: int, rng: dict | None = None, pending_evaluation: dict | None = None) -> str | None:
-        state = self.state_dict(epoch, rng, pending_evaluation)  # collective (gathers every rank's RNG state)
+    def _gather_rng_states(self) -> list[dict]:
+        """Every process's random state (the sampler's and the trainer's), in rank order: a collective."""
+        return distributed.all_gather_objects(rng_state(self.env.base_env._rng, self.train_rng))
+
+    def save_checkpoint(self, epoch: int, rng: list | None = None, pending_evaluation: dict | None = None) -> str | None:
+        state = self.state_dict(epoch, rng, pending_evaluation)  # a collective unless ``rng`` is given
         if not self.is_main:
             return None
         self._checkpointed_epoch = epoch
@@ -730,18 +736,20 @@ class DDPORecipe:
             # and the others wait for it forever.
             stop = distributed.any_true(self._stop_requested)
             monitor_stop = False
+            # every process's random state at the start of the next epoch (a few kB each, host-side; one
+            # gather an epoch; an evaluation leaves them as they are): a checkpoint written when that epoch
+            # fails, or when the evaluation of the one before fails, records them, so that --resume redoes
+            # the epoch exactly, and rank 0 can write it without waiting for the other processes
+            start = self._gather_rng_states()
             if self.pending_evaluation is not None:  # the evaluation that failed before the resume
                 record, self.pending_evaluation = self.pending_evaluation, None
                 t0 = time.perf_counter() - record.pop("seconds", 0.0)
-                stop, monitor_stop = self._end_epoch(epoch, record, t0, progress, checkpoint=True)
+                stop, monitor_stop = self._end_epoch(epoch, record, t0, progress, rng=start, checkpoint=True)
             while epoch < cfg.epochs and not stop and not monitor_stop:
                 t0 = time.perf_counter()
                 # 1. sample trajectories with the current policy
                 self.policy.eval()
                 sampling_threads = self.threads.threads
-                # the random state this epoch starts from (one process: a checkpoint written when the
-                # epoch fails records it, so that --resume redoes the epoch exactly; host-side, a few kB)
-                start = rng_state(self.env.base_env._rng, self.train_rng) if self.dist.world_size == 1 else None
                 traj = self._sample_epoch(epoch, start)
                 t1 = time.perf_counter()
                 training_threads = self.threads.update()  # between phases: a change of load is seen within an epoch
@@ -749,6 +757,7 @@ class DDPORecipe:
                 rewards, train_metrics = self._update_epoch(epoch, traj, start)
                 t2 = time.perf_counter()
                 epoch += 1
+                start = self._gather_rng_states()
                 # 4.-6. the epoch's metrics; evaluate, log and checkpoint
                 record = {
                     "epoch": epoch,
@@ -769,7 +778,7 @@ class DDPORecipe:
                 record.update(sampling_seconds=t1 - t0, training_seconds=t2 - t1,
                               sampling_threads=sampling_threads, training_threads=training_threads)
                 self.threads.update()
-                stop, monitor_stop = self._end_epoch(epoch, record, t0, progress)
+                stop, monitor_stop = self._end_epoch(epoch, record, t0, progress, rng=start)
         self.last_epoch = epoch
         self._stop_requested = stop  # the agreed flag: every rank takes the same exit path
         if not self.is_main:
@@ -784,15 +793,16 @@ class DDPORecipe:
         print("\n".join(format_summary(summary, self.out)), flush=True)
         return summary
 
-    def _end_epoch(self, epoch: int, record: dict, t0: float, progress, checkpoint: bool = False) -> tuple[bool, bool]:
+    def _end_epoch(self, epoch: int, record: dict, t0: float, progress, rng: list, checkpoint: bool = False) -> tuple[bool, bool]:
         """Steps 5, 4 and 6 of ``epoch``, whose update is done and whose metrics are in ``record``:
         evaluate (on its cadence), write the metrics line, checkpoint (on its cadence, on a stop, or when
-        ``checkpoint``). Returns the stop flags agreed by every rank: (a signal, the monitor alarm with
+        ``checkpoint``); ``rng``: every process's random state now (:meth:`_gather_rng_states`), for
+        the checkpoints. Returns the stop flags agreed by every rank: (a signal, the monitor alarm with
         ``stop_on_monitor_drop``)."""
         cfg = self.cfg
         # 5. evaluate
         if self.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            ev = self._evaluate_epoch(epoch, {**record, "seconds": time.perf_counter() - t0})
+            ev = self._evaluate_epoch(epoch, {**record, "seconds": time.perf_counter() - t0}, rng)
             record.update(
                 eval_reward_mean=ev.eval_mean, eval_reward_std=ev.eval_std,
                 train_prompts_reward_mean=ev.train_mean,
@@ -816,33 +826,33 @@ class DDPORecipe:
         stop = distributed.any_true(self._stop_requested)
         monitor_stop = cfg.stop_on_monitor_drop and distributed.any_true(self.stopped_on_monitor_drop)
         if checkpoint or epoch % cfg.save_every == 0 or epoch == cfg.epochs or stop or monitor_stop:
-            self.save_checkpoint(epoch)
+            self.save_checkpoint(epoch, rng)
         if monitor_stop:
             self.stopped_on_monitor_drop = True
         return stop, monitor_stop
 
-    def _evaluate_epoch(self, epoch: int, record: dict) -> EvalResult:
+    def _evaluate_epoch(self, epoch: int, record: dict, rng: list) -> EvalResult:
         """Step 5 of ``epoch``. The evaluation calls the reward and the monitors (a server that goes
         away, a monitor that raises): when its sampling or scoring fails, the update of ``epoch`` is
         done and nothing of the evaluation is recorded yet, so the checkpoint of ``epoch`` is written
         with ``record`` (its metrics line, not yet written) as the pending evaluation before the error
         goes on (:meth:`_checkpoint_on_failure`): ``--resume`` evaluates ``epoch`` first, writes that
         line, and loses no epoch."""
-        with self._checkpoint_on_failure(epoch, f"the evaluation of epoch {epoch} failed", pending_evaluation=record):
+        with self._checkpoint_on_failure(epoch, f"the evaluation of epoch {epoch} failed", rng=rng, pending_evaluation=record):
             samples = self._evaluation_samples(epoch)
         return self._record_evaluation(*samples)
 
-    def _sample_epoch(self, epoch: int, start: dict | None):
+    def _sample_epoch(self, epoch: int, start: list):
         """Step 1 of the epoch after ``epoch``: its trajectories. Sampling calls the reward (a server
         that goes away, a reward that raises): when it fails, the weights, optimizer and statistics are
         still as epoch ``epoch`` left them, so the checkpoint of that epoch is written, with ``start``,
-        the random state this epoch started from, before the error goes on
+        every process's random state this epoch started from, before the error goes on
         (:meth:`_checkpoint_on_failure`): ``--resume`` then redoes exactly this epoch and keeps the
         epochs since the last checkpoint."""
         with self._checkpoint_on_failure(epoch, f"sampling epoch {epoch + 1} failed", rng=start):
             return self._sample(self.env, self.cfg.num_batches_per_epoch)
 
-    def _update_epoch(self, epoch: int, traj, start: dict | None):
+    def _update_epoch(self, epoch: int, traj, start: list):
         """Steps 2 and 3 of the epoch after ``epoch``: per-prompt advantages from the terminal rewards over
         every rank's samples (samples whose reward was dropped as NaN get no weight and are removed),
         then the policy-gradient update. Returns (the finite rewards, the trainer's metrics). When this
@@ -857,7 +867,7 @@ class DDPORecipe:
         to resume from (the note says which)."""
         cfg = self.cfg
         steps = self.trainer.steps_begun
-        keep = start is not None and epoch > self._checkpointed_epoch  # a failure would write a checkpoint
+        keep = self.is_main and epoch > self._checkpointed_epoch  # a failure would write a checkpoint
         tracker = self.tracker.state_dict() if keep and self.tracker is not None else None
         size = self.trainer.state_bytes()
         snapshot = self.trainer.state_snapshot() if keep and size <= UPDATE_SNAPSHOT_MAX_BYTES else None
@@ -896,13 +906,16 @@ class DDPORecipe:
         arguments) and say so, then let the error go on; a failure to write it does not hide that error.
         ``rewind``: called on failure, puts back what the block changed of the run's state so that it is
         that of ``epoch`` again, and returns None; or says why it cannot (then nothing is written, and the
-        note names the checkpoint to resume from). One process only (with torchrun the
-        other ranks may be inside a collective); nothing when ``epoch`` is checkpointed already (a resumed
-        run that fails again at the same place)."""
+        note names the checkpoint to resume from). Written by rank 0 alone, with no collective (under
+        torchrun the other ranks may be waiting inside one; every rank holds the same weights, optimizer
+        state and statistics, and ``state`` brings every rank's random state): when rank 0 fails, or
+        when another rank's failure ends rank 0's collective with an error (gloo; NCCL waits for its
+        timeout instead, and torchrun ends the run first); nothing when ``epoch`` is checkpointed
+        already (a resumed run that fails again at the same place)."""
         try:
             yield
         except Exception:
-            if self.dist.world_size == 1 and epoch > self._checkpointed_epoch:
+            if self.is_main and epoch > self._checkpointed_epoch:
                 why = rewind() if rewind is not None else None
                 if why is not None:
                     last = (f"that of epoch {self._checkpointed_epoch} (resume with --resume {self.out})"

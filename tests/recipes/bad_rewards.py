@@ -65,6 +65,25 @@ def fail_once(call: int, marker: str, resize=None):
     return fail_once_reward
 
 
+def fail_once_on_ranks(calls: dict, marker: str, resize=None):
+    """Brightness, but in the process of rank r (``RANK``, set by torchrun) the ``calls[str(r)]``-th call
+    raises, once: it then creates ``marker.r``, and no process whose marker exists raises again. Ranks
+    missing from ``calls`` never raise."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    mine, count = f"{marker}.{rank}", [0]
+
+    def fail_once_on_ranks_reward(images, prompts):
+        count[0] += 1
+        if count[0] == calls.get(rank) and not os.path.exists(mine):
+            open(mine, "w").close()
+            raise RuntimeError(f"reward server unreachable (rank {rank})")
+        return _brightness(images)
+
+    return fail_once_on_ranks_reward
+
+
 def fails_to_load(resize=None):
     """A reward whose model cannot be loaded (the run must stop before any model loads)."""
     raise OSError("weights not found: /nonexistent/monitor.safetensors")

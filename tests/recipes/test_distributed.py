@@ -149,3 +149,52 @@ def test_sigterm_on_one_rank_stops_all_ranks_and_resume_matches(tmp_path):
     for ma, mb in zip(a, b):
         for k in ("reward_mean", "reward_std", "num_samples", "loss", "grad_norm"):
             assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+
+
+FAILING = ["--preset", "tiny", "--epochs", "4", "--eval-every", "100", "--save-every", "100", "--progress", "false",
+           "--reward", "tests.recipes.bad_rewards:fail_once_on_ranks"]
+
+
+def _failing_run(out, calls: dict, marker, *extra):
+    kwargs = json.dumps({"calls": calls, "marker": str(marker)})
+    return subprocess.run(torchrun_cmd(os.path.join(ROOT, "recipes", "ddpo_is.py"), *FAILING, "--reward-kwargs", kwargs,
+                                       "--output-dir", str(out), *extra),
+                          capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def unfailing_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unfailing") / "run"
+    res = _failing_run(out, {}, out.parent / "never")
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("calls, failed", [
+    # every rank's reward raises while epoch 3 samples (rank 0 also scored the base evaluation: 3 calls)
+    ({"0": 6, "1": 3}, "sampling epoch 3 failed"),
+    # rank 1's alone: rank 0's gather of the rewards ends with an error (gloo) and it writes the checkpoint
+    ({"1": 3}, "the update of epoch 3 failed"),
+])
+def test_a_failure_under_torchrun_keeps_the_epochs_since_the_last_checkpoint(unfailing_run, tmp_path, calls, failed):
+    """With torchrun, rank 0 writes the failure checkpoint alone (every rank's random state was gathered at
+    the epoch's start, so no collective is needed): the run that failed in epoch 3, resumed, ends exactly
+    as the run that never failed, although its last regular checkpoint was none."""
+    part, marker = tmp_path / "part", tmp_path / "failed"
+    res = _failing_run(part, calls, marker)
+    assert res.returncode != 0
+    assert f"note: {failed}; the checkpoint of epoch 2 is saved" in res.stderr, res.stderr[-4000:]
+    ckpt = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and len(ckpt["rng"]) == WORLD
+
+    res = _failing_run(part, calls, marker, "--resume", str(part))  # the markers exist: no failure now
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = read_jsonl(unfailing_run / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [m["epoch"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        for k in ("reward_mean", "reward_std", "num_samples", "loss", "grad_norm"):
+            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+    wa = torch.load(unfailing_run / "checkpoints" / "checkpoint.pt", weights_only=False)["trainable"]
+    wb = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["trainable"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
