@@ -91,6 +91,15 @@ def test_ranks_sample_their_own_batches_and_share_the_statistics(two_rank_runs, 
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
 
+def assert_same_metrics(full, part, epochs: int) -> None:
+    """``part`` (stopped or failed, then resumed) logged every epoch once, with ``full``'s figures."""
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [m["epoch"] for m in b] == list(range(1, epochs + 1))
+    for ma, mb in zip(a, b):
+        for k in ("reward_mean", "reward_std", "num_samples", "loss", "grad_norm"):
+            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+
+
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the torchrun worker with RANK=rank (Linux /proc)."""
     for pid in os.listdir("/proc"):
@@ -144,11 +153,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_and_resume_matches(tmp_path):
     res = subprocess.run(torchrun_cmd(script, *common, "--output-dir", str(part), "--resume", str(part)),
                          capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
-    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [m["epoch"] for m in b] == [1, 2, 3, 4]
-    for ma, mb in zip(a, b):
-        for k in ("reward_mean", "reward_std", "num_samples", "loss", "grad_norm"):
-            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+    assert_same_metrics(full, part, 4)
 
 
 FAILING = ["--preset", "tiny", "--epochs", "4", "--eval-every", "100", "--save-every", "100", "--progress", "false",
@@ -190,11 +195,7 @@ def test_a_failure_under_torchrun_keeps_the_epochs_since_the_last_checkpoint(unf
 
     res = _failing_run(part, calls, marker, "--resume", str(part))  # the markers exist: no failure now
     assert res.returncode == 0, res.stderr[-4000:]
-    a, b = read_jsonl(unfailing_run / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [m["epoch"] for m in b] == [1, 2, 3, 4]
-    for ma, mb in zip(a, b):
-        for k in ("reward_mean", "reward_std", "num_samples", "loss", "grad_norm"):
-            assert ma[k] == pytest.approx(mb[k], rel=1e-6, abs=1e-9), (ma["epoch"], k)
+    assert_same_metrics(unfailing_run, part, 4)
     wa = torch.load(unfailing_run / "checkpoints" / "checkpoint.pt", weights_only=False)["trainable"]
     wb = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["trainable"]
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
