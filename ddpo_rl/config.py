@@ -97,7 +97,8 @@ class DDPOConfig:
     num_inference_steps: int = 10
     """T, the number of DDIM steps per sample (50 in the paper)."""
     eta: float = 1.0
-    """DDIM eta (> 0: each step is a Gaussian with a log-prob)."""
+    """DDIM eta, in (0, 1]: > 0 so that each step is a Gaussian with a log-prob; 1 (the paper's) is the
+    DDPM posterior's variance, the most a DDIM step allows."""
     guidance_scale: float = 3.0
     """Classifier-free guidance scale (5.0 in the paper; 1.0 disables it)."""
     sample_batch_size: int = 32
@@ -302,6 +303,8 @@ class DDPOConfig:
         ):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         need(self.eta > 0, "eta", f"eta={self.eta}: DDPO's log-probs need eta > 0 (the paper uses 1.0)")
+        need(self.eta <= 1, "eta", f"eta={self.eta}: DDIM's eta is at most 1 (the DDPM posterior's variance; "
+             "above it a step's noise can exceed what the schedule allows, and diffusers' step returns NaN)")
         need(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1.0 (1.0 disables guidance)")
         need(0 < self.learning_rate <= 1, "learning_rate",
              f"must be in (0, 1], got {self.learning_rate}: an AdamW step moves each weight by about the learning rate")

@@ -182,7 +182,7 @@ def ddim_step_gaussian(
     std = ddim_std_from_alpha_bars(alpha_prod_t, alpha_prod_prev, eta)
 
     # 5. mean: sqrt(alpha_bar_{t-1}) x_0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
-    direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps  # >= 0 for eta <= 1 but for round-off
     mean = alpha_prod_prev.sqrt() * pred_x0 + direction
     return mean, std
 
@@ -267,6 +267,12 @@ def check_log_prob_defined(coeffs: DDIMCoefficients, timesteps: torch.Tensor, et
         raise ValueError(
             f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-probability; "
             "DDPO needs eta > 0 (the paper uses eta=1.0)."
+        )
+    if not eta <= 1:
+        raise ValueError(
+            f"eta={eta}: DDIM's eta is at most 1 (the DDPM posterior's variance); above it a step's noise can "
+            "exceed what the schedule leaves for it (sigma_t > sqrt(1 - alpha_bar_{t-1}): diffusers' "
+            "DDIMScheduler.step returns NaN there)"
         )
     std = ddim_std(coeffs, timesteps.to(coeffs.alphas_cumprod.device), eta)
     zero = (std <= 0) | ~torch.isfinite(std)

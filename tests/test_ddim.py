@@ -92,6 +92,21 @@ def test_clear_error_when_last_std_is_zero():
         check_log_prob_defined(coeffs, ts, 1.0)
 
 
+def test_eta_above_one_is_refused_where_diffusers_step_gives_nan():
+    """eta > 1 makes sigma_t larger than sqrt(1 - alpha_bar_{t-1}) at some step (here the step to the clean
+    level at 1.05): diffusers' step returns NaN there, so the policy refuses such an eta up front."""
+    sched = sd_ddim_scheduler()
+    ts = inference_timesteps(sched, 10)
+    coeffs = DDIMCoefficients.from_scheduler(sched, 10)
+    sched.set_timesteps(10)
+    x, out = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    nan = [bool(sched.step(out, t, x, eta=2.0, variance_noise=torch.zeros_like(x)).prev_sample.isnan().any()) for t in sched.timesteps]
+    assert any(nan)
+    check_log_prob_defined(coeffs, ts, 1.0)  # the largest eta allowed
+    with pytest.raises(ValueError, match="eta=2.0: DDIM's eta is at most 1"):
+        check_log_prob_defined(coeffs, ts, 2.0)
+
+
 @pytest.mark.parametrize("eta", [0.0, -1.0])
 def test_clear_error_when_eta_not_positive(eta):
     sched = sd_ddim_scheduler()
