@@ -96,7 +96,7 @@ class DPPOGymConfig:
     denoising_steps: int = 5
     """K: DDIM steps per env step (the inner MDP's length)."""
     eta: float = 1.0
-    """DDIM eta (> 0: each step is a Gaussian with a log-prob)."""
+    """DDIM eta, in (0, 1] (> 0: each step is a Gaussian with a log-prob; 1 is the most DDIM allows)."""
     min_std: float = 0.1
     """Floor on each denoising step's std, in normalised action units (DPPO uses 0.1)."""
     hidden_dim: int = 128
@@ -179,6 +179,8 @@ class DPPOGymConfig:
         for name in ("eta", "min_std", "bc_lr", "actor_lr", "critic_lr", "clip_epsilon", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.eta > 1:
+            raise ConfigError(f"eta: DDIM's eta is at most 1 (the DDPM posterior's variance), got {self.eta}")
         self.check_env()
 
     def check_env(self) -> None:

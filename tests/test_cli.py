@@ -107,7 +107,7 @@ def test_dppo_command_line(capsys):
 
     cfg = parse_args(["--env", "MountainCarContinuous-v0", "--ratio", "chain", "--progress", "false"])
     assert (cfg.env, cfg.ratio, cfg.progress) == ("MountainCarContinuous-v0", "chain", False)
-    for argv, start in [(["--ratio", "joint"], "error: ratio: "), (["--epochs", "0"], "error: epochs: "),
+    for argv, start in [(["--ratio", "joint"], "error: ratio: "), (["--epochs", "0"], "error: epochs: "), (["--eta", "1.5"], "error: eta: "),
                         (["--epoch", "3"], "error: epoch: unknown config field; did you mean epochs?")]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
