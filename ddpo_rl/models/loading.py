@@ -99,6 +99,12 @@ def check_model_reference(name: str) -> None:
         return
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
         return  # a pipeline directory: its family (SD or SD3) and components are checked when loaded
+    if not os.path.isdir(path):  # whichever family was meant, the message names them all
+        raise PretrainedWeightsNotFoundError(
+            f"model: '{path}' is not a directory; pass one of {list(EMBEDDED_MODELS)}, a directory saved by "
+            "recipes/pretrain_digits.py or recipes/pretrain_flow_digits.py (--out), a diffusers pipeline "
+            "directory (Stable Diffusion 1.x or 3.x, save_pretrained or `hf download`), or a hub id"
+        )
     try:
         check_pipeline_dir(path)
     except PretrainedWeightsNotFoundError as err:

@@ -73,3 +73,13 @@ def test_a_saved_directory_gets_its_familys_defaults(saved, family):
     cfg = preset_config("digits", model=path, reward="digit_alignment")
     assert cfg.reward_kwargs == {} and cfg.monitor_rewards == ["sample_diversity", "digit_realism"]
     assert preset_config("digits", model="some/sd-hub-id").reward_kwargs == {"resize": 512}
+
+
+def test_a_missing_directory_is_refused_naming_every_kind_of_model(tmp_path):
+    """A path that does not exist could have meant a saved digits model as well as an SD pipeline: the
+    one-line error names the field and every kind of model --model takes, not only Stable Diffusion."""
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(PretrainedWeightsNotFoundError, match=f"^model: '{missing}' is not a directory; ") as info:
+        check_model_reference(missing)
+    msg = str(info.value)
+    assert "digits" in msg and "pretrain_digits.py" in msg and "Stable Diffusion" in msg and "\n" not in msg
