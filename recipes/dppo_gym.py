@@ -179,6 +179,9 @@ class DPPOGymConfig:
         for name in ("eta", "min_std", "bc_lr", "actor_lr", "critic_lr", "clip_epsilon", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("seed", "eval_seed"):  # gymnasium's and torch's seeds
+            if not 0 <= getattr(self, name) < 2**63:
+                raise ConfigError(f"{name}: must be in [0, 2**63), got {getattr(self, name)}")
         if self.eta > 1:
             raise ConfigError(f"eta: DDIM's eta is at most 1 (the DDPM posterior's variance), got {self.eta}")
         self.check_env()

@@ -108,6 +108,7 @@ def test_dppo_command_line(capsys):
     cfg = parse_args(["--env", "MountainCarContinuous-v0", "--ratio", "chain", "--progress", "false"])
     assert (cfg.env, cfg.ratio, cfg.progress) == ("MountainCarContinuous-v0", "chain", False)
     for argv, start in [(["--ratio", "joint"], "error: ratio: "), (["--epochs", "0"], "error: epochs: "), (["--eta", "1.5"], "error: eta: "),
+                        (["--seed", "-1"], "error: seed: "),
                         (["--epoch", "3"], "error: epoch: unknown config field; did you mean epochs?")]:
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -41,6 +41,7 @@ def test_recipe_default_algorithm_is_overridable():
         (["--sample-batch-size", "-1"], "sample_batch_size"),
         (["--eta", "0"], "eta"),
         (["--eta", "1.5"], "eta"),
+        (["--seed", "-1"], "seed"),
         (["--minibatch-size", "5"], "minibatch_size"),
         (["--algorithm", "ppo"], "algorithm"),
         (["--use-lora", "maybe"], "use_lora"),
