@@ -179,7 +179,8 @@ class DDPOConfig:
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
-    """Gradient-norm clipping before each optimizer step."""
+    """Clip the gradient's norm to this before each optimizer step; 0 turns clipping off (as in
+    transformers' Trainer)."""
     minibatch_size: int = 32
     """Trajectories per training forward pass."""
     gradient_accumulation_steps: int = 1
@@ -307,6 +308,7 @@ class DDPOConfig:
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         # torch's generators take 0 .. 2**64 - 1, and the evaluations seed seed + a few million
         need(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+        need(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         need(self.eta > 0, "eta", f"eta={self.eta}: DDPO's log-probs need eta > 0 (the paper uses 1.0)")
         need(self.eta <= 1, "eta", f"eta={self.eta}: DDIM's eta is at most 1 (the DDPM posterior's variance; "
              "above it a step's noise can exceed what the schedule allows, and diffusers' step returns NaN)")

@@ -61,7 +61,7 @@ class TrainConfig:
     """The steps that can be trained on (None: all T): the flow policy's SDE window
     (``FlowMatchingPolicy.trained_steps``); ``timestep_fraction`` then applies within them."""
     max_grad_norm: float | None = 1.0
-    """Gradient-norm clipping before each optimizer step (None disables)."""
+    """Gradient-norm clipping before each optimizer step (> 0; None disables)."""
     skip_nonfinite: bool = True
     """Undo (and count) an optimizer step whose loss, gradient norm or updated weights are NaN/inf."""
 
@@ -71,6 +71,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:  # 0 would zero every gradient
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive; None for no clipping")
         if self.step_indices is not None and not len(self.step_indices):
             raise ValueError("step_indices: empty; None trains on every step")
         if num_trajectories is not None and num_trajectories < 0:

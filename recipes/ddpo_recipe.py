@@ -365,7 +365,7 @@ class DDPORecipe:
                 minibatch_size=cfg.minibatch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                 timestep_fraction=cfg.timestep_fraction,
-                max_grad_norm=cfg.max_grad_norm,
+                max_grad_norm=cfg.max_grad_norm or None,  # 0: no clipping
                 step_indices=getattr(self.policy, "trained_steps", None),  # the flow policy's SDE window
             ),
             params=self.params,

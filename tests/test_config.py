@@ -42,6 +42,7 @@ def test_recipe_default_algorithm_is_overridable():
         (["--eta", "0"], "eta"),
         (["--eta", "1.5"], "eta"),
         (["--seed", "-1"], "seed"),
+        (["--max-grad-norm", "-1"], "max_grad_norm"),
         (["--minibatch-size", "5"], "minibatch_size"),
         (["--algorithm", "ppo"], "algorithm"),
         (["--use-lora", "maybe"], "use_lora"),

@@ -124,3 +124,29 @@ def test_a_state_snapshot_puts_the_trainer_back_as_it_was(first_update):
     trainer.generator.manual_seed(5), other.generator.manual_seed(5)
     trainer.train(_batch(2)), other.train(_batch(2))
     assert torch.equal(loss.w.detach(), other_loss.w.detach())
+
+
+def test_no_clipping_is_none_and_a_zero_norm_is_refused():
+    """clip_grad_norm_ to 0 zeroes every gradient (a run that trains nothing): the trainer refuses it, and
+    the recipes' max_grad_norm 0 means no clipping (None here), as in transformers' Trainer."""
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        TrainConfig(max_grad_norm=0).validate()
+    loss = LinearLoss()
+    trainer = DDPOTrainer(loss, torch.optim.SGD(loss.parameters(), lr=1.0), TrainConfig(minibatch_size=4, max_grad_norm=None))
+    w, batch = loss.w.detach().clone(), _batch(0)
+    batch[KEYS.advantage] *= 10
+    metrics = trainer.train(batch)
+    assert metrics["grad_norm"] > 1  # the default clip (1.0) would have cut it
+    torch.testing.assert_close((w - loss.w.detach()).norm(), metrics["grad_norm"])  # SGD, lr 1: the whole gradient
+
+
+def test_the_recipes_max_grad_norm_zero_turns_clipping_off(tmp_path):
+    from ddpo_rl.config import parse_cli
+    from recipes.ddpo_recipe import DDPORecipe
+
+    recipe = DDPORecipe(parse_cli(["--preset", "tiny", "--max-grad-norm", "0", "--output-dir", str(tmp_path / "run"),
+                                   "--progress", "false"])).setup()
+    try:
+        assert recipe.trainer.config.max_grad_norm is None
+    finally:
+        recipe.cleanup()
