@@ -315,6 +315,16 @@ class DDPOConfig:
         need(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1.0 (1.0 disables guidance)")
         need(0 < self.learning_rate <= 1, "learning_rate",
              f"must be in (0, 1], got {self.learning_rate}: an AdamW step moves each weight by about the learning rate")
+        for name in ("adam_beta1", "adam_beta2"):
+            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need(self.adam_epsilon > 0, "adam_epsilon", f"must be positive, got {self.adam_epsilon}")
+        need(self.adam_weight_decay >= 0, "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
+        need(self.rwr_temperature > 0, "rwr_temperature", f"must be positive, got {self.rwr_temperature}")
+        need(0 <= self.rwr_quantile < 1, "rwr_quantile", f"must be in [0, 1), got {self.rwr_quantile}")
+        need(not self.per_prompt_stat_tracking or self.group_size not in (None, 0, 1)
+             or self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
+             f"{self.stat_min_count} is more than stat_buffer_size {self.stat_buffer_size}: a prompt's buffer "
+             "would never hold enough rewards, and every advantage would use the batch statistics")
         need(self.clip_epsilon > 0, "clip_epsilon", "must be positive")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
