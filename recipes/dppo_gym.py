@@ -184,6 +184,17 @@ class DPPOGymConfig:
                 raise ConfigError(f"{name}: must be in [0, 2**63), got {getattr(self, name)}")
         if self.eta > 1:
             raise ConfigError(f"eta: DDIM's eta is at most 1 (the DDPM posterior's variance), got {self.eta}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        for name in ("reward_scale", "critic_coeff", "demo_gain"):  # 0 would train nothing (or on no expert)
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.demo_noise < 0:
+            raise ConfigError(f"demo_noise: must be >= 0 (a standard deviation), got {self.demo_noise}")
+        if self.denoising_steps > self.num_train_timesteps:
+            raise ConfigError(f"denoising_steps: {self.denoising_steps} DDIM steps need at least as many training "
+                              f"timesteps, got num_train_timesteps {self.num_train_timesteps}")
         self.check_env()
 
     def check_env(self) -> None:

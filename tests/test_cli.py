@@ -108,7 +108,9 @@ def test_dppo_command_line(capsys):
     cfg = parse_args(["--env", "MountainCarContinuous-v0", "--ratio", "chain", "--progress", "false"])
     assert (cfg.env, cfg.ratio, cfg.progress) == ("MountainCarContinuous-v0", "chain", False)
     for argv, start in [(["--ratio", "joint"], "error: ratio: "), (["--epochs", "0"], "error: epochs: "), (["--eta", "1.5"], "error: eta: "),
-                        (["--seed", "-1"], "error: seed: "),
+                        (["--seed", "-1"], "error: seed: "), (["--gamma", "1.5"], "error: gamma: "),
+                        (["--critic-coeff", "-1"], "error: critic_coeff: "), (["--demo-noise", "-1"], "error: demo_noise: "),
+                        (["--denoising-steps", "200"], "error: denoising_steps: "),
                         (["--epoch", "3"], "error: epoch: unknown config field; did you mean epochs?")]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
