@@ -232,10 +232,10 @@ def _kill_at_checkpoint(recipe_cls, monkeypatch, epoch):
     """Make the checkpoint of ``epoch`` fail as a SIGKILL before it would (nothing after it runs)."""
     real = recipe_cls.save_checkpoint
 
-    def save(self, e):
+    def save(self, e, *args, **kwargs):
         if e == epoch:
             raise KeyboardInterrupt(f"killed before the checkpoint of epoch {e}")
-        return real(self, e)
+        return real(self, e, *args, **kwargs)
 
     monkeypatch.setattr(recipe_cls, "save_checkpoint", save)
 
