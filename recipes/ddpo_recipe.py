@@ -481,7 +481,7 @@ class DDPORecipe:
         """What a checkpoint holds; ``rng``: every process's random state, gathered before, to record
         instead of the current ones (a checkpoint written after a failed epoch records the states that
         epoch started from; no collective then, so that the one process writing it need not wait for
-        the others); 
+        the others);
         ``pending_evaluation``: the metrics record of ``epoch`` when its evaluation failed (the resumed
         run evaluates ``epoch`` first, then writes that record)."""
         trainable = {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
