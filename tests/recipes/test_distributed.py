@@ -199,3 +199,26 @@ def test_a_failure_under_torchrun_keeps_the_epochs_since_the_last_checkpoint(unf
     wa = torch.load(unfailing_run / "checkpoints" / "checkpoint.pt", weights_only=False)["trainable"]
     wb = torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["trainable"]
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+@pytest.mark.slow
+def test_an_evaluation_failing_under_torchrun_is_done_first_on_resume(unfailing_run, tmp_path):
+    """Rank 0 alone evaluates: a monitor failing in the evaluation of epoch 2 (its 3rd call: the base
+    evaluation scored two prompt sets) writes the checkpoint of epoch 2 with that evaluation pending while
+    rank 1 waits in a collective; the resumed run evaluates epoch 2 first and trains as the run that never
+    failed (evaluations do not touch the training's random streams)."""
+    part, marker = tmp_path / "part", tmp_path / "failed"
+    monitor = "tests.recipes.bad_rewards:fail_once_on_ranks"
+    extra = ["--eval-every", "2", "--monitor-rewards", monitor,
+             "--monitor-reward-kwargs", json.dumps({monitor: {"calls": {"0": 3}, "marker": str(marker)}})]
+    res = _failing_run(part, {}, tmp_path / "never", *extra)
+    assert res.returncode != 0
+    assert "note: the evaluation of epoch 2 failed; the checkpoint of epoch 2 is saved and a resumed run evaluates it first" \
+        in res.stderr, res.stderr[-4000:]
+    assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["pending_evaluation"]["epoch"] == 2
+
+    res = subprocess.run(torchrun_cmd(os.path.join(ROOT, "recipes", "ddpo_is.py"), "--resume", str(part), "--progress", "false"),
+                         capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert [e["epoch"] for e in read_jsonl(part / "eval.jsonl")] == [0, 2, 4]
+    assert_same_metrics(unfailing_run, part, 4)
