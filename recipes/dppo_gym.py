@@ -22,14 +22,19 @@ return before/after fine-tuning), returns.png,
 bc.pt (state dict after behaviour cloning) and checkpoint.pt (noise model, critic, optimizer;
 checksummed, see ddpo_rl.checkpoint). The directory is guarded like the DDPO recipes' (ddpo_rl.run_dir):
 locked while the run lives, and an earlier run in it is replaced only with ``--overwrite true``.
+SIGINT/SIGTERM (Ctrl-C): the epoch in progress finishes, then returns.png, checkpoint.pt and summary.json
+are written as at the end, summary.json saying ``"interrupted": true``, ``epochs_trained`` and the epoch
+of the last evaluation (``return_after_epoch``); a second signal stops at once. A run does not resume.
 """
 
 from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -276,7 +281,36 @@ def run(cfg: DPPOGymConfig) -> dict:
         run_dir.close()
 
 
+@contextlib.contextmanager
+def _stop_on_signal():
+    """A flag set by the first SIGINT/SIGTERM (the epoch in progress finishes, then the run stops with its
+    files written); a second one raises KeyboardInterrupt at once. Yields a dict: ``{"requested": bool}``."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread: no handler, as before
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
 def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
+    with _stop_on_signal() as stop:
+        return _run_until(cfg, run_dir, stop)
+
+
+def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -317,9 +351,12 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
         disable=not cfg.progress,
     )
     eval_env = make_control_env(cfg.env, cfg.eval_episodes, seed=cfg.eval_seed)
+    epochs_trained = 0
     with progress:
         task = progress.add_task("dppo", total=cfg.epochs, env=cfg.env, ret="-")
         for epoch in range(cfg.epochs + 1):
+            if stop["requested"] and epoch < cfg.epochs:  # SIGINT/SIGTERM: stop before the next epoch
+                break
             t_epoch = time.perf_counter()
             record: dict = {"epoch": epoch}
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
@@ -356,13 +393,16 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
             if run_logger is not None:
                 run_logger.sync()
             progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
+            epochs_trained = min(epoch + 1, cfg.epochs)
     metrics_file.close()
+    interrupted = epochs_trained < cfg.epochs
 
     evals = [r for r in history if "eval_return_mean" in r]
+    rollouts = history if interrupted else history[:-1]  # the last record of a finished run only evaluates
     save_curve_png(
         str(out / "returns.png"),
         {
-            "training rollouts": ([r["epoch"] for r in history[:-1]], [r["episode_return_mean"] for r in history[:-1]]),
+            "training rollouts": ([r["epoch"] for r in rollouts], [r["episode_return_mean"] for r in rollouts]),
             "evaluation (fixed initial states)": ([r["epoch"] for r in evals], [r["eval_return_mean"] for r in evals]),
             "scripted expert (demonstrations)": ([0, cfg.epochs], [float(expert_return)] * 2),
         },
@@ -371,7 +411,8 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
         ylabel="return",
     )
     atomic_torch_save(
-        {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict()},
+        {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
+         "epochs_trained": epochs_trained},
         str(out / "checkpoint.pt"),
         kind="dppo_gym",
     )
@@ -380,11 +421,17 @@ def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
         "expert_return_mean": float(expert_return),
         "bc_final_loss": float(bc_losses[-100:].mean()) if bc_losses.numel() else None,
         "bc_seconds": bc_seconds,
-        "return_before": evals[0]["eval_return_mean"],
-        "return_after": evals[-1]["eval_return_mean"],
+        "epochs": cfg.epochs,
+        "epochs_trained": epochs_trained,
+        # stopped by SIGINT/SIGTERM: "return_after" is then the last evaluation's, after
+        # "return_after_epoch" epochs, not the fine-tuned policy's
+        "interrupted": interrupted,
+        "return_before": evals[0]["eval_return_mean"] if evals else None,
+        "return_after": evals[-1]["eval_return_mean"] if evals else None,
+        "return_after_epoch": evals[-1]["epoch"] if evals else None,
         "eval_curve": [(r["epoch"], r["eval_return_mean"]) for r in evals],
         "rl_seconds": sum(r["seconds"] for r in history),
-        "env_steps": cfg.epochs * cfg.num_envs * cfg.rollout_steps,
+        "env_steps": epochs_trained * cfg.num_envs * cfg.rollout_steps,
     }
     write_json(out / "summary.json", summary)
     if run_logger is not None:
@@ -404,6 +451,9 @@ def main(argv=None) -> dict:
     with report_user_errors():
         summary = run(parse_args(argv))
     print(json.dumps(summary, indent=2))
+    if summary["interrupted"]:
+        print(f"stopped after {summary['epochs_trained']} of {summary['epochs']} epochs (interrupted); "
+              f"return_after is the evaluation after epoch {summary['return_after_epoch']}", file=sys.stderr)
     return summary
 
 

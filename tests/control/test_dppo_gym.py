@@ -81,3 +81,61 @@ def test_evaluate_is_reproducible_and_leaves_the_training_rng_alone():
     torch.randn(100)  # the global stream moves on (as training would); the evaluation does not change
     assert evaluate(env, actor, 200, cfg.eval_seed) == first
     assert evaluate(env, actor, 200, cfg.eval_seed + 1) != first
+
+
+QUICK = dict(env="Pendulum-v1", epochs=4, num_envs=2, rollout_steps=50, demo_rollouts=1, bc_steps=20,
+             minibatch_size=100, ppo_passes=1, eval_episodes=2, eval_every=1, progress=False)
+
+
+def test_a_stop_requested_before_the_first_epoch_still_writes_an_honest_summary(tmp_path):
+    """A Ctrl-C during behaviour cloning: no epoch is trained, no evaluation made; the files are written and
+    summary.json says so instead of a KeyboardInterrupt traceback and no summary."""
+    from recipes.dppo_gym import _run_until
+    from ddpo_rl.run_dir import RunDir
+    from recipes.dppo_gym import RUN_FILES
+
+    cfg = DPPOGymConfig(output_dir=str(tmp_path / "run"), **QUICK)
+    cfg.validate()
+    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
+    run_dir.open(overwrite=False)
+    try:
+        summary = _run_until(cfg, run_dir, {"requested": True})
+    finally:
+        run_dir.close()
+    assert summary["interrupted"] and summary["epochs_trained"] == 0 and summary["env_steps"] == 0
+    assert summary["return_before"] is None and summary["return_after"] is None
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "returns.png").exists()
+
+
+@pytest.mark.slow
+def test_sigint_stops_after_the_epoch_in_progress_with_its_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT, read_jsonl, subprocess_env
+
+    out = tmp_path / "run"
+    args = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in QUICK.items()]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "recipes", "dppo_gym.py"), *args, "--epochs", "50",
+                             "--output-dir", str(out)], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_jsonl(out / "metrics.jsonl")) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "(interrupted)" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert summary["interrupted"] and 2 <= summary["epochs_trained"] < 50
+    assert [m["epoch"] for m in metrics] == list(range(summary["epochs_trained"]))  # every trained epoch logged once
+    assert summary["return_after_epoch"] == summary["epochs_trained"] - 1  # eval_every 1: the last one's start
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epochs_trained"] == summary["epochs_trained"]
