@@ -79,9 +79,9 @@ class DDPOConfig:
     use_lora: bool = False
     """Train LoRA adapters on the UNet (peft) instead of all its weights."""
     lora_rank: int = 4
-    """LoRA rank r."""
+    """LoRA rank r (with use_lora; set on the command line without it, refused)."""
     lora_alpha: float = 4.0
-    """LoRA alpha (scale = alpha / r)."""
+    """LoRA alpha (scale = alpha / r; with use_lora, like lora_rank)."""
     mixed_precision: MixedPrecision = "auto"
     """"auto" (bf16 on CUDA, "no" on CPU), "no", "fp16" or "bf16": autocast of the UNet in sampling
     and training (both samplers); trainable weights and the optimizer state stay float32, and on
@@ -607,7 +607,12 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
         explicit = {**defaults, **given, **({"preset": parsed.preset} if preset_given else {})}
         return DDPOConfig.from_dict({**base, **explicit}).validate()
     preset = parsed.preset if preset_given else (script_preset or parsed.preset)
-    return preset_config(preset, **{**defaults, **given}).validate()
+    cfg = preset_config(preset, **{**defaults, **given}).validate()
+    for name in ("lora_rank", "lora_alpha"):  # given for adapters the run would not have
+        if name in given and not cfg.use_lora:
+            raise ConfigError(f"{name}: set, but use_lora is false, so the run would fine-tune every weight of the "
+                              f"network; add --use-lora true, or drop --{name.replace('_', '-')}")
+    return cfg
 
 
 def _cli_description() -> str:

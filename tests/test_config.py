@@ -50,6 +50,8 @@ def test_recipe_default_algorithm_is_overridable():
         (["--rwr-temperature", "0"], "rwr_temperature"),
         (["--rwr-quantile", "1"], "rwr_quantile"),
         (["--stat-min-count", "100", "--stat-buffer-size", "10"], "stat_min_count"),
+        (["--lora-rank", "8"], "lora_rank"),  # without --use-lora true: full fine-tuning, silently
+        (["--lora-alpha", "8", "--use-lora", "false"], "lora_alpha"),
         (["--minibatch-size", "5"], "minibatch_size"),
         (["--algorithm", "ppo"], "algorithm"),
         (["--use-lora", "maybe"], "use_lora"),
