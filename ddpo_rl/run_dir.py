@@ -24,6 +24,7 @@ The lock uses ``fcntl.flock`` (Linux, macOS; NFSv4 emulates it with byte-range l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -293,6 +294,8 @@ class RunDir:
         self.earlier_run: str | None = None
         """The earlier run that :meth:`open` was told to overwrite (:func:`describe_run`), until
         :meth:`clear_earlier_run` removes it."""
+        self.created = False
+        """Whether :meth:`open` made the directory (:meth:`close` removes it again if nothing was written)."""
 
     def open(self, resume: bool = False, overwrite: bool = False) -> RunDir:
         """Check, create and lock the directory; refuse a fresh run over an earlier one unless ``overwrite``.
@@ -304,6 +307,7 @@ class RunDir:
         if resume and not os.path.isdir(self.path):
             raise ConfigError(f"resume: {self.path} is not a run directory")
         try:
+            self.created = not os.path.lexists(self.path)
             os.makedirs(self.path, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"{self.field}: {self.path} cannot be created ({err.strerror})") from None
@@ -343,7 +347,12 @@ class RunDir:
                 os.remove(p)
 
     def close(self) -> None:
+        """Release the lock; a directory that :meth:`open` made and nothing was written into (set-up failed
+        on bad input found late, e.g. a model's own limits) is removed, so that no empty run is left."""
         self.lock.release()
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty (the run wrote its files): kept
+                os.rmdir(self.path)
 
     def write_config(self, config: dict, history: list[dict]) -> str:
         """config.json: ``config`` (what runs now) plus its ``history``, written atomically."""

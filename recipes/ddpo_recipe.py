@@ -291,6 +291,10 @@ class DDPORecipe:
         self.model = build_model(cfg.model, self.device, revision=cfg.revision, frozen_dtype=frozen_dtype)
         if self.is_main:
             distributed.barrier()
+        trained = self.model.scheduler.config.num_train_timesteps  # known once the model is loaded
+        if cfg.num_inference_steps > trained:
+            raise ConfigError(f"num_inference_steps: {cfg.num_inference_steps} is more than the {trained} timesteps "
+                              f"model {cfg.model!r} was trained with")
         unet = self.model.unet
         if cfg.use_lora:
             from ddpo_rl.lora import apply_lora

@@ -162,3 +162,22 @@ def test_prepare_output_dir_checks_what_an_atomic_save_needs(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(ConfigError, match="^out: "):
             prepare_output_dir(str(locked / "model"), "out")
+
+
+def test_a_directory_made_for_a_run_that_wrote_nothing_is_removed_on_close(tmp_path):
+    """Set-up can fail after the directory is made (a model's own limits are known once it is loaded):
+    no empty run directory is left behind. One the run wrote into, or one that was there before, stays."""
+    fresh = tmp_path / "fresh"
+    RunDir(str(fresh), ["config.json"]).open().close()
+    assert not fresh.exists()
+
+    used = tmp_path / "used"
+    run_dir = RunDir(str(used), ["config.json"]).open()
+    (used / "config.json").write_text("{}")
+    run_dir.close()
+    assert (used / "config.json").exists()
+
+    there = tmp_path / "there"
+    there.mkdir()
+    RunDir(str(there), ["config.json"]).open().close()
+    assert there.is_dir()

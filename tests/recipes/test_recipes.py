@@ -436,6 +436,17 @@ def test_dropped_rewards_are_left_out_and_training_continues(tmp_path):
     assert summary["base"]["eval_num_samples"] == summary["base"]["train_left_out"] == 2
 
 
+def test_more_steps_than_the_model_was_trained_with_is_one_line_and_leaves_no_directory(tmp_path):
+    """The model's training timesteps are known once it is loaded, after the run directory is made: the
+    error names the field, and the directory made for the run is removed again."""
+    out = tmp_path / "run"
+    res = run_recipe("ddpo_is.py", "--preset", "tiny", "--num-inference-steps", "5000", "--output-dir", str(out))
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: num_inference_steps: 5000 is more than the 1000 timesteps")
+    assert not out.exists()
+
+
 def test_a_reward_never_finite_stops_the_run_with_one_line(tmp_path):
     """--on-invalid-reward drop with every reward dropped: the evaluation records null means over 0
     samples (valid JSON, not NaN), and the first epoch stops with one line instead of "training" on
