@@ -45,8 +45,7 @@ class RunProgress:
 
     def log_eval(self, ev) -> None:
         if self.enabled:
-            def num(x, spec):  # None: no finite value to average
-                return "n/a" if x is None else format(x, spec)
+            from ddpo_rl.reporting import format_or_na as num
 
             monitors = "".join(
                 f"; {name} {num(m['train_mean'], '.3g')} / {num(m['eval_mean'], '.3g')}"

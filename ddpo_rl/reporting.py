@@ -120,7 +120,8 @@ def write_summary(
     return summary
 
 
-def _fmt(value, spec: str = ".4g") -> str:
+def format_or_na(value, spec: str = ".4g") -> str:
+    """``format(value, spec)``, or "n/a" for None (a mean with no finite value to average)."""
     return "n/a" if value is None else format(value, spec)
 
 
@@ -143,10 +144,10 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
     base, final = summary["base"], summary["final"]
     last = "final" if not summary.get("interrupted") else f"epoch {final['epoch']}"
     lines.append(
-        f"reward {summary['reward']} (base -> {last}): training prompts {_fmt(base['train_prompts_reward_mean'])} -> "
-        f"{_fmt(final['train_prompts_reward_mean'])} ({_fmt(summary['train_prompts_gain_in_base_std'], '+.2f')} base std), "
-        f"held-out {_fmt(base['eval_reward_mean'])} -> {_fmt(final['eval_reward_mean'])} "
-        f"({_fmt(summary['eval_prompts_gain_in_base_std'], '+.2f')} base std)"
+        f"reward {summary['reward']} (base -> {last}): training prompts {format_or_na(base['train_prompts_reward_mean'])} -> "
+        f"{format_or_na(final['train_prompts_reward_mean'])} ({format_or_na(summary['train_prompts_gain_in_base_std'], '+.2f')} base std), "
+        f"held-out {format_or_na(base['eval_reward_mean'])} -> {format_or_na(final['eval_reward_mean'])} "
+        f"({format_or_na(summary['eval_prompts_gain_in_base_std'], '+.2f')} base std)"
     )
     dropped = [f"{n} {label} samples of the {when} evaluation" for when, record in (("base", base), (last, final))
                for label, key in (("training-prompt", "train_left_out"), ("held-out", "eval_left_out"))
@@ -160,8 +161,8 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
             change = m["change_in_base_std"]
             beyond = tolerance is not None and change is not None and -change > tolerance
             parts.append(
-                f"{label.split()[0]} {_fmt(m['base_mean'])} -> {_fmt(m['final_mean'])} "
-                f"({_fmt(m['final_over_base'], '.2f')} x, {_fmt(change, '+.2f')} base std"
+                f"{label.split()[0]} {format_or_na(m['base_mean'])} -> {format_or_na(m['final_mean'])} "
+                f"({format_or_na(m['final_over_base'], '.2f')} x, {format_or_na(change, '+.2f')} base std"
                 + (", beyond tolerance" if beyond else "")
                 + "".join(f", {m[k]} {when} values not finite, left out" for k, when in
                           (("base_left_out", "base"), ("final_left_out", "final")) if m.get(k))
@@ -180,7 +181,7 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
     best, held = summary.get("best_epoch"), summary.get("best_weights_epoch")
     if best is not None and held == best:
         weights.append(
-            f"best/ epoch {best} ({_fmt(summary.get('best_train_prompts_gain_in_base_std'), '+.2f')} "
+            f"best/ epoch {best} ({format_or_na(summary.get('best_train_prompts_gain_in_base_std'), '+.2f')} "
             "base std, the best evaluation with its monitors within tolerance)"
         )
     elif best is not None:

@@ -873,7 +873,7 @@ class DDPORecipe:
         steps = self.trainer.steps_begun
         keep = self.is_main and epoch > self._checkpointed_epoch  # a failure would write a checkpoint
         tracker = self.tracker.state_dict() if keep and self.tracker is not None else None
-        size = self.trainer.state_bytes()
+        size = self.trainer.state_bytes() if keep else 0
         snapshot = self.trainer.state_snapshot() if keep and size <= UPDATE_SNAPSHOT_MAX_BYTES else None
 
         def rewind() -> str | None:  # the state back to that of ``epoch``; else why not
