@@ -22,11 +22,12 @@ Checkpoints have their own writer (ddpo_rl/checkpoint.py: checksummed and rotate
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from ddpo_rl.jsonl import dumps
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -72,9 +73,10 @@ def write_text(path: str | os.PathLike, text: str) -> str:
 
 
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> str:
-    """``json.dumps(obj)`` (plus a newline) to ``path`` atomically; returns ``path``. A value JSON
-    cannot encode raises before anything is written."""
-    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+    """``obj`` as standard JSON (plus a newline; a non-finite float as null, :func:`ddpo_rl.jsonl.dumps`)
+    to ``path`` atomically; returns ``path``. A value JSON cannot encode raises before anything is
+    written."""
+    return write_text(path, dumps(obj, indent=indent) + "\n")
 
 
 def save_image(image, path: str | os.PathLike) -> str:

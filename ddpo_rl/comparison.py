@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ddpo_rl.checkpoint import CHECKPOINT_NAME
 from ddpo_rl.config import ConfigError, DDPOConfig, parse_cli
-from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.jsonl import read_records
 from ddpo_rl.run_dir import describe_run
 
 # config fields that may differ between a stored run and the planned one without changing it
@@ -134,7 +134,7 @@ def aggregate(runs: list[PlannedRun]) -> dict:
     for r in runs:
         with open(os.path.join(r.out, "summary.json")) as f:
             s = json.load(f)
-        metrics = read_jsonl(os.path.join(r.out, "metrics.jsonl"))
+        metrics = read_records(os.path.join(r.out, "metrics.jsonl"))
         s["last_clip_fraction"] = metrics[-1].get("clip_fraction") if metrics else None
         by_algo.setdefault(r.algorithm, []).append(s)
     # the base model's evaluation, averaged over runs (its sampling noise depends on the seed)
@@ -187,7 +187,7 @@ def training_curves(runs: list[PlannedRun]) -> dict[str, tuple[list[float], list
     """Per algorithm: training-batch reward mean (averaged over seeds) against reward queries."""
     per_algo: dict[str, list[list[dict]]] = {}
     for r in runs:
-        per_algo.setdefault(r.algorithm, []).append(read_jsonl(os.path.join(r.out, "metrics.jsonl")))
+        per_algo.setdefault(r.algorithm, []).append(read_records(os.path.join(r.out, "metrics.jsonl")))
     curves = {}
     for algo, logs in per_algo.items():
         n = min(len(m) for m in logs)

@@ -8,27 +8,20 @@ each monitor's base and final values, the over-optimisation alarm, and the best 
 
 from __future__ import annotations
 
-import json
 import os
 
 from ddpo_rl.atomic import write_json
 from ddpo_rl.checkpoint import read_weights_info
+from ddpo_rl.jsonl import read_records
 from ddpo_rl.monitors import PROMPT_SETS, alarm_message, best_evaluation, drop_in_base_std, first_alarm
 from ddpo_rl.plotting import save_curve_png, save_curve_panels
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
 
 
 def write_reward_curve(run_dir: str, title: str = "reward", tolerance: float | None = None) -> str:
     """reward_curve.png: training-batch reward (mean ± std) per epoch, and the fixed-seed evaluations;
     with monitors, a second panel: each monitor's change from base in base-std units (and -tolerance)."""
-    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    evals = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    metrics = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    evals = read_records(os.path.join(run_dir, "eval.jsonl"))
     series = {
         "training batch": ([m["epoch"] for m in metrics], [m["reward_mean"] for m in metrics]),
         "eval: training prompts": ([e["epoch"] for e in evals], [e["train_prompts_reward_mean"] for e in evals]),

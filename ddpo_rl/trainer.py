@@ -228,7 +228,9 @@ class DDPOTrainer:
         """Train on a batch [N, T] holding the trajectory keys and ``advantage`` [N, T, 1].
 
         Returns the mean of every scalar the loss reported, plus ``grad_norm`` and
-        ``skipped_steps``, as 0-dim tensors (convert them once, outside).
+        ``skipped_steps``, as 0-dim tensors (convert them once, outside). A mean is over the forwards
+        (optimizer steps for ``grad_norm``) whose value was finite: a step undone for a NaN loss does not
+        turn the epoch's figures into NaN; NaN only when no value was finite (recorded as null).
         """
         cfg = self.config
         N, T = batch.shape[:2]
@@ -279,9 +281,18 @@ class DDPOTrainer:
             self._optimizer_step([])
         if not records:  # every sample was dropped: nothing trained on this rank
             return {"skipped_steps": torch.tensor(float(self.skipped_steps - skipped_before))}
-        metrics = torch.stack(records).apply(lambda x: x.float().mean(), batch_size=[])
+        stacked = torch.stack(records)
+        metrics = stacked.apply(_finite_mean, batch_size=[])
         result = {k: v for k, v in metrics.items() if v.dim() == 0}
-        result["loss"] = sum(v for k, v in result.items() if k.startswith("loss_"))
-        result["grad_norm"] = torch.stack(norms).float().mean()
+        total = sum(v for k, v in stacked.items() if k.startswith("loss_"))  # [forwards]
+        result["loss"] = _finite_mean(total)
+        result["grad_norm"] = _finite_mean(torch.stack(norms))
         result["skipped_steps"] = torch.tensor(float(self.skipped_steps - skipped_before))
         return result
+
+
+def _finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x``'s finite entries (NaN when there are none), without a host sync."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, torch.zeros_like(x)).sum() / finite.sum()

@@ -44,7 +44,6 @@ from __future__ import annotations
 import ddpo_rl  # noqa: F401  (first: CPU torchvision shim)
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -71,6 +70,7 @@ from ddpo_rl.checkpoint import (
 from ddpo_rl.collector import terminal_rewards, with_advantages
 from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
 from ddpo_rl.errors import failed_to_load, report_user_errors
+from ddpo_rl.jsonl import append_record
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, resume_changes
 from ddpo_rl import distributed, precision
 from ddpo_rl.keys import KEYS
@@ -668,8 +668,7 @@ class DDPORecipe:
             record["monitor_alarm"] = self.new_alarm
         if best_evaluation(history + [record], cfg.monitor_tolerance)["epoch"] == epoch:
             self.save_final_weights(BEST_PENDING, epoch)  # best/ once a checkpoint covers this epoch
-        with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(os.path.join(self.out, "eval.jsonl"), record)
         return result
 
     @torch.no_grad()
@@ -821,8 +820,7 @@ class DDPORecipe:
         # 4. log (after the evaluation, whose figures the line carries)
         record["seconds"] = time.perf_counter() - t0
         if self.is_main:
-            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(os.path.join(self.out, "metrics.jsonl"), record)
             if self.run_logger is not None:
                 self.run_logger.sync()
             progress.update(epoch, record)

@@ -48,6 +48,7 @@ from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
 from ddpo_rl.atomic import atomic_file, write_json
+from ddpo_rl.jsonl import dumps
 from ddpo_rl.checkpoint import atomic_torch_save
 from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
@@ -388,7 +389,7 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
                 record["episode_return_mean"] = record["eval_return_mean"]
             record["seconds"] = time.perf_counter() - t_epoch
             history.append(record)
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(dumps(record) + "\n")
             metrics_file.flush()
             if run_logger is not None:
                 run_logger.sync()
@@ -450,7 +451,7 @@ def main(argv=None) -> dict:
     """Command-line entry point: parse, run, and report input errors in one line (exit 2)."""
     with report_user_errors():
         summary = run(parse_args(argv))
-    print(json.dumps(summary, indent=2))
+    print(dumps(summary, indent=2))
     if summary["interrupted"]:
         print(f"stopped after {summary['epochs_trained']} of {summary['epochs']} epochs (interrupted); "
               f"return_after is the evaluation after epoch {summary['return_after_epoch']}", file=sys.stderr)

@@ -34,7 +34,7 @@ from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_mar
 from ddpo_rl.config import parse_cli
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
-from ddpo_rl.reporting import read_jsonl
+from ddpo_rl.jsonl import read_records
 from ddpo_rl.run_dir import check_directory_path, describe_run
 from ddpo_rl.run_pool import PoolRun, run_pool
 
@@ -140,8 +140,8 @@ def main(argv=None) -> dict:
     for cfg, _, _ in runs:
         summary = _finished(cfg)
         if summary is not None:
-            metrics = read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
-            evals = read_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"))
+            metrics = read_records(os.path.join(cfg.output_dir, "metrics.jsonl"))
+            evals = read_records(os.path.join(cfg.output_dir, "eval.jsonl"))
             rows.append(front_row(summary, metrics, evals, cfg.monitor_tolerance))
     have = {(r["kl_coef"], r["seed"]) for r in rows}
     rows += [r for r in included if (r["kl_coef"], r["seed"]) not in have]

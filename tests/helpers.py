@@ -70,9 +70,21 @@ def subprocess_env(**extra) -> dict:
     return {**env, **extra}
 
 
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON (a non-finite value must be written as null)")
+
+
 def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file, parsed strictly: NaN / Infinity, which Python writes and other
+    readers refuse, fail the test."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line, parse_constant=_not_json) for line in f if line.strip()]
+
+
+def read_json(path):
+    """A JSON file, parsed as strictly as :func:`read_jsonl`."""
+    with open(path) as f:
+        return json.load(f, parse_constant=_not_json)
 
 
 def build_tiny_sd_pipeline_dir(path, **kwargs) -> str:

@@ -150,3 +150,21 @@ def test_the_recipes_max_grad_norm_zero_turns_clipping_off(tmp_path):
         assert recipe.trainer.config.max_grad_norm is None
     finally:
         recipe.cleanup()
+
+
+
+def test_metrics_are_means_over_the_finite_values():
+    """An epoch with one undone NaN step reports the loss of the forwards that were finite (not NaN, which
+    metrics.jsonl could only write as no value); with no finite forward at all, the mean is NaN."""
+    loss, opt, trainer, _ = _trainer(0.0, minibatch_size=1)  # lr 0: every forward sees the same weights
+    batch = _batch(0)
+    per_forward = batch[KEYS.advantage].squeeze(-1) * (batch["x"] @ loss.w.detach())  # [4, 2]: one forward each
+    batch["x"][0, 0, 0] = float("nan")  # trajectory 0, step 0: one NaN forward of the eight
+    out = trainer.train(batch)
+    assert trainer.skipped_steps == 1  # the optimizer step of trajectory 0
+    expected = per_forward.flatten()[1:].mean()
+    assert torch.allclose(out["loss"], expected) and torch.allclose(out["loss_objective"], expected)
+    assert torch.isfinite(out["grad_norm"])  # three steps of four had a finite gradient
+    lone = TensorDict({"x": torch.full((1, 1, 3), float("nan")), KEYS.advantage: torch.ones(1, 1, 1)}, [1, 1])
+    out = trainer.train(lone)
+    assert torch.isnan(out["loss"]) and torch.isnan(out["grad_norm"]) and trainer.skipped_steps == 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, TRAIN_FIELDS, read_jsonl, subprocess_env
+from tests.helpers import ROOT, TRAIN_FIELDS, read_json, read_jsonl, subprocess_env
 
 
 
@@ -163,12 +163,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert 2 <= stopped_at < 4, "the signal should stop the run before its end"
     assert not (part / "final").exists()
     assert not (part / ".lock").exists(), "a stopped run must release its directory"
-    summary = json.loads((part / "summary.json").read_text())
+    summary = read_json(part / "summary.json")
     assert (summary["interrupted"], summary["epochs_trained"], summary["epochs"]) == (True, stopped_at, 4)
 
     res = run_recipe("ddpo_is.py", *common, "--output-dir", str(part), "--resume", str(part))
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((part / "summary.json").read_text())
+    summary = read_json(part / "summary.json")
     assert (summary["interrupted"], summary["epochs_trained"]) == (False, 4)
     assert_same_run(full, part, 4)
 
@@ -247,8 +247,8 @@ def test_a_monitor_that_fails_mid_run_keeps_the_epochs_since_the_last_checkpoint
         assert xb["monitors"][monitor] == pytest.approx(xa["monitors"][monitor], rel=1e-6), xa["epoch"]
         assert xb["train_prompts_reward_mean"] == pytest.approx(xa["train_prompts_reward_mean"], rel=1e-6)
     assert torch.load(part / "checkpoints" / "checkpoint.pt", weights_only=False)["pending_evaluation"] is None
-    summary_a = json.loads((tmp_path / "full" / "summary.json").read_text())
-    summary_b = json.loads((part / "summary.json").read_text())
+    summary_a = read_json(tmp_path / "full" / "summary.json")
+    summary_b = read_json(part / "summary.json")
     assert summary_a["best_epoch"] == summary_b["best_epoch"] == read_weights_info(str(part / "best"))["epoch"]
 
 
@@ -367,7 +367,7 @@ def test_a_monitor_value_left_out_is_counted_in_the_record(tmp_path, capsys):
         assert nan_half["train_left_out"] == nan_half["eval_left_out"] == 2  # 4 samples, every other one NaN
         assert math.isfinite(nan_half["train_mean"])
         assert "train_left_out" not in record["monitors"]["digit_alignment"]  # nothing left out: no field
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["monitors"]
+    summary = read_json(tmp_path / "run" / "summary.json")["monitors"]
     for label in ("training prompts", "held-out prompts"):
         assert summary["tests.recipes.bad_rewards:nan_for_some"][label]["base_left_out"] == 2
         assert summary["tests.recipes.bad_rewards:nan_for_some"][label]["final_left_out"] == 2
@@ -424,14 +424,14 @@ def test_dropped_rewards_are_left_out_and_training_continues(tmp_path):
         assert record["num_samples"] == record["eval_num_samples"] == 2  # 4 per prompt set, every other NaN
         assert record["train_left_out"] == record["eval_left_out"] == 2
         assert math.isfinite(record["eval_reward_mean"])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     assert summary["final"]["eval_num_samples"] == summary["final"]["eval_left_out"] == 2
     assert ("rewards not finite, left out of the means above: 2 training-prompt samples of the base "
             "evaluation, 2 held-out samples of the base evaluation") in res.stdout
     # a resumed run's summary reads the base evaluation from the checkpoint: the counts come with it
     res = run_recipe("ddpo_is.py", "--resume", str(out), "--epochs", "3", "--progress", "false")
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     assert summary["epochs_trained"] == 3
     assert summary["base"]["eval_num_samples"] == summary["base"]["train_left_out"] == 2
 
@@ -520,6 +520,10 @@ def test_nonfinite_step_is_skipped_and_logged(where, tmp_path):
         recipe.cleanup()
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["skipped_steps"] for m in metrics] == [1, 0]  # tiny preset: one optimizer step per epoch
+    # the undone step's gradient norm is no value (null, read strictly: never NaN), the epoch's loss is the
+    # mean of its finite forwards
+    assert metrics[0]["grad_norm"] is None and metrics[1]["grad_norm"] is not None
+    assert all(isinstance(m["loss"], float) for m in metrics), metrics
     assert all(torch.equal(a, b) for a, b in zip(initial, seen_after_epoch1[0])), "the skipped step changed weights"
     assert any(not torch.equal(a, p.detach()) for a, p in zip(initial, recipe.params)), "epoch 2 did not train"
     assert all(torch.isfinite(p).all() for p in recipe.params)

@@ -14,7 +14,7 @@ import torch
 from ddpo_rl.checkpoint import atomic_torch_save, previous_path
 from ddpo_rl.config import parse_cli
 from ddpo_rl.run_dir import LOCK_NAME, RunLock
-from tests.helpers import read_jsonl, train_with_a_stop_signal
+from tests.helpers import read_json, read_jsonl, train_with_a_stop_signal
 
 TINY = ["--preset", "tiny", "--progress", "false", "--eval-every", "10"]
 
@@ -94,7 +94,7 @@ def test_an_overwrite_whose_set_up_fails_leaves_the_earlier_run_whole(run_dir, t
     main(overwrite)
     assert "removed the earlier run" in capsys.readouterr().err
     assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
-    assert json.loads((run_dir / "summary.json").read_text())["epochs_trained"] == 1
+    assert read_json(run_dir / "summary.json")["epochs_trained"] == 1
 
 
 def test_an_overwrite_with_a_logger_that_is_not_installed_changes_nothing(run_dir, capsys, monkeypatch, no_model_load):
@@ -194,7 +194,7 @@ def test_a_stopped_run_says_so_and_a_signal_in_the_last_epoch_still_finishes(tmp
     out = tmp_path / "run"
     train_with_a_stop_signal(DDPORecipe(parse_cli([*TINY, "--epochs", "2", "--output-dir", str(out)])).setup(),
                              during_epoch=signal_epoch)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     assert (summary["epochs"], summary["epochs_trained"]) == (2, signal_epoch)
     assert summary["interrupted"] is (signal_epoch < 2)
     assert (out / "final").is_dir() is (signal_epoch == 2)
