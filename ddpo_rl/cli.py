@@ -143,8 +143,9 @@ def unknown_field_message(cls: type, name: str) -> str:
     return f"unknown config field; {hint}"
 
 
-def _split(cls: type, argv: list[str]) -> list[tuple[str, list[str]]]:
-    """``--a 1 --b=x y`` -> [("a", ["--a", "1"]), ("b", ["--b=x", "y"])]; names checked."""
+def option_groups(cls: type, argv: list[str]) -> list[tuple[str, list[str]]]:
+    """``--a 1 --b=x y`` -> [("a", ["--a", "1"]), ("b", ["--b=x", "y"])]: each option of ``argv`` with its
+    field's name; an unknown name is a :class:`CLIError`."""
     fields = {f.name for f in dataclasses.fields(cls)}
     groups: list[tuple[str, list[str]]] = []
     for arg in argv:
@@ -170,7 +171,7 @@ def parse(
     """
     if any(a in ("-h", "--help") for a in argv):
         _tyro(cls, ["--help"], default, description, prog, quiet=False)  # prints, exits 0
-    groups = _split(cls, argv)
+    groups = option_groups(cls, argv)
     try:
         parsed = _tyro(cls, argv, default, description, prog)
     except SystemExit:

@@ -25,8 +25,10 @@ import statistics
 from dataclasses import dataclass
 
 from ddpo_rl.checkpoint import CHECKPOINT_NAME
-from ddpo_rl.config import ConfigError, DDPOConfig, parse_cli
+from ddpo_rl.cli import option_groups
+from ddpo_rl.config import ConfigError, DDPOConfig, options_used, parse_cli, unused_fields
 from ddpo_rl.jsonl import read_records
+from ddpo_rl.objectives import LOSS_OPTIONS
 from ddpo_rl.run_dir import describe_run
 
 # config fields that may differ between a stored run and the planned one without changing it
@@ -45,14 +47,16 @@ class PlannedRun:
     cfg: DDPOConfig
     status: str
     """"done" (finished: reuse), "resume" (interrupted: continue from its checkpoint) or "new"."""
+    overrides: tuple[str, ...] = ()
+    """The comparison's ``--FIELD VALUE`` options that this run reads (another algorithm's loss settings left out)."""
 
     @property
     def out(self) -> str:
         return self.cfg.output_dir
 
-    def cli_args(self, overrides: list[str]) -> list[str]:
+    def cli_args(self) -> list[str]:
         """Arguments of the recipe script that runs (or resumes) this run."""
-        args = [*overrides, "--seed", str(self.seed), "--output-dir", self.out, "--progress", "false"]
+        args = [*self.overrides, "--seed", str(self.seed), "--output-dir", self.out, "--progress", "false"]
         if self.status == "resume":
             return args + ["--resume", self.out]
         if describe_run(self.out) is not None:  # started but never checkpointed: start it again
@@ -74,7 +78,8 @@ def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
         return "new"
     with open(cfg_path) as f:
         stored = json.load(f)
-    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())), ignore)
+    # a field the run does not read (another loss's setting) does not make it another run
+    diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())), (*ignore, *unused_fields(cfg)))
     if diff:
         raise ConfigError(
             f"output_dir: {out} holds a run with another configuration (differs in {', '.join(diff)}); "
@@ -98,13 +103,26 @@ def plan_runs(algorithms: list[str], seeds: list[int], overrides: list[str], out
                               "use --algorithms / --seeds / the comparison's --output-dir")
     if len(set(seeds)) != len(seeds) or len(set(algorithms)) != len(algorithms):
         raise ConfigError("seeds/algorithms: each may appear once")
+    # each algorithm's runs get the options it reads: a loss setting (--clip-epsilon) goes to its own
+    # loss's runs; one that no compared algorithm reads is refused as a single run would refuse it
+    own = {algo: options_used(overrides, algorithm=algo) for algo in algorithms}
+    kept = {name for args in own.values() for name, _ in option_groups(DDPOConfig, args)}
+    for name, _ in option_groups(DDPOConfig, overrides):
+        if name in kept:
+            continue
+        if any(name in options for options in LOSS_OPTIONS.values()):
+            raise ConfigError(f"{name}: set, but none of the compared algorithms ({', '.join(algorithms)}) reads it; "
+                              f"add its algorithm to --algorithms, or drop --{name.replace('_', '-')}")
+        parse_cli(overrides, algorithm=algorithms[0])  # raises, naming the field and why
     runs = []
     for algo in algorithms:
         for seed in seeds:
             out = os.path.join(output_dir, algo, f"seed{seed}")
-            cfg = parse_cli([*overrides, "--seed", str(seed), "--output-dir", out, "--progress", "false"], algorithm=algo)
-            runs.append(PlannedRun(algo, seed, cfg, run_status(cfg)))
-    shared = [{k: v for k, v in r.cfg.to_dict().items() if k not in ("algorithm", "seed", "output_dir")} for r in runs]
+            cfg = parse_cli([*own[algo], "--seed", str(seed), "--output-dir", out, "--progress", "false"], algorithm=algo)
+            runs.append(PlannedRun(algo, seed, cfg, run_status(cfg), tuple(own[algo])))
+    # every setting but algorithm and seed, and those some run does not read (another loss's settings)
+    unread = {"algorithm", "seed", "output_dir"}.union(*(unused_fields(r.cfg) for r in runs))
+    shared = [{k: v for k, v in r.cfg.to_dict().items() if k not in unread} for r in runs]
     if any(s != shared[0] for s in shared):  # e.g. an algorithm-specific preset default
         raise ConfigError("the runs of a comparison must share every setting but algorithm and seed")
     return runs

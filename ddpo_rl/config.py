@@ -25,7 +25,7 @@ from typing import Literal
 from ddpo_rl.atomic import write_json
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
 from ddpo_rl.loggers import LOGGERS
-from ddpo_rl.objectives import LOSSES
+from ddpo_rl.objectives import LOSS_OPTIONS, LOSSES
 from ddpo_rl.objectives.rwr import RWR_MODES
 from ddpo_rl.precision import MIXED_PRECISION_MODES, OPTIMIZER_IMPLS
 from ddpo_rl.rewards.transform import ON_INVALID
@@ -608,11 +608,63 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
         return DDPOConfig.from_dict({**base, **explicit}).validate()
     preset = parsed.preset if preset_given else (script_preset or parsed.preset)
     cfg = preset_config(preset, **{**defaults, **given}).validate()
-    for name in ("lora_rank", "lora_alpha"):  # given for adapters the run would not have
-        if name in given and not cfg.use_lora:
-            raise ConfigError(f"{name}: set, but use_lora is false, so the run would fine-tune every weight of the "
-                              f"network; add --use-lora true, or drop --{name.replace('_', '-')}")
+    unused = unused_fields(cfg)
+    for name in given:
+        if name in unused:
+            raise ConfigError(f"{name}: set, but {unused[name]}")
     return cfg
+
+
+def unused_fields(cfg: DDPOConfig) -> dict[str, str]:
+    """The fields ``cfg``'s run does not read, each with why and what to do instead. Given on the command
+    line they are refused (:func:`parse_cli`): a setting that silently does nothing (a temperature for
+    a loss that has none, a KL weighting with no KL term) is a trap. A preset may hold them (the
+    digits preset's RWR settings under DDPO-IS): defaults, not the user's word."""
+    unused = {}
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if not cfg.use_lora:
+        for name in ("lora_rank", "lora_alpha"):
+            unused[name] = ("use_lora is false, so the run would fine-tune every weight of the network; add "
+                            f"--use-lora true, or drop {flag(name)}")
+    for loss, options in LOSS_OPTIONS.items():
+        for name in options:
+            if name not in LOSS_OPTIONS[cfg.algorithm]:
+                unused.setdefault(name, f"algorithm {cfg.algorithm} does not use it (a setting of {loss}); use "
+                                        f"--algorithm {loss}, or drop {flag(name)}")
+    if cfg.kl_coef == 0:
+        unused["kl_sigma_scale"] = ("kl_coef is 0: there is no KL term for it to weight; set --kl-coef, or drop "
+                                    "--kl-sigma-scale")
+    if not cfg.per_prompt_stat_tracking or cfg.group_size not in (None, 0, 1):
+        why = ("per_prompt_stat_tracking is false" if not cfg.per_prompt_stat_tracking
+               else f"group_size {cfg.group_size} normalises each group by itself")
+        for name in ("stat_buffer_size", "stat_min_count"):
+            unused[name] = f"{why}, so no per-prompt reward buffer is kept; drop {flag(name)}"
+    if not cfg.monitor_rewards:
+        unused["monitor_tolerance"] = ("monitor_rewards is empty: no monitor to hold within it; set "
+                                       "--monitor-rewards, or drop --monitor-tolerance")
+    return unused
+
+
+def options_used(argv: list[str], **defaults) -> list[str]:
+    """``argv`` without the options the run it describes would not read (:func:`unused_fields`). For the
+    multi-run recipes, whose shared options may concern some of their runs only (a clip range: the
+    DDPO-IS runs of a comparison; a KL weighting: the kl_coef > 0 runs of a front). ``defaults`` as
+    for :func:`parse_cli`."""
+    from ddpo_rl import cli
+
+    try:
+        parsed, given = cli.parse(DDPOConfig, list(argv))
+    except cli.CLIError as err:
+        raise ConfigError(str(err)) from None
+    defaults = dict(defaults)
+    script_preset = defaults.pop("preset", None)
+    preset = parsed.preset if given.pop("preset", None) is not None else (script_preset or parsed.preset)
+    cfg = preset_config(preset, **{**defaults, **given})
+    unused = unused_fields(cfg)
+    return [token for name, group in cli.option_groups(DDPOConfig, list(argv)) if name not in unused for token in group]
 
 
 def _cli_description() -> str:

@@ -31,11 +31,11 @@ from ddpo_rl.run_pool import PoolRun, run_pool
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _pool_run(run, overrides: list[str]) -> PoolRun:
+def _pool_run(run) -> PoolRun:
     root = os.path.dirname(HERE)  # so that module-path rewards (pkg.module:factory) resolve as here
     return PoolRun(
         name=f"{run.algorithm} seed {run.seed}",
-        command=[sys.executable, os.path.join(HERE, f"{run.algorithm}.py"), *run.cli_args(overrides)],
+        command=[sys.executable, os.path.join(HERE, f"{run.algorithm}.py"), *run.cli_args()],
         out=run.out,
         epochs=run.cfg.epochs,
         extra_env={"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))},
@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
     # 2. run what is not done, --jobs at a time, with a progress bar over all epochs (ddpo_rl.run_pool:
     #    a Ctrl-C or SIGTERM makes the running runs checkpoint and stop; the same command resumes them)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    failed = run_pool([_pool_run(r, overrides) for r in todo], jobs=args.jobs, threads=threads,
+    failed = run_pool([_pool_run(r) for r in todo], jobs=args.jobs, threads=threads,
                       progress=args.progress == "true", title="comparison",
-                      planned=[_pool_run(r, overrides) for r in runs])
+                      planned=[_pool_run(r) for r in runs])
     if failed:
         print(f"error: {len(failed)} run(s) failed; fix and run the same command again to finish", file=sys.stderr)
         raise SystemExit(1)

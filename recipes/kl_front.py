@@ -31,7 +31,8 @@ import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
 from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
-from ddpo_rl.config import parse_cli
+from ddpo_rl.cli import option_groups
+from ddpo_rl.config import DDPOConfig, options_used, parse_cli
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
 from ddpo_rl.jsonl import read_records
@@ -42,15 +43,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _plan(preset: str, kl_coefs, seeds, overrides, runs_dir):
-    runs = []
+    runs, read = [], set()
     for kl in kl_coefs:
         for seed in seeds:
             out = os.path.join(runs_dir, preset, f"kl{kl:g}", f"seed{seed}")
-            args = ["--preset", preset, *overrides, "--kl-coef", f"{kl:g}", "--seed", str(seed), "--output-dir", out,
-                    "--progress", "false"]
+            # the options this run reads: a KL weighting (--kl-sigma-scale) goes to the kl_coef > 0 runs
+            given = ["--preset", preset, *overrides, "--kl-coef", f"{kl:g}"]
+            args = [*options_used(given), "--seed", str(seed), "--output-dir", out, "--progress", "false"]
+            read.update(name for name, _ in option_groups(DDPOConfig, args))
             cfg = parse_cli(args)
             # the tolerance only changes the alarm and best epochs, recomputed below from eval.jsonl
             runs.append((cfg, args, run_status(cfg, ignore=("monitor_tolerance",))))
+    if any(name not in read for name, _ in option_groups(DDPOConfig, overrides)):  # read by no run
+        parse_cli(["--preset", preset, *overrides, "--kl-coef", f"{kl_coefs[0]:g}"])  # raises, naming the field
     return runs
 
 

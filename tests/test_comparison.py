@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
+from ddpo_rl.comparison import PlannedRun, aggregate, plan_runs, run_status, to_markdown, training_curves
 from ddpo_rl.config import ConfigError, parse_cli
 
 OVR = ["--preset", "tiny", "--epochs", "3"]
@@ -40,7 +40,7 @@ def test_plan_covers_every_algorithm_and_seed_with_equal_queries(tmp_path):
     assert {r.cfg.epochs * r.cfg.samples_per_epoch for r in runs} == {3 * 4}
     assert all(r.status == "new" for r in runs)
     assert len({r.out for r in runs}) == 6
-    assert runs[0].cli_args(OVR)[-6:] == ["--seed", "0", "--output-dir", runs[0].out, "--progress", "false"]
+    assert runs[0].cli_args()[-6:] == ["--seed", "0", "--output-dir", runs[0].out, "--progress", "false"]
 
 
 def test_status_done_resume_and_refused(tmp_path):
@@ -51,18 +51,41 @@ def test_status_done_resume_and_refused(tmp_path):
     assert run_status(cfg) == "new"  # started, never checkpointed: start again
     from ddpo_rl.comparison import PlannedRun
 
-    assert PlannedRun("ddpo_is", 0, cfg, "new").cli_args(OVR)[-2:] == ["--overwrite", "true"]  # over its leftovers
+    assert PlannedRun("ddpo_is", 0, cfg, "new").cli_args()[-2:] == ["--overwrite", "true"]  # over its leftovers
     (tmp_path / "r" / "checkpoints" / "checkpoint.pt").write_bytes(b"x")
     assert run_status(cfg) == "resume"
     (run,) = plan_runs(["ddpo_is"], [0], [*OVR], str(tmp_path / "c"))
     _fake_finished_run(run, -0.5, -0.6)
     assert run_status(run.cfg) == "done"
-    assert "--resume" not in run.cli_args(OVR)
+    assert "--resume" not in run.cli_args()
     # the same directory planned with another setting is refused, naming the field
     with pytest.raises(ConfigError, match="learning_rate"):
         plan_runs(["ddpo_is"], [0], [*OVR, "--learning-rate", "1e-3"], str(tmp_path / "c"))
     # --progress does not count as a difference
     assert run_status(parse_cli([*OVR, "--output-dir", run.out, "--progress", "true"])) == "done"
+
+
+def test_a_loss_setting_goes_to_the_runs_of_its_loss_and_one_no_run_reads_is_refused(tmp_path):
+    """A single run refuses --clip-epsilon under DDPO-SF (a setting it would silently ignore); a comparison
+    passes it to its DDPO-IS runs only, and refuses it when no compared algorithm reads it."""
+    with pytest.raises(ConfigError, match="clip_epsilon: set, but algorithm ddpo_sf does not use it"):
+        parse_cli([*OVR, "--clip-epsilon", "0.01"], algorithm="ddpo_sf")
+    ovr = [*OVR, "--clip-epsilon", "0.01", "--rwr-temperature=2"]
+    runs = {r.algorithm: r for r in plan_runs(["ddpo_is", "ddpo_sf", "rwr"], [0], ovr, str(tmp_path / "c"))}
+    assert runs["ddpo_is"].cfg.clip_epsilon == 0.01 and runs["rwr"].cfg.rwr_temperature == 2.0
+    assert "--clip-epsilon" in runs["ddpo_is"].cli_args() and "--rwr-temperature=2" not in runs["ddpo_is"].cli_args()
+    assert "--clip-epsilon" not in runs["ddpo_sf"].cli_args() and "--rwr-temperature=2" not in runs["ddpo_sf"].cli_args()
+    assert "--rwr-temperature=2" in runs["rwr"].cli_args() and "--clip-epsilon" not in runs["rwr"].cli_args()
+    for r in runs.values():  # what each script is started with parses, and is the planned run
+        assert parse_cli(r.cli_args(), algorithm=r.algorithm) == r.cfg
+    with pytest.raises(ConfigError, match=r"rwr_temperature: set, but none of the compared algorithms \(ddpo_is, ddpo_sf\)"):
+        plan_runs(["ddpo_is", "ddpo_sf"], [0], ovr, str(tmp_path / "d"))
+    # a run stored by an older comparison that passed the setting to every run is the same run
+    (sf,) = plan_runs(["ddpo_sf"], [0], OVR, str(tmp_path / "e"))
+    stored = parse_cli([*OVR, "--output-dir", sf.out, "--algorithm", "ddpo_sf"])
+    stored.clip_epsilon = 0.01
+    _fake_finished_run(PlannedRun("ddpo_sf", 0, stored, "new"), -0.5, -0.6)
+    assert run_status(sf.cfg) == "done"
 
 
 @pytest.mark.parametrize("flag", ["--seed", "--algorithm", "--output-dir", "--resume"])
@@ -193,3 +216,17 @@ def test_kl_front_refuses_to_write_a_front_with_a_failed_run_and_labels_a_partia
     assert [(r["kl_coef"], r["seed"]) for r in partial["rows"]] == [(0.0, 0)]
     md = (tmp_path / "out" / "kl_front_tiny.md").read_text()
     assert "PARTIAL: 1 of the 2 planned runs" in md and "kl 0 seed 1" in md
+
+
+def test_kl_front_passes_a_kl_weighting_to_the_runs_with_a_kl_term_only(tmp_path):
+    """--kl-sigma-scale weights the KL term: the front's kl_coef 0 run, which has none (and would refuse it),
+    is planned without it; a front whose runs all have kl_coef 0 refuses it."""
+    from recipes.kl_front import _plan
+
+    runs = {cfg.kl_coef: (cfg, args) for cfg, args, _ in _plan("tiny", [0.0, 0.1], [0], ["--kl-sigma-scale", "0.2"], str(tmp_path))}
+    assert runs[0.1][0].kl_sigma_scale == 0.2 and "--kl-sigma-scale" in runs[0.1][1]
+    assert runs[0.0][0].kl_sigma_scale == 0.0 and "--kl-sigma-scale" not in runs[0.0][1]
+    for cfg, args in runs.values():
+        assert parse_cli(args) == cfg
+    with pytest.raises(ConfigError, match="kl_sigma_scale: set, but kl_coef is 0"):
+        _plan("tiny", [0.0], [0], ["--kl-sigma-scale", "0.2"], str(tmp_path))

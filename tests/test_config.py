@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ddpo_rl.config import PRESETS, ConfigError, DDPOConfig, cli_help, parse_cli, preset_config
+from ddpo_rl.config import PRESETS, ConfigError, DDPOConfig, cli_help, parse_cli, preset_config, unused_fields
 
 
 def test_defaults_are_the_digits_preset_and_valid():
@@ -67,6 +67,39 @@ def test_bad_input_names_the_field(argv, field):
         parse_cli(argv)
     assert str(err.value).startswith(field)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv, field, why",
+    [
+        (["--rwr-temperature", "2"], "rwr_temperature", "algorithm ddpo_is does not use it"),
+        (["--rwr-mode", "sparse", "--algorithm", "ddpo_sf"], "rwr_mode", "algorithm ddpo_sf does not use it"),
+        (["--clip-epsilon", "0.01", "--algorithm", "rwr"], "clip_epsilon", "algorithm rwr does not use it"),
+        (["--kl-coef", "0", "--kl-sigma-scale", "0.2"], "kl_sigma_scale", "kl_coef is 0"),
+        (["--per-prompt-stat-tracking", "false", "--stat-buffer-size", "8"], "stat_buffer_size", "per_prompt_stat_tracking is false"),
+        (["--group-size", "4", "--stat-min-count", "4"], "stat_min_count", "group_size 4"),
+        (["--monitor-rewards", "", "--monitor-tolerance", "2"], "monitor_tolerance", "monitor_rewards is empty"),
+    ],
+)
+def test_a_setting_the_run_would_not_read_is_refused(argv, field, why):
+    """Given on the command line, a field the run would silently ignore is one line naming it and why."""
+    with pytest.raises(ConfigError) as err:
+        parse_cli(argv)
+    assert str(err.value).startswith(f"{field}: set, but {why}") and "\n" not in str(err.value)
+    i = argv.index(f"--{field.replace('_', '-')}")
+    assert field in unused_fields(parse_cli(argv[:i] + argv[i + 2 :]))  # the same run without it: unused there
+
+
+def test_settings_the_run_reads_and_preset_defaults_are_not_refused():
+    """The same fields where they take effect, and presets that merely hold them (RWR's defaults under
+    DDPO-IS, the digits preset's stat buffer), pass."""
+    assert parse_cli(["--rwr-temperature", "2", "--algorithm", "rwr"]).rwr_temperature == 2.0
+    assert parse_cli(["--kl-coef", "0.1", "--kl-sigma-scale", "0.2"]).kl_sigma_scale == 0.2
+    assert parse_cli(["--stat-buffer-size", "64"]).stat_buffer_size == 64
+    assert parse_cli(["--monitor-tolerance", "2"]).monitor_tolerance == 2.0
+    for preset in PRESETS:
+        parse_cli(["--preset", preset])
+    assert "clip_epsilon" not in unused_fields(parse_cli([])) and "rwr_temperature" in unused_fields(parse_cli([]))
 
 
 def test_unknown_field_suggests_close_names():
