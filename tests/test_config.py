@@ -79,6 +79,9 @@ def test_bad_input_names_the_field(argv, field):
         (["--per-prompt-stat-tracking", "false", "--stat-buffer-size", "8"], "stat_buffer_size", "per_prompt_stat_tracking is false"),
         (["--group-size", "4", "--stat-min-count", "4"], "stat_min_count", "group_size 4"),
         (["--monitor-rewards", "", "--monitor-tolerance", "2"], "monitor_tolerance", "monitor_rewards is empty"),
+        (["--noise-level", "0.5"], "noise_level", "model 'digits' samples with DDIM"),
+        (["--preset", "tiny", "--sde-window-size", "2"], "sde_window_size", "model 'tiny' samples with DDIM"),
+        (["--preset", "flow-digits", "--eta", "0.5"], "eta", "model 'flow-digits' is a flow-matching model"),
     ],
 )
 def test_a_setting_the_run_would_not_read_is_refused(argv, field, why):
@@ -97,6 +100,10 @@ def test_settings_the_run_reads_and_preset_defaults_are_not_refused():
     assert parse_cli(["--kl-coef", "0.1", "--kl-sigma-scale", "0.2"]).kl_sigma_scale == 0.2
     assert parse_cli(["--stat-buffer-size", "64"]).stat_buffer_size == 64
     assert parse_cli(["--monitor-tolerance", "2"]).monitor_tolerance == 2.0
+    assert parse_cli(["--preset", "flow-digits", "--noise-level", "0.5"]).noise_level == 0.5
+    assert parse_cli(["--eta", "0.5"]).eta == 0.5
+    # a model known only once loaded (a hub id): its sampler's settings are not judged here
+    assert parse_cli(["--preset", "sd15-aesthetic", "--noise-level", "0.5", "--eta", "0.5"]).noise_level == 0.5
     for preset in PRESETS:
         parse_cli(["--preset", preset])
     assert "clip_epsilon" not in unused_fields(parse_cli([])) and "rwr_temperature" in unused_fields(parse_cli([]))
