@@ -54,6 +54,27 @@ def make_control_env(name: str, num_envs: int = 8, seed: int | None = None, devi
     return env
 
 
+def _copies(env) -> list:
+    vec = env.base_env._env if isinstance(env, TransformedEnv) else env._env
+    return [copy.unwrapped for copy in vec.envs]
+
+
+def env_rng_state(env) -> list[dict]:
+    """The random state of each copy of a :func:`make_control_env` env (its ``np_random``, which draws
+    the initial states of its episodes): with :func:`set_env_rng_state`, a resumed run's rollouts
+    start from the states the uninterrupted run's would. A plain list of dicts (checkpoint-safe)."""
+    return [copy.np_random.bit_generator.state for copy in _copies(env)]
+
+
+def set_env_rng_state(env, state: list[dict]) -> None:
+    """Put back what :func:`env_rng_state` returned (ValueError if the env has another number of copies)."""
+    copies = _copies(env)
+    if len(state) != len(copies):
+        raise ValueError(f"the state is of {len(state)} env copies, the env has {len(copies)}")
+    for copy, s in zip(copies, state):
+        copy.np_random.bit_generator.state = s
+
+
 def action_bounds(env) -> tuple[torch.Tensor, torch.Tensor]:
     """(low, high) of a torchrl env's continuous action spec, flattened to [A]."""
     spec = env.action_spec

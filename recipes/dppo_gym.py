@@ -24,7 +24,10 @@ checksummed, see ddpo_rl.checkpoint). The directory is guarded like the DDPO rec
 locked while the run lives, and an earlier run in it is replaced only with ``--overwrite true``.
 SIGINT/SIGTERM (Ctrl-C): the epoch in progress finishes, then returns.png, checkpoint.pt and summary.json
 are written as at the end, summary.json saying ``"interrupted": true``, ``epochs_trained`` and the epoch
-of the last evaluation (``return_after_epoch``); a second signal stops at once. A run does not resume.
+of the last evaluation (``return_after_epoch``); a second signal stops at once.
+checkpoint.pt is also written every ``save_every`` epochs (1: each); ``--resume RUN_DIR`` goes on from
+it exactly (weights, optimizer, every random stream, the envs' included; the records of later
+epochs, from a kill, are dropped), ``--resume RUN_DIR --epochs N`` trains a finished run further.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
 import contextlib
 import dataclasses
-import json
+import os
 import signal
 import sys
 import time
@@ -47,9 +50,9 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
-from ddpo_rl.atomic import atomic_file, write_json
+from ddpo_rl.atomic import atomic_file, write_json, write_text
 from ddpo_rl.jsonl import dumps
-from ddpo_rl.checkpoint import atomic_torch_save
+from ddpo_rl.checkpoint import atomic_torch_save, read_checkpoint, rng_state, run_dir_of, set_rng_state
 from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.cli import parse
@@ -69,14 +72,17 @@ from ddpo_rl.control import (
     training_batch,
 )
 from ddpo_rl.plotting import save_curve_png
-from ddpo_rl.run_dir import RunDir, history_entry
+from ddpo_rl.jsonl import read_records
+from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, read_config, resume_changes
 from envs.gym_control import (
     CONTROL_TASKS,
     action_bounds,
     collect_demonstrations,
     completed_episode_returns,
+    env_rng_state,
     make_control_env,
     scripted_expert,
+    set_env_rng_state,
 )
 
 
@@ -165,6 +171,12 @@ class DPPOGymConfig:
     """Options of the logger's constructor, e.g. {"project": "dppo", "offline": true} for W&B."""
     overwrite: bool = False
     """Replace an earlier run found in output_dir; without it such a directory is refused."""
+    save_every: int = 1
+    """Write checkpoint.pt every this many epochs (and on a stop, and at the end): where --resume goes on from."""
+    resume: str | None = None
+    """A run directory to go on with from its checkpoint.pt, exactly (weights, optimizer, every random
+    stream, the envs' included): with its own config, of which only the fields of CHANGEABLE_ON_RESUME
+    may change (e.g. --epochs, to train further); output_dir follows it."""
 
     def validate(self) -> None:
         """ConfigError (one line, naming the field) on any setting that cannot run, before anything is written."""
@@ -176,7 +188,7 @@ class DPPOGymConfig:
             raise ConfigError(f"chain_reduction: {self.chain_reduction!r} is not one of {LOG_PROB_REDUCTIONS}")
         for name in ("epochs", "num_envs", "rollout_steps", "denoising_steps", "ppo_passes", "minibatch_size",
                      "num_train_timesteps", "hidden_dim", "num_layers", "demo_rollouts", "bc_batch_size",
-                     "eval_episodes", "eval_every"):
+                     "eval_episodes", "eval_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("bc_steps", "critic_warmup_epochs"):
@@ -220,6 +232,10 @@ class DPPOGymConfig:
             raise ConfigError(f"env: no scripted demonstrator for {self.env} (behaviour cloning needs one); "
                               f"available: {', '.join(CONTROL_TASKS)}")
 
+
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "eval_every", "save_every", "progress", "logger", "logger_kwargs"})
+"""The fields a ``--resume`` may change: when to stop, evaluate and checkpoint (an evaluation reseeds
+its own env and noise, so its cadence does not change training), and what is shown or logged."""
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "returns.png", "bc.pt", "checkpoint.pt", "logs",
              "checkpoint.prev.pt")
@@ -274,8 +290,8 @@ def run(cfg: DPPOGymConfig) -> dict:
     """Run BC then DPPO; returns the summary (also written to summary.json)."""
     cfg.validate()
     check_logger(cfg.logger, cfg.logger_kwargs)
-    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
-    run_dir.open(overwrite=cfg.overwrite)
+    run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true")
+    run_dir.open(resume=bool(cfg.resume), overwrite=cfg.overwrite)
     try:
         return _run(cfg, run_dir)
     finally:
@@ -306,6 +322,36 @@ def _stop_on_signal():
             signal.signal(sig, previous)
 
 
+def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer, gen, env) -> tuple[dict, int]:
+    """--resume: load checkpoint.pt (checksummed; the previous one if it is damaged) into the models, the
+    optimizer and every random stream; keep the records of the epochs it covers (metrics.jsonl) and
+    record the resume in config.json. Returns (the pre-RL stage's figures, the epoch to go on from)."""
+    loaded = read_checkpoint(str(Path(cfg.output_dir) / "checkpoint.pt"), kind="dppo_gym",
+                             required=("noise_model", "critic", "optimizer", "epochs_trained"))
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    state = loaded.state
+    if "rng" not in state:
+        raise ConfigError(f"resume: {loaded.path} was written by a version of dppo_gym that did not record its random "
+                          "state, so the run cannot go on exactly; start a new run")
+    noise_model.load_state_dict(state["noise_model"])
+    critic.load_state_dict(state["critic"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], gen)
+    set_env_rng_state(env, state["env_rng"])
+    start = int(state["epochs_trained"])
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    write_text(path, "".join(lines_up_to_epoch(path, start - 1)) if os.path.exists(path) else "")
+    stored, history = read_config(cfg.output_dir)
+    changed = resume_changes(stored, dataclasses.asdict(cfg), CHANGEABLE_ON_RESUME,
+                             defaults=dataclasses.asdict(DPPOGymConfig()))
+    run_dir.write_config({**dataclasses.asdict(cfg), "resume": None},
+                         [*history, history_entry("resume", start, changed or None)])
+    said = "; ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changed.items()) or "no config change"
+    print(f"resume: continuing {cfg.output_dir} after epoch {start} ({said})", file=sys.stderr, flush=True)
+    return state["stage"], start
+
+
 def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     with _stop_on_signal() as stop:
         return _run_until(cfg, run_dir, stop)
@@ -317,32 +363,52 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     env = make_control_env(cfg.env, cfg.num_envs, seed=cfg.seed)
     actor, critic, scheduler = build_policy(cfg, env)
-    run_dir.clear_earlier_run()  # --overwrite true: only now that the run can start
-    run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
     noise_model = actor.step_policy.noise_model
-
-    # 1-2. demonstrations and behaviour cloning
-    t0 = time.perf_counter()
-    expert = scripted_expert(cfg.env, gain=cfg.demo_gain, noise_std=cfg.demo_noise)
-    demos = collect_demonstrations(env, expert, cfg.demo_rollouts, cfg.rollout_steps)
-    expert_return = completed_episode_returns(demos).mean()
-    bc_cfg = BCConfig(steps=cfg.bc_steps, batch_size=cfg.bc_batch_size, lr=cfg.bc_lr)
-    bc_losses = fit_behaviour_cloning(
-        noise_model, scheduler, demos["observation"], actor.to_normalized_action(demos["action"]), bc_cfg, gen
-    )
-    with atomic_file(out / "bc.pt") as tmp:
-        torch.save(noise_model.state_dict(), tmp)
-    bc_seconds = time.perf_counter() - t0
-
-    # 3. RL fine-tuning
     loss_module = make_dppo_loss(actor, critic, cfg.ratio, cfg.clip_epsilon, cfg.critic_coeff)
     gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False)
     optimizer = torch.optim.Adam(
         [{"params": noise_model.parameters(), "lr": cfg.actor_lr}, {"params": critic.parameters(), "lr": cfg.critic_lr}]
     )
-    history: list[dict] = []
-    metrics_file = (out / "metrics.jsonl").open("w")
-    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, hparams=dataclasses.asdict(cfg))
+
+    def save_checkpoint(epochs_trained: int) -> None:
+        """checkpoint.pt: what --resume continues from after ``epochs_trained`` epochs (every random stream
+        as the next epoch will draw from it; the previous file kept as checkpoint.prev.pt)."""
+        atomic_torch_save(
+            {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
+             "epochs_trained": epochs_trained, "epoch": epochs_trained, "rng": rng_state(gen),
+             "env_rng": env_rng_state(env), "stage": stage},
+            str(out / "checkpoint.pt"),
+            kind="dppo_gym",
+        )
+
+    if cfg.resume:  # the state after the checkpoint's epoch: weights, optimizer, random streams, records
+        stage, start = _restore(cfg, run_dir, noise_model, critic, optimizer, gen, env)
+    else:
+        run_dir.clear_earlier_run()  # --overwrite true: only now that the run can start
+        run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
+        # 1-2. demonstrations and behaviour cloning
+        t0 = time.perf_counter()
+        expert = scripted_expert(cfg.env, gain=cfg.demo_gain, noise_std=cfg.demo_noise)
+        demos = collect_demonstrations(env, expert, cfg.demo_rollouts, cfg.rollout_steps)
+        bc_cfg = BCConfig(steps=cfg.bc_steps, batch_size=cfg.bc_batch_size, lr=cfg.bc_lr)
+        bc_losses = fit_behaviour_cloning(
+            noise_model, scheduler, demos["observation"], actor.to_normalized_action(demos["action"]), bc_cfg, gen
+        )
+        with atomic_file(out / "bc.pt") as tmp:
+            torch.save(noise_model.state_dict(), tmp)
+        stage = {  # what the summary says of the stages before RL (a resumed run does not redo them)
+            "expert_return_mean": completed_episode_returns(demos).mean().item(),
+            "bc_final_loss": bc_losses[-100:].mean().item() if bc_losses.numel() else None,
+            "bc_seconds": time.perf_counter() - t0,
+        }
+        start = 0
+        (out / "metrics.jsonl").write_text("")
+
+    # 3. RL fine-tuning
+    history = read_records(out / "metrics.jsonl")
+    metrics_file = (out / "metrics.jsonl").open("a")
+    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, start_epoch=start,
+                                 hparams=dataclasses.asdict(cfg))
     progress = Progress(
         TextColumn("[bold]DPPO {task.fields[env]}"),
         BarColumn(),
@@ -352,10 +418,10 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
         disable=not cfg.progress,
     )
     eval_env = make_control_env(cfg.env, cfg.eval_episodes, seed=cfg.eval_seed)
-    epochs_trained = 0
+    epochs_trained = min(start, cfg.epochs)
     with progress:
-        task = progress.add_task("dppo", total=cfg.epochs, env=cfg.env, ret="-")
-        for epoch in range(cfg.epochs + 1):
+        task = progress.add_task("dppo", total=cfg.epochs, completed=epochs_trained, env=cfg.env, ret="-")
+        for epoch in range(start, cfg.epochs + 1):
             if stop["requested"] and epoch < cfg.epochs:  # SIGINT/SIGTERM: stop before the next epoch
                 break
             t_epoch = time.perf_counter()
@@ -395,6 +461,8 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
                 run_logger.sync()
             progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
             epochs_trained = min(epoch + 1, cfg.epochs)
+            if epoch < cfg.epochs and epochs_trained % cfg.save_every == 0:
+                save_checkpoint(epochs_trained)
     metrics_file.close()
     interrupted = epochs_trained < cfg.epochs
 
@@ -405,23 +473,16 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
         {
             "training rollouts": ([r["epoch"] for r in rollouts], [r["episode_return_mean"] for r in rollouts]),
             "evaluation (fixed initial states)": ([r["epoch"] for r in evals], [r["eval_return_mean"] for r in evals]),
-            "scripted expert (demonstrations)": ([0, cfg.epochs], [float(expert_return)] * 2),
+            "scripted expert (demonstrations)": ([0, cfg.epochs], [stage["expert_return_mean"]] * 2),
         },
         title=f"DPPO fine-tuning on {cfg.env}",
         xlabel="epoch",
         ylabel="return",
     )
-    atomic_torch_save(
-        {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
-         "epochs_trained": epochs_trained},
-        str(out / "checkpoint.pt"),
-        kind="dppo_gym",
-    )
+    save_checkpoint(epochs_trained)  # on a stop, and at the end (a resume with more epochs goes on from it)
     summary = {
         "env": cfg.env,
-        "expert_return_mean": float(expert_return),
-        "bc_final_loss": float(bc_losses[-100:].mean()) if bc_losses.numel() else None,
-        "bc_seconds": bc_seconds,
+        **stage,
         "epochs": cfg.epochs,
         "epochs_trained": epochs_trained,
         # stopped by SIGINT/SIGTERM: "return_after" is then the last evaluation's, after
@@ -441,8 +502,24 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
 
 
 def parse_args(argv=None) -> DPPOGymConfig:
-    """A validated config from ``--FIELD VALUE`` pairs for any field (``--env``, ``--epochs``, ...)."""
-    cfg, _ = parse(DPPOGymConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    """A validated config from ``--FIELD VALUE`` pairs for any field (``--env``, ``--epochs``, ...); with
+    ``--resume RUN_DIR``, that run's config and the fields given here (refused unless changeable)."""
+    cfg, given = parse(DPPOGymConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
+    if cfg.resume:
+        run_dir = run_dir_of(os.path.expanduser(cfg.resume))
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise ConfigError(f"resume: {cfg.resume} is not a dppo_gym run directory (no config.json)")
+        out = given.get("output_dir")
+        if out is not None and os.path.abspath(os.path.expanduser(out)) != run_dir:
+            raise ConfigError(f"output_dir: --resume goes on in the run's own directory ({run_dir}), not in {out}; "
+                              "drop --output-dir")
+        stored, _ = read_config(run_dir)
+        fields = {f.name for f in dataclasses.fields(DPPOGymConfig)}
+        unknown = sorted(set(stored) - fields)
+        if unknown:
+            raise ConfigError(f"resume: {run_dir}/config.json is not a dppo_gym config (it has {unknown[0]!r})")
+        cfg = DPPOGymConfig(**{**stored, **given, "output_dir": run_dir, "resume": run_dir})
+        resume_changes(stored, dataclasses.asdict(cfg), CHANGEABLE_ON_RESUME, defaults=dataclasses.asdict(DPPOGymConfig()))
     cfg.validate()
     return cfg
 

@@ -66,7 +66,7 @@ def test_dppo_raises_pendulum_return(tmp_path):
     for r in records[:-1]:
         assert {"episode_return_mean", "loss", "clip_fraction", "kl_approx", "seconds"} <= r.keys()
     assert records[0]["kl_approx"] == 0.0  # critic warm-up: the actor did not move yet
-    ckpt = torch.load(tmp_path / "checkpoint.pt")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)  # random states: numpy and python objects
     assert {"noise_model", "critic", "optimizer"} <= ckpt.keys()
 
 
@@ -142,3 +142,80 @@ def test_sigint_stops_after_the_epoch_in_progress_with_its_files(tmp_path):
     assert summary["return_after_epoch"] == summary["epochs_trained"] - 1  # eval_every 1: the last one's start
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epochs_trained"] == summary["epochs_trained"]
+
+
+def _cli(**fields) -> list[str]:
+    return [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()]
+
+
+def _records(out) -> list[dict]:
+    from tests.helpers import read_jsonl
+
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(out / "metrics.jsonl")]
+
+
+def test_resume_after_a_crash_goes_on_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A run that dies in its 4th epoch (checkpoints every 2) is resumed from the checkpoint of epoch 2: the
+    record of epoch 2 written after that checkpoint is dropped and redone, and every record, the
+    summary's figures and the weights equal those of the run that was never interrupted; a finished
+    run trained further with --epochs equals one run for that many epochs from the start."""
+    from recipes import dppo_gym
+    from recipes.dppo_gym import main
+
+    quick = {**QUICK, "epochs": 4, "save_every": 2}
+    main([*_cli(**quick), "--output-dir", str(tmp_path / "straight")])
+    real_update, calls = dppo_gym.ppo_update, []
+
+    def crashing_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash in epoch 3")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(dppo_gym, "ppo_update", crashing_update)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([*_cli(**quick), "--output-dir", str(crashed)])
+    monkeypatch.setattr(dppo_gym, "ppo_update", real_update)
+    assert [r["epoch"] for r in _records(crashed)] == [0, 1, 2]
+    assert torch.load(crashed / "checkpoint.pt", weights_only=False)["epochs_trained"] == 2
+    summary = main(["--resume", str(crashed)])
+    assert _records(crashed) == _records(tmp_path / "straight")
+    straight = read_json(tmp_path / "straight" / "summary.json")
+    for key in ("expert_return_mean", "bc_final_loss", "return_before", "return_after", "eval_curve", "epochs_trained"):
+        assert json.loads(dumps(summary))[key] == straight[key], key
+    a = torch.load(crashed / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(a["noise_model"][k], b["noise_model"][k]) for k in b["noise_model"])
+    history = read_json(crashed / "config.json")["history"]
+    assert [h["event"] for h in history] == ["start", "resume"] and history[1]["epoch"] == 2
+    # a finished run of 2 epochs, trained on to 4, is the 4-epoch run
+    main([*_cli(**{**quick, "epochs": 2}), "--output-dir", str(tmp_path / "further")])
+    main(["--resume", str(tmp_path / "further"), "--epochs", "4"])
+    assert _records(tmp_path / "further") == _records(tmp_path / "straight")
+    assert read_json(tmp_path / "further" / "config.json")["history"][1]["changed"] == {"epochs": {"from": 2, "to": 4}}
+
+
+def test_resume_refuses_bad_input_with_one_line(tmp_path):
+    from ddpo_rl.config import ConfigError
+    from recipes.dppo_gym import main, parse_args
+
+    out = tmp_path / "run"
+    main([*_cli(**{**QUICK, "epochs": 1}), "--output-dir", str(out)])
+    cases = [
+        (["--resume", str(tmp_path / "none")], "resume: "),
+        (["--resume", str(out), "--actor-lr", "1e-3"], "actor_lr: cannot change on resume"),
+        (["--resume", str(out), "--output-dir", str(tmp_path / "elsewhere")], "output_dir: --resume goes on in"),
+    ]
+    for argv, start in cases:
+        with pytest.raises(ConfigError) as err:
+            parse_args(argv)
+        assert str(err.value).startswith(start) and "\n" not in str(err.value), str(err.value)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # written by a version without random states
+    del ckpt["rng"]
+    from ddpo_rl.checkpoint import atomic_torch_save
+
+    atomic_torch_save(ckpt, str(out / "checkpoint.pt"), kind="dppo_gym")
+    with pytest.raises(ConfigError, match="resume: .* did not record its random state"):
+        run(parse_args(["--resume", str(out)]))
+    assert parse_args(["--resume", str(out), "--epochs", "3"]).epochs == 3
