@@ -48,7 +48,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -81,6 +80,7 @@ from ddpo_rl.policy import DiffusionPolicy
 from ddpo_rl.prompts import resolve_prompts
 from ddpo_rl.rewards.transform import RewardError, RewardTransform
 from ddpo_rl.sampling import make_sampler
+from ddpo_rl.stop import StopRequest
 from ddpo_rl.schedules import is_flow_matching_scheduler
 from ddpo_rl.threads import ThreadGovernor
 from ddpo_rl.trainer import DDPOTrainer, TrainConfig
@@ -162,8 +162,7 @@ class DDPORecipe:
         # the metrics record of an epoch whose evaluation failed: the checkpoint of that epoch holds it,
         # and a resumed run does that evaluation first (:meth:`_evaluate_epoch`)
         self.pending_evaluation: dict | None = None
-        self._stop_requested = False
-        self._old_handlers = {}
+        self.stop_request = StopRequest()  # SIGINT/SIGTERM, from train() to cleanup()
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -707,17 +706,14 @@ class DDPORecipe:
     # ------------------------------------------------------------------------------------------
     # train
     # ------------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            if self._stop_requested:  # second signal: stop now
-                raise KeyboardInterrupt
-            self._stop_requested = True
+    @property
+    def _stop_requested(self) -> bool:
+        """Whether a SIGINT/SIGTERM asked this process to stop (ddpo_rl.stop: a second one stops at once)."""
+        return self.stop_request.requested
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not in the main thread
-                pass
+    @_stop_requested.setter
+    def _stop_requested(self, value: bool) -> None:
+        self.stop_request.requested = value
 
     def train(self) -> dict:
         """Run the epochs (sample, advantages, update, log, evaluate, checkpoint; see the module
@@ -725,7 +721,7 @@ class DDPORecipe:
         cfg = self.cfg
         from ddpo_rl.progress import RunProgress
 
-        self._install_signal_handlers()
+        self.stop_request.install()
         epoch = self.start_epoch
         show = cfg.progress and self.is_main
         self.stopped_on_monitor_drop = False
@@ -995,9 +991,7 @@ class DDPORecipe:
         return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), cfg.use_lora, info=info)
 
     def cleanup(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
+        self.stop_request.restore()
         if getattr(self, "run_logger", None) is not None:
             self.run_logger.close()  # logs what is left: the reward curve
         if hasattr(getattr(self, "reward_fn", None), "shutdown"):  # an AsyncReward's thread pool

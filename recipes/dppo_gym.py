@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import ddpo_rl  # noqa: F401  (first: the torchvision shim, before diffusers)
 
-import contextlib
 import dataclasses
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +71,7 @@ from ddpo_rl.control import (
 )
 from ddpo_rl.plotting import save_curve_png
 from ddpo_rl.jsonl import read_records
+from ddpo_rl.stop import StopRequest
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, read_config, resume_changes
 from envs.gym_control import (
     CONTROL_TASKS,
@@ -298,30 +297,6 @@ def run(cfg: DPPOGymConfig) -> dict:
         run_dir.close()
 
 
-@contextlib.contextmanager
-def _stop_on_signal():
-    """A flag set by the first SIGINT/SIGTERM (the epoch in progress finishes, then the run stops with its
-    files written); a second one raises KeyboardInterrupt at once. Yields a dict: ``{"requested": bool}``."""
-    stop = {"requested": False}
-
-    def handler(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not in the main thread: no handler, as before
-            pass
-    try:
-        yield stop
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-
 def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer, gen, env) -> tuple[dict, int]:
     """--resume: load checkpoint.pt (checksummed; the previous one if it is damaged) into the models, the
     optimizer and every random stream; keep the records of the epochs it covers (metrics.jsonl) and
@@ -353,11 +328,11 @@ def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer
 
 
 def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
-    with _stop_on_signal() as stop:
+    with StopRequest() as stop:  # the first SIGINT/SIGTERM: the epoch in progress finishes, then the run stops
         return _run_until(cfg, run_dir, stop)
 
 
-def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
+def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -422,7 +397,7 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: dict) -> dict:
     with progress:
         task = progress.add_task("dppo", total=cfg.epochs, completed=epochs_trained, env=cfg.env, ret="-")
         for epoch in range(start, cfg.epochs + 1):
-            if stop["requested"] and epoch < cfg.epochs:  # SIGINT/SIGTERM: stop before the next epoch
+            if stop.requested and epoch < cfg.epochs:  # SIGINT/SIGTERM: stop before the next epoch
                 break
             t_epoch = time.perf_counter()
             record: dict = {"epoch": epoch}

@@ -92,6 +92,7 @@ QUICK = dict(env="Pendulum-v1", epochs=4, num_envs=2, rollout_steps=50, demo_rol
 def test_a_stop_requested_before_the_first_epoch_still_writes_an_honest_summary(tmp_path):
     """A Ctrl-C during behaviour cloning: no epoch is trained, no evaluation made; the files are written and
     summary.json says so instead of a KeyboardInterrupt traceback and no summary."""
+    from ddpo_rl.stop import StopRequest
     from recipes.dppo_gym import _run_until
     from ddpo_rl.run_dir import RunDir
     from recipes.dppo_gym import RUN_FILES
@@ -101,7 +102,9 @@ def test_a_stop_requested_before_the_first_epoch_still_writes_an_honest_summary(
     run_dir = RunDir(cfg.output_dir, RUN_FILES, overwrite_hint="--overwrite true", resumable=False)
     run_dir.open(overwrite=False)
     try:
-        summary = _run_until(cfg, run_dir, {"requested": True})
+        stop = StopRequest()
+        stop.requested = True  # what the first signal does
+        summary = _run_until(cfg, run_dir, stop)
     finally:
         run_dir.close()
     assert summary["interrupted"] and summary["epochs_trained"] == 0 and summary["env_steps"] == 0
