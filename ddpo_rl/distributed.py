@@ -82,6 +82,34 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_ragged(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate the 1-D ``x`` of every rank, whatever its length on each (samples dropped for a NaN
+    reward leave ranks with unequal batches), in rank order; returns (that, where this rank's part
+    starts). One small gather of the lengths, then one of the padded tensors."""
+    if not _active():
+        return x, 0
+    sizes = all_gather_cat(torch.tensor([x.numel()], dtype=torch.int64, device=x.device)).tolist()
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x.reshape(-1)
+    parts = all_gather_cat(padded).reshape(len(sizes), -1)
+    everyone = torch.cat([parts[r, :n] for r, n in enumerate(sizes)])
+    return everyone, sum(sizes[: dist.get_rank()])
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each 0-dim value averaged over the ranks that have a finite one (NaN where none has): a run's
+    training figures (loss, clip fraction, ...) said for the whole job, not for rank 0's share. A key
+    missing on some rank (it trained on nothing) counts as not finite there."""
+    if not _active():
+        return values
+    keys = sorted(set().union(*all_gather_objects(sorted(values))))
+    mine = torch.stack([values[k].detach().float().cpu() if k in values else torch.tensor(float("nan")) for k in keys])
+    every = all_gather_cat(mine).reshape(-1, len(keys))
+    finite = torch.isfinite(every)
+    means = torch.where(finite, every, torch.zeros_like(every)).sum(0) / finite.sum(0)
+    return dict(zip(keys, means.unbind()))
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order."""
     if not _active():

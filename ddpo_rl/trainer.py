@@ -241,7 +241,7 @@ class DDPOTrainer:
             batch = batch[:, list(cfg.step_indices)]
             T = batch.shape[1]
         prepare = getattr(self.loss_module, "prepare_batch", None)
-        if prepare is not None and N:
+        if prepare is not None:  # on every rank, an empty batch too: it may gather over ranks (RWR's weights)
             batch = prepare(batch)
         steps_kept = max(1, math.ceil(cfg.timestep_fraction * T))
         mb_per_epoch = math.ceil(N / cfg.minibatch_size)

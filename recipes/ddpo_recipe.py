@@ -770,7 +770,8 @@ class DDPORecipe:
                     "kl_approx": None,
                     "kl_to_reference": None,
                 }
-                record.update({k: v.item() for k, v in train_metrics.items()})
+                # the whole job's figures under torchrun (one small gather), not rank 0's share
+                record.update({k: v.item() for k, v in distributed.mean_over_ranks(train_metrics).items()})
                 if record.get("skipped_steps") and self.is_main:
                     print(f"warning: epoch {epoch}: {record['skipped_steps']:.0f} optimizer step(s) undone "
                           "(non-finite loss, gradient or updated weights)", file=sys.stderr, flush=True)

@@ -50,6 +50,37 @@ def _check_helpers(rank: int, port: int, errors) -> None:
         assert distributed.any_true(False) is False
         assert distributed.max_int(rank * 5) == 5
 
+        # all_gather_ragged: unequal lengths (samples dropped on one rank), rank order, where mine starts
+        everyone, start = distributed.all_gather_ragged(torch.arange(3.0) if rank == 0 else torch.tensor([7.0]))
+        assert everyone.tolist() == [0.0, 1.0, 2.0, 7.0] and start == (0 if rank == 0 else 3)
+        everyone, start = distributed.all_gather_ragged(torch.zeros(0) if rank == 0 else torch.tensor([5.0, 6.0]))
+        assert everyone.tolist() == [5.0, 6.0] and start == 0
+
+        # mean_over_ranks: the job's figure; a value missing or not finite on a rank is left out
+        mine = {"loss": torch.tensor(1.0 + 2 * rank), "clip_fraction": torch.tensor(float("nan") if rank else 0.5)}
+        if rank == 0:
+            mine["kl"] = torch.tensor(4.0)
+        got = distributed.mean_over_ranks(mine)
+        assert {k: v.item() for k, v in got.items()} == {"loss": 2.0, "clip_fraction": 0.5, "kl": 4.0}
+
+        # RWR weights over the whole job's batch, as one process weights the concatenated batch
+        from tensordict import TensorDict
+
+        from ddpo_rl.keys import KEYS
+        from ddpo_rl.objectives import RWRLoss, rwr_weights
+        from ddpo_rl.policy import DiffusionPolicy
+        from ddpo_rl.models.tiny import sd_ddim_scheduler
+
+        adv = torch.tensor([0.3, -1.0, 2.0, 0.1, 1.5, -0.2, 0.9])  # rank 0: the first 4, rank 1: 3
+        part = adv[:4] if rank == 0 else adv[4:]
+        policy = DiffusionPolicy(torch.nn.Identity(), sd_ddim_scheduler(), 5)
+        for mode in ("exponential", "sparse"):
+            loss = RWRLoss(policy, mode=mode, temperature=0.5, quantile=0.5)
+            td = loss.prepare_batch(TensorDict({KEYS.advantage: part.unsqueeze(-1)}, [part.numel()]))
+            expected = rwr_weights(adv, mode, temperature=0.5, quantile=0.5)
+            expected = expected[:4] if rank == 0 else expected[4:]
+            torch.testing.assert_close(td["rwr_weight"].squeeze(-1), expected, rtol=0, atol=1e-6)
+
         # broadcast_parameters: rank 0's weights everywhere
         p = torch.nn.Parameter(torch.full((3,), float(rank)))
         distributed.broadcast_parameters([p])
@@ -92,3 +123,6 @@ def test_helpers_are_no_ops_in_one_process():
     assert distributed.average_gradients([p], extra=extra) is extra and torch.equal(p.grad, torch.ones(2))
     assert distributed.any_true(True) and not distributed.any_true(False)
     assert distributed.max_int(7) == 7
+    assert distributed.all_gather_ragged(x) == (x, 0)
+    values = {"loss": torch.tensor(1.0)}
+    assert distributed.mean_over_ranks(values) is values

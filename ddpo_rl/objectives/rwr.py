@@ -20,6 +20,7 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
+from ddpo_rl import distributed
 from ddpo_rl.objectives.reinforce import CriticFreePGLoss
 
 RWR_MODES = ("exponential", "sparse")
@@ -63,10 +64,15 @@ class RWRLoss(CriticFreePGLoss):
         self.mode, self.temperature, self.quantile = mode, float(temperature), float(quantile)
 
     def prepare_batch(self, batch: TensorDictBase) -> TensorDictBase:
-        """Write the weights of a whole epoch's batch [N, (T)] from its advantages (once per epoch)."""
+        """Write the weights of a whole epoch's batch [N, (T)] from its advantages (once per epoch; under
+        torchrun a collective, which every rank calls as the trainer does)."""
         adv = batch.get(self.tensor_keys.advantage)
         per_sample = adv[:, 0] if adv.dim() > 2 else adv  # [N, T, 1] -> [N, 1]: one weight per trajectory
-        w = rwr_weights(per_sample, self.mode, self.temperature, self.quantile).reshape(per_sample.shape)
+        # under torchrun, over the whole job's batch (every rank's trajectories), as one process would
+        # weight it: the softmax's normaliser and the sparse quantile are global, not per rank
+        everyone, start = distributed.all_gather_ragged(per_sample.reshape(-1))
+        w_all = rwr_weights(everyone, self.mode, self.temperature, self.quantile) if everyone.numel() else everyone
+        w = w_all[start : start + per_sample.numel()].reshape(per_sample.shape)
         if adv.dim() > 2:
             w = w.unsqueeze(1).expand_as(adv)
         batch.set(self.tensor_keys.weight, w.contiguous())
