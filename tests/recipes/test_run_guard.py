@@ -464,7 +464,7 @@ def test_dppo_gym_rerun_is_refused_unless_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(small)
     err = capsys.readouterr().err
-    assert "holds a finished run (1 of 1 epochs)" in err and "--overwrite" in err and "--resume" not in err
+    assert "holds a finished run (1 of 1 epochs)" in err and "--overwrite" in err and f"--resume {out}" in err
     assert _digest(out) == before
     main([*small, "--overwrite", "true"])
 
