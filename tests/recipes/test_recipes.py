@@ -534,9 +534,13 @@ def test_nonfinite_step_is_skipped_and_logged(where, tmp_path):
 def test_compare_algorithms_runs_reuses_and_refuses(tmp_path):
     out = tmp_path / "cmp"
     args = ["--seeds", "0", "1", "--jobs", "2", "--progress", "false", "--output-dir", str(out),
-            "--preset", "tiny", "--epochs", "1"]
+            "--preset", "tiny", "--epochs", "1", "--clip-epsilon", "0.01"]
     res = run_recipe("compare_algorithms.py", *args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # DDPO-IS's clip range goes to its runs only, and the comparison says so
+    assert "note: --clip-epsilon goes to the ddpo_is runs only" in res.stdout
+    clips = {a: json.loads((out / a / "seed0" / "config.json").read_text())["clip_epsilon"] for a in ("ddpo_is", "rwr")}
+    assert clips == {"ddpo_is": 0.01, "rwr": 1e-4}
     table = json.loads((out / "comparison.json").read_text())
     assert set(table["methods"]) == {"ddpo_is", "ddpo_sf", "rwr"}
     assert table["reward_queries"] == 4
