@@ -269,7 +269,8 @@ def rollout(env, actor, steps: int):
 
 
 def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
-    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env.
+    """(mean, std) return of the completed episodes of one rollout from the reseeded eval env (NaN, NaN
+    when none was completed: ``rollout_steps`` shorter than an episode).
 
     Both the eval env (initial states) and torch's RNG (the policy's sampling noise) are reseeded
     with ``seed``, the latter inside ``fork_rng``: every evaluation sees the same initial states and
@@ -280,8 +281,8 @@ def evaluate(env, actor, steps: int, seed: int) -> tuple[float, float]:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         returns = completed_episode_returns(rollout(env, actor, steps))
-    if returns.numel() == 0:
-        return float("nan"), 0.0
+    if returns.numel() == 0:  # no episode ended within the rollout: no figure (null in metrics.jsonl)
+        return float("nan"), float("nan")
     return returns.mean().item(), (returns.std().item() if returns.numel() > 1 else 0.0)
 
 

@@ -184,6 +184,9 @@ def test_resume_after_a_crash_goes_on_exactly_as_the_uninterrupted_run(tmp_path,
     assert torch.load(crashed / "checkpoint.pt", weights_only=False)["epochs_trained"] == 2
     summary = main(["--resume", str(crashed)])
     assert _records(crashed) == _records(tmp_path / "straight")
+    # rollouts of 50 steps end no 200-step Pendulum episode: the returns are no figure, their spread neither
+    evals = [r for r in _records(crashed) if "eval_return_mean" in r]
+    assert len(evals) == 5 and all(r["eval_return_mean"] is None and r["eval_return_std"] is None for r in evals)
     straight = read_json(tmp_path / "straight" / "summary.json")
     for key in ("expert_return_mean", "bc_final_loss", "return_before", "return_after", "eval_curve", "epochs_trained"):
         assert json.loads(dumps(summary))[key] == straight[key], key
