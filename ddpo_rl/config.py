@@ -587,15 +587,8 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
     """
     import sys
 
-    from ddpo_rl import cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        parsed, given = cli.parse(DDPOConfig, argv, description=_cli_description())
-    except cli.CLIError as err:
-        raise ConfigError(str(err)) from None
-    script_preset = defaults.pop("preset", None)  # the script's default preset (recipes/flow_grpo.py)
-    preset_given = given.pop("preset", None) is not None
+    parsed, given, preset, preset_given = _read_cli(argv, defaults)
     base = resume_base(given["resume"]) if given.get("resume") else None
     if base is not None:  # --resume RUN_DIR: the run's own config, then what this command sets
         out = given.get("output_dir")
@@ -606,7 +599,6 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
             )
         explicit = {**defaults, **given, **({"preset": parsed.preset} if preset_given else {})}
         return DDPOConfig.from_dict({**base, **explicit}).validate()
-    preset = parsed.preset if preset_given else (script_preset or parsed.preset)
     cfg = preset_config(preset, **{**defaults, **given}).validate()
     unused = unused_fields(cfg)
     for name in given:
@@ -665,18 +657,28 @@ def options_used(argv: list[str], **defaults) -> list[str]:
     multi-run recipes, whose shared options may concern some of their runs only (a clip range: the
     DDPO-IS runs of a comparison; a KL weighting: the kl_coef > 0 runs of a front). ``defaults`` as
     for :func:`parse_cli`."""
+    from ddpo_rl.cli import option_groups
+
+    defaults = dict(defaults)
+    _, given, preset, _ = _read_cli(list(argv), defaults)
+    unused = unused_fields(preset_config(preset, **{**defaults, **given}))
+    return [token for name, group in option_groups(DDPOConfig, list(argv)) if name not in unused for token in group]
+
+
+def _read_cli(argv: list[str], defaults: dict) -> tuple[DDPOConfig, dict, str, bool]:
+    """(tyro's reading of ``argv``, the fields it gives but the preset, the preset to apply, whether
+    ``--preset`` was given). Pops ``defaults["preset"]``: the script's default preset
+    (recipes/flow_grpo.py), which applies when ``--preset`` is not given."""
     from ddpo_rl import cli
 
     try:
-        parsed, given = cli.parse(DDPOConfig, list(argv))
+        parsed, given = cli.parse(DDPOConfig, argv, description=_cli_description())
     except cli.CLIError as err:
         raise ConfigError(str(err)) from None
-    defaults = dict(defaults)
     script_preset = defaults.pop("preset", None)
-    preset = parsed.preset if given.pop("preset", None) is not None else (script_preset or parsed.preset)
-    cfg = preset_config(preset, **{**defaults, **given})
-    unused = unused_fields(cfg)
-    return [token for name, group in cli.option_groups(DDPOConfig, list(argv)) if name not in unused for token in group]
+    preset_given = given.pop("preset", None) is not None
+    preset = parsed.preset if preset_given else (script_preset or parsed.preset)
+    return parsed, given, preset, preset_given
 
 
 def _cli_description() -> str:

@@ -49,7 +49,6 @@ from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
 from ddpo_rl.atomic import atomic_file, write_json, write_text
-from ddpo_rl.jsonl import dumps
 from ddpo_rl.checkpoint import atomic_torch_save, read_checkpoint, rng_state, run_dir_of, set_rng_state
 from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
@@ -70,7 +69,7 @@ from ddpo_rl.control import (
     training_batch,
 )
 from ddpo_rl.plotting import save_curve_png
-from ddpo_rl.jsonl import read_records
+from ddpo_rl.jsonl import dumps, read_records
 from ddpo_rl.stop import StopRequest
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, read_config, resume_changes
 from envs.gym_control import (
@@ -181,6 +180,8 @@ class DPPOGymConfig:
         """ConfigError (one line, naming the field) on any setting that cannot run, before anything is written."""
         check_finite_floats(self)
         expand_user_paths(self)
+        if self.resume:  # a resumed run goes on in its own directory
+            self.output_dir = run_dir_of(self.resume)
         if self.ratio not in RATIO_FORMS:
             raise ConfigError(f"ratio: {self.ratio!r} is not one of {RATIO_FORMS}")
         if self.chain_reduction not in LOG_PROB_REDUCTIONS:

@@ -29,9 +29,8 @@ import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
-from ddpo_rl.cli import HelpFormatter
+from ddpo_rl.cli import HelpFormatter, option_groups
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
-from ddpo_rl.cli import option_groups
 from ddpo_rl.config import DDPOConfig, options_used, parse_cli
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
