@@ -173,8 +173,8 @@ class DPPOGymConfig:
     """Write checkpoint.pt every this many epochs (and on a stop, and at the end): where --resume goes on from."""
     resume: str | None = None
     """A run directory to go on with from its checkpoint.pt, exactly (weights, optimizer, every random
-    stream, the envs' included): with its own config, of which only the fields of CHANGEABLE_ON_RESUME
-    may change (e.g. --epochs, to train further); output_dir follows it."""
+    stream, the envs' included): with its own config, of which only epochs (to train further),
+    eval_every, save_every, progress, logger and logger_kwargs may change; output_dir follows it."""
 
     def validate(self) -> None:
         """ConfigError (one line, naming the field) on any setting that cannot run, before anything is written."""
