@@ -225,3 +225,14 @@ def test_resume_refuses_bad_input_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="resume: .* did not record its random state"):
         run(parse_args(["--resume", str(out)]))
     assert parse_args(["--resume", str(out), "--epochs", "3"]).epochs == 3
+
+
+def test_the_resume_help_names_every_field_a_resume_may_change():
+    from ddpo_rl.cli import help_text
+    from recipes.dppo_gym import CHANGEABLE_ON_RESUME
+
+    text = help_text(DPPOGymConfig)
+    start = text.index("  --resume ")
+    end = text.find("\n  --", start + 1)  # the next option
+    block = text[start:] if end < 0 else text[start:end]
+    assert all(name in block for name in CHANGEABLE_ON_RESUME), block
