@@ -80,23 +80,24 @@ class RunLogger:
     Args:
         logger: a ``torchrl.record.loggers.Logger``.
         output_dir: the run directory.
-        start_epoch: records of epochs up to this one were logged by an earlier process (a
-            resumed run): they are skipped. Their images too.
+        start_epoch: None for a fresh run; for a resumed one, the last epoch whose records an earlier
+            process logged (0 included: a recipe whose records start at epoch 0; -1: none): they and
+            their images are skipped, and what that process logged after it is purged (TensorBoard, CSV).
         hparams: the run's configuration, given to the loggers that keep one (W&B, MLflow).
     """
 
-    def __init__(self, logger, output_dir: str, start_epoch: int = 0, hparams: dict | None = None):
+    def __init__(self, logger, output_dir: str, start_epoch: int | None = None, hparams: dict | None = None):
         self.logger = logger
         self.output_dir = output_dir
         self.start_epoch = start_epoch
-        self.last_epoch = start_epoch
+        self.last_epoch = max(start_epoch or 0, 0)
         self._offsets = dict.fromkeys(RECORD_FILES, 0)
         self._images: dict[str, float] = {}
-        if start_epoch > 0:  # images of the earlier process: already logged
+        if start_epoch is not None:  # images of the earlier process: already logged
             self._images = {p: os.path.getmtime(p) for p in self._image_paths()}
-        if start_epoch > 0 and _kind(logger) == "tensorboard":
+        if start_epoch is not None and _kind(logger) == "tensorboard":
             _purge_tensorboard_after(logger, start_epoch)
-        if start_epoch > 0 and _kind(logger) == "csv":
+        if start_epoch is not None and _kind(logger) == "csv":
             _purge_csv_after(logger, start_epoch)
         if hparams is not None and _kind(logger) in ("wandb", "mlflow"):
             logger.log_hparams({k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in hparams.items()})
@@ -140,7 +141,7 @@ class RunLogger:
 
     def _log_record(self, prefix: str, record: dict) -> None:
         epoch = int(record["epoch"])
-        if epoch <= self.start_epoch and self.start_epoch > 0:
+        if self.start_epoch is not None and epoch <= self.start_epoch:
             return
         self.last_epoch = max(self.last_epoch, epoch)
         for key, value in record.items():
@@ -200,7 +201,7 @@ def _purge_csv_after(logger, epoch: int) -> None:
 
 
 def make_run_logger(
-    kind: str, output_dir: str, logger_kwargs: dict | None = None, start_epoch: int = 0, hparams: dict | None = None
+    kind: str, output_dir: str, logger_kwargs: dict | None = None, start_epoch: int | None = None, hparams: dict | None = None
 ) -> RunLogger | None:
     """:class:`RunLogger` over :func:`make_logger`'s logger; None for ``kind="none"``."""
     logger = make_logger(kind, output_dir, logger_kwargs)

@@ -273,7 +273,7 @@ class DDPORecipe:
         self.run_dir.clear_earlier_run()
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         self.run_logger = make_run_logger(
-            cfg.logger, self.out, cfg.logger_kwargs, self.recorded_epoch if resume_state else 0, cfg.to_dict()
+            cfg.logger, self.out, cfg.logger_kwargs, self.recorded_epoch if resume_state else None, cfg.to_dict()
         )
 
     def _setup_model(self) -> None:

@@ -384,7 +384,8 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
     # 3. RL fine-tuning
     history = read_records(out / "metrics.jsonl")
     metrics_file = (out / "metrics.jsonl").open("a")
-    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, start_epoch=start,
+    # resumed: the records kept are those of epochs up to start - 1 (they count from epoch 0)
+    run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, start_epoch=start - 1 if cfg.resume else None,
                                  hparams=dataclasses.asdict(cfg))
     progress = Progress(
         TextColumn("[bold]DPPO {task.fields[env]}"),

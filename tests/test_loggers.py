@@ -64,6 +64,18 @@ def test_resumed_run_skips_what_the_earlier_process_logged(tmp_path):
     assert _csv_scalars(out)["metrics/reward_mean"] == [(3, 3.0)]
 
 
+def test_a_resume_after_epoch_0_skips_epoch_0_and_a_fresh_run_logs_it(tmp_path):
+    """Records that count from epoch 0 (dppo_gym's; DDPO's base evaluation): start_epoch 0 means the earlier
+    process logged epoch 0; None, a fresh run, logs it."""
+    for start, expected in ((0, [(1, 1.0)]), (None, [(0, 0.5), (1, 1.0)]), (-1, [(0, 0.5), (1, 1.0)])):
+        out = tmp_path / f"run{start}"
+        _write_run(out, [{"epoch": 0, "reward_mean": 0.5}])
+        run_logger = make_run_logger("csv", str(out), start_epoch=start)
+        _write_run(out, [{"epoch": 1, "reward_mean": 1.0}])
+        run_logger.close()
+        assert _csv_scalars(out)["metrics/reward_mean"] == expected, start
+
+
 def test_tensorboard_logger_takes_scalars_and_images(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -236,3 +236,25 @@ def test_the_resume_help_names_every_field_a_resume_may_change():
     end = text.find("\n  --", start + 1)  # the next option
     block = text[start:] if end < 0 else text[start:end]
     assert all(name in block for name in CHANGEABLE_ON_RESUME), block
+
+
+def test_a_resumed_run_logs_every_epoch_once(tmp_path):
+    """--logger csv: a run of 2 epochs resumed to 4 has one row per epoch record (0 .. 4) in the logger's
+    files: the epoch the resume starts with is logged (dppo_gym's records count from epoch 0), and the
+    earlier process's final evaluation-only record of epoch 2, which the resume redoes, once."""
+    import glob
+    import os
+
+    from recipes.dppo_gym import main
+    from tests.helpers import read_jsonl
+
+    out = tmp_path / "run"
+    main([*_cli(**{**QUICK, "epochs": 2}), "--output-dir", str(out), "--logger", "csv"])
+    main(["--resume", str(out), "--epochs", "4"])
+    def rows(name: str) -> list[tuple[int, float]]:
+        (path,) = glob.glob(os.path.join(out, "logs", "**", "metrics", f"{name}.csv"), recursive=True)
+        return [(int(step), float(value)) for step, value in (row.split(",") for row in open(path).read().split())]
+
+    records = {r["epoch"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    assert rows("seconds") == [(e, records[e]["seconds"]) for e in range(5)]  # the redone epoch 2, not the earlier one
+    assert [step for step, _ in rows("loss_critic")] == [0, 1, 2, 3]  # epoch 4 only evaluates
