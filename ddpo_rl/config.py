@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -585,7 +586,6 @@ def parse_cli(argv: list[str] | None = None, **defaults) -> DDPOConfig:
     then the fields given on the command line: ``preset_config`` receives those explicit fields
     only. ``--help`` lists every field with its docstring (tyro's help).
     """
-    import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parsed, given, preset, preset_given = _read_cli(argv, defaults)
@@ -698,17 +698,33 @@ def resume_base(resume: str) -> dict | None:
     from ddpo_rl.checkpoint import run_dir_of
 
     run_dir = run_dir_of(os.path.expanduser(resume))
+    path = os.path.join(run_dir, "config.json")
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
+        with open(path) as f:
             stored = json.load(f)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as err:  # gone or damaged: the checkpoint records the config too
+        stored = _checkpoint_config(run_dir)
+        if stored is None:
+            return None  # no checkpoint either: the checkpoint check will say so
+        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
+        print(f"note: resume: {path} is {why}; the run's config is read from its checkpoint "
+              "(config.json is written again)", file=sys.stderr, flush=True)
     if not isinstance(stored, dict) or not {"algorithm", "model", "reward"} <= set(stored):
         return None  # not a DDPO run's config (e.g. dppo_gym's): the checkpoint check will say what it is
     names = {f.name for f in dataclasses.fields(DDPOConfig)} - {"resume", "overwrite"}
     base = {k: v for k, v in stored.items() if k in names}
     base["output_dir"] = run_dir
     return base
+
+
+def _checkpoint_config(run_dir: str) -> dict | None:
+    """The config recorded in ``run_dir``'s checkpoint (the previous one if the newest is damaged), or None."""
+    from ddpo_rl.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        return read_checkpoint(run_dir, required=("config",)).state["config"]
+    except CheckpointError:
+        return None
 
 
 def cli_help() -> str:

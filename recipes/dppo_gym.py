@@ -49,7 +49,7 @@ from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
 from ddpo_rl.atomic import atomic_file, write_json, write_text
-from ddpo_rl.checkpoint import atomic_torch_save, read_checkpoint, rng_state, run_dir_of, set_rng_state
+from ddpo_rl.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint, rng_state, run_dir_of, set_rng_state
 from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.cli import parse
@@ -299,10 +299,11 @@ def run(cfg: DPPOGymConfig) -> dict:
         run_dir.close()
 
 
-def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer, gen, env) -> tuple[dict, int]:
+def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer, gen, env) -> tuple[dict, int, list]:
     """--resume: load checkpoint.pt (checksummed; the previous one if it is damaged) into the models, the
     optimizer and every random stream; keep the records of the epochs it covers (metrics.jsonl) and
-    record the resume in config.json. Returns (the pre-RL stage's figures, the epoch to go on from)."""
+    record the resume in config.json. Returns (the pre-RL stage's figures, the epoch to go on from,
+    config.json's history)."""
     loaded = read_checkpoint(str(Path(cfg.output_dir) / "checkpoint.pt"), kind="dppo_gym",
                              required=("noise_model", "critic", "optimizer", "epochs_trained"))
     for note in loaded.notes:
@@ -319,14 +320,31 @@ def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer
     start = int(state["epochs_trained"])
     path = os.path.join(cfg.output_dir, "metrics.jsonl")
     write_text(path, "".join(lines_up_to_epoch(path, start - 1)) if os.path.exists(path) else "")
-    stored, history = read_config(cfg.output_dir)
+    stored, history = (state["config"], state["history"]) if "config" in state else read_config(cfg.output_dir)
     changed = resume_changes(stored, dataclasses.asdict(cfg), CHANGEABLE_ON_RESUME,
                              defaults=dataclasses.asdict(DPPOGymConfig()))
-    run_dir.write_config({**dataclasses.asdict(cfg), "resume": None},
-                         [*history, history_entry("resume", start, changed or None)])
+    history = [*history, history_entry("resume", start, changed or None)]
+    run_dir.write_config({**dataclasses.asdict(cfg), "resume": None}, history)
     said = "; ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changed.items()) or "no config change"
     print(f"resume: continuing {cfg.output_dir} after epoch {start} ({said})", file=sys.stderr, flush=True)
-    return state["stage"], start
+    return state["stage"], start, history
+
+
+def _stored_config(run_dir: str) -> dict:
+    """The config a run in ``run_dir`` ran with: its config.json, or, when that is gone or damaged, the one
+    its checkpoint records (with a note). ConfigError when neither can be read."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        return read_config(run_dir)[0]
+    except (OSError, ValueError) as err:
+        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
+    try:
+        state = read_checkpoint(os.path.join(run_dir, "checkpoint.pt"), kind="dppo_gym", required=("config",)).state
+    except CheckpointError as err:
+        raise ConfigError(f"resume: {path} is {why}, and no checkpoint records the run's config ({err})") from None
+    print(f"note: resume: {path} is {why}; the run's config is read from its checkpoint (config.json is written "
+          "again)", file=sys.stderr, flush=True)
+    return state["config"]
 
 
 def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
@@ -353,16 +371,19 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
         atomic_torch_save(
             {"noise_model": noise_model.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
              "epochs_trained": epochs_trained, "epoch": epochs_trained, "rng": rng_state(gen),
-             "env_rng": env_rng_state(env), "stage": stage},
+             "env_rng": env_rng_state(env), "stage": stage,
+             # config.json's content, for a resume that finds that file gone or damaged
+             "config": {**dataclasses.asdict(cfg), "resume": None}, "history": history},
             str(out / "checkpoint.pt"),
             kind="dppo_gym",
         )
 
     if cfg.resume:  # the state after the checkpoint's epoch: weights, optimizer, random streams, records
-        stage, start = _restore(cfg, run_dir, noise_model, critic, optimizer, gen, env)
+        stage, start, history = _restore(cfg, run_dir, noise_model, critic, optimizer, gen, env)
     else:
         run_dir.clear_earlier_run()  # --overwrite true: only now that the run can start
-        run_dir.write_config(dataclasses.asdict(cfg), [history_entry("start", 0)])
+        history = [history_entry("start", 0)]  # config.json's: the start, then each resume
+        run_dir.write_config(dataclasses.asdict(cfg), history)
         # 1-2. demonstrations and behaviour cloning
         t0 = time.perf_counter()
         expert = scripted_expert(cfg.env, gain=cfg.demo_gain, noise_std=cfg.demo_noise)
@@ -382,7 +403,7 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
         (out / "metrics.jsonl").write_text("")
 
     # 3. RL fine-tuning
-    history = read_records(out / "metrics.jsonl")
+    records = read_records(out / "metrics.jsonl")
     metrics_file = (out / "metrics.jsonl").open("a")
     # resumed: the records kept are those of epochs up to start - 1 (they count from epoch 0)
     run_logger = make_run_logger(cfg.logger, str(out), cfg.logger_kwargs, start_epoch=start - 1 if cfg.resume else None,
@@ -432,7 +453,7 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
             else:
                 record["episode_return_mean"] = record["eval_return_mean"]
             record["seconds"] = time.perf_counter() - t_epoch
-            history.append(record)
+            records.append(record)
             metrics_file.write(dumps(record) + "\n")
             metrics_file.flush()
             if run_logger is not None:
@@ -444,8 +465,8 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
     metrics_file.close()
     interrupted = epochs_trained < cfg.epochs
 
-    evals = [r for r in history if "eval_return_mean" in r]
-    rollouts = history if interrupted else history[:-1]  # the last record of a finished run only evaluates
+    evals = [r for r in records if "eval_return_mean" in r]
+    rollouts = records if interrupted else records[:-1]  # the last record of a finished run only evaluates
     save_curve_png(
         str(out / "returns.png"),
         {
@@ -470,7 +491,7 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
         "return_after": evals[-1]["eval_return_mean"] if evals else None,
         "return_after_epoch": evals[-1]["epoch"] if evals else None,
         "eval_curve": [(r["epoch"], r["eval_return_mean"]) for r in evals],
-        "rl_seconds": sum(r["seconds"] for r in history),
+        "rl_seconds": sum(r["seconds"] for r in records),
         "env_steps": epochs_trained * cfg.num_envs * cfg.rollout_steps,
     }
     write_json(out / "summary.json", summary)
@@ -485,13 +506,13 @@ def parse_args(argv=None) -> DPPOGymConfig:
     cfg, given = parse(DPPOGymConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__.split("\n\n")[0])
     if cfg.resume:
         run_dir = run_dir_of(os.path.expanduser(cfg.resume))
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise ConfigError(f"resume: {cfg.resume} is not a dppo_gym run directory (no config.json)")
+        if not any(os.path.isfile(os.path.join(run_dir, n)) for n in ("config.json", "checkpoint.pt", "checkpoint.prev.pt")):
+            raise ConfigError(f"resume: {cfg.resume} is not a dppo_gym run directory (no config.json, no checkpoint.pt)")
         out = given.get("output_dir")
         if out is not None and os.path.abspath(os.path.expanduser(out)) != run_dir:
             raise ConfigError(f"output_dir: --resume goes on in the run's own directory ({run_dir}), not in {out}; "
                               "drop --output-dir")
-        stored, _ = read_config(run_dir)
+        stored = _stored_config(run_dir)
         fields = {f.name for f in dataclasses.fields(DPPOGymConfig)}
         unknown = sorted(set(stored) - fields)
         if unknown:

@@ -202,6 +202,32 @@ def test_resume_after_a_crash_goes_on_exactly_as_the_uninterrupted_run(tmp_path,
     assert read_json(tmp_path / "further" / "config.json")["history"][1]["changed"] == {"epochs": {"from": 2, "to": 4}}
 
 
+@pytest.mark.parametrize("damage", ["torn", "missing"])
+def test_resume_reads_the_config_from_the_checkpoint_when_config_json_is_damaged(tmp_path, capsys, damage):
+    from recipes.dppo_gym import main
+
+    out = tmp_path / "run"
+    main([*_cli(**{**QUICK, "epochs": 1}), "--output-dir", str(out), "--actor-lr", "3e-4"])
+    if damage == "torn":
+        (out / "config.json").write_text('{"env": "Pendulum-v1", "epo')
+    else:
+        (out / "config.json").unlink()
+    capsys.readouterr()
+    main(["--resume", str(out), "--epochs", "2"])
+    assert f"{out / 'config.json'} is {'damaged' if damage == 'torn' else 'missing'}" in capsys.readouterr().err
+    config = read_json(out / "config.json")
+    assert (config["actor_lr"], config["epochs"], config["num_envs"]) == (3e-4, 2, QUICK["num_envs"])
+    assert [h["event"] for h in config["history"]] == ["start", "resume"]
+    (out / "config.json").unlink()
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.prev.pt").unlink()
+    from ddpo_rl.config import ConfigError
+    from recipes.dppo_gym import parse_args
+
+    with pytest.raises(ConfigError, match="resume: .* is not a dppo_gym run directory"):
+        parse_args(["--resume", str(out)])
+
+
 def test_resume_refuses_bad_input_with_one_line(tmp_path):
     from ddpo_rl.config import ConfigError
     from recipes.dppo_gym import main, parse_args

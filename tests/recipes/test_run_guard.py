@@ -478,3 +478,26 @@ def test_compare_algorithms_output_dir_under_a_file_is_one_line(tmp_path, capsys
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: output_dir: "), err
+
+
+@pytest.mark.parametrize("damage", ["torn", "missing"])
+def test_resume_reads_the_config_from_the_checkpoint_when_config_json_is_damaged(tmp_path, capsys, damage):
+    """config.json torn or deleted (it is written atomically, so by something else): the checkpoint records
+    the config, so --resume goes on with the run's own settings (not the default preset's, which would be
+    refused field by field), says so, and writes config.json again with the history."""
+    from recipes.ddpo_recipe import main
+
+    out = tmp_path / "run"
+    main([*TINY, "--epochs", "1", "--output-dir", str(out), "--learning-rate", "1e-3"])
+    if damage == "torn":
+        (out / "config.json").write_text('{"preset": "tiny", "epo')
+    else:
+        (out / "config.json").unlink()
+    capsys.readouterr()
+    main(["--resume", str(out), "--epochs", "2", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert f"{out / 'config.json'} is {'damaged' if damage == 'torn' else 'missing'}" in err
+    config = read_json(out / "config.json")
+    assert (config["preset"], config["learning_rate"], config["epochs"]) == ("tiny", 1e-3, 2)
+    assert [h["event"] for h in config["history"]] == ["start", "resume"]
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
