@@ -208,11 +208,14 @@ def lines_up_to_epoch(path: str, epoch: int) -> list[str]:
         except ValueError:
             if last:
                 break
-            raise ValueError(f"{path}: line {number} is not JSON; the run log is damaged") from None
+            raise ValueError(f"{path}: line {number} is not JSON; the run log is damaged (by something else than "
+                             "the run: a kill tears only the last line): repair or delete that line, then resume "
+                             "again") from None
         if last and not line.endswith("\n"):
             break
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise ValueError(f"{path}: line {number} has no integer 'epoch'; the run log is damaged")
+            raise ValueError(f"{path}: line {number} has no integer 'epoch'; the run log is damaged: repair or delete "
+                             "that line, then resume again")
         if record["epoch"] <= epoch:
             keep.append(line)
     return keep
