@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ddpo_rl.checkpoint import CHECKPOINT_NAME
 from ddpo_rl.cli import option_groups
-from ddpo_rl.config import ConfigError, DDPOConfig, options_used, parse_cli, unused_fields
+from ddpo_rl.config import ConfigError, DDPOConfig, checkpoint_config, options_used, parse_cli, unused_fields
 from ddpo_rl.jsonl import read_records
 from ddpo_rl.objectives import LOSS_OPTIONS
 from ddpo_rl.run_dir import describe_run
@@ -76,8 +76,14 @@ def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
     cfg_path = os.path.join(out, "config.json")
     if not os.path.exists(cfg_path):
         return "new"
-    with open(cfg_path) as f:
-        stored = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as err:  # damaged: the checkpoint records the config too
+        stored = checkpoint_config(out)
+        if stored is None:
+            raise ConfigError(f"output_dir: {cfg_path} cannot be read ({' '.join(str(err).split())}) and no checkpoint "
+                              "records the run's config; delete that run directory") from None
     # a field the run does not read (another loss's setting) does not make it another run
     diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())), (*ignore, *unused_fields(cfg)))
     if diff:
@@ -85,14 +91,24 @@ def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
             f"output_dir: {out} holds a run with another configuration (differs in {', '.join(diff)}); "
             "use another --output-dir or delete that directory"
         )
-    summary_path = os.path.join(out, "summary.json")
-    if os.path.exists(summary_path) and os.path.isdir(os.path.join(out, "final")):
-        with open(summary_path) as f:
-            if json.load(f).get("final", {}).get("epoch") == cfg.epochs:
-                return "done"
+    summary = read_summary(out)
+    if summary is not None and os.path.isdir(os.path.join(out, "final")):
+        if summary.get("final", {}).get("epoch") == cfg.epochs:
+            return "done"
     if os.path.exists(os.path.join(out, "checkpoints", CHECKPOINT_NAME)):
         return "resume"
     return "new"
+
+
+def read_summary(run_dir: str) -> dict | None:
+    """``run_dir``'s summary.json, or None when it has none that can be read (a damaged one: the run is then
+    not counted as done, and resuming it writes the summary again)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def plan_runs(algorithms: list[str], seeds: list[int], overrides: list[str], output_dir: str) -> list[PlannedRun]:

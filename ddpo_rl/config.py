@@ -703,7 +703,7 @@ def resume_base(resume: str) -> dict | None:
         with open(path) as f:
             stored = json.load(f)
     except (OSError, ValueError) as err:  # gone or damaged: the checkpoint records the config too
-        stored = _checkpoint_config(run_dir)
+        stored = checkpoint_config(run_dir)
         if stored is None:
             return None  # no checkpoint either: the checkpoint check will say so
         why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
@@ -717,7 +717,7 @@ def resume_base(resume: str) -> dict | None:
     return base
 
 
-def _checkpoint_config(run_dir: str) -> dict | None:
+def checkpoint_config(run_dir: str) -> dict | None:
     """The config recorded in ``run_dir``'s checkpoint (the previous one if the newest is damaged), or None."""
     from ddpo_rl.checkpoint import CheckpointError, read_checkpoint
 

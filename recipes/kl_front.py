@@ -30,7 +30,7 @@ import sys
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
 from ddpo_rl.cli import HelpFormatter, option_groups
-from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, run_status
+from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, read_summary, run_status
 from ddpo_rl.config import DDPOConfig, options_used, parse_cli
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
@@ -75,11 +75,9 @@ def _pool_run(cfg, args, status) -> PoolRun:
 
 def _finished(cfg) -> dict | None:
     """The run's summary.json if it ran to its last epoch (or was stopped by the monitor alarm), else None."""
-    path = os.path.join(cfg.output_dir, "summary.json")
-    if not os.path.exists(path):
+    summary = read_summary(cfg.output_dir)
+    if summary is None:
         return None
-    with open(path) as f:
-        summary = json.load(f)
     if summary.get("final", {}).get("epoch") == cfg.epochs or summary.get("stopped_on_monitor_drop"):
         return summary
     return None

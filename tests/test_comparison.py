@@ -230,3 +230,25 @@ def test_kl_front_passes_a_kl_weighting_to_the_runs_with_a_kl_term_only(tmp_path
         assert parse_cli(args) == cfg
     with pytest.raises(ConfigError, match="kl_sigma_scale: set, but kl_coef is 0"):
         _plan("tiny", [0.0], [0], ["--kl-sigma-scale", "0.2"], str(tmp_path))
+
+
+def test_status_of_a_run_whose_summary_or_config_is_damaged(tmp_path):
+    """A torn summary.json does not count as done (resuming writes it again); a torn config.json is read
+    from the checkpoint's record of the config, and without one it is refused naming the file."""
+    from ddpo_rl.checkpoint import atomic_torch_save
+
+    (run,) = plan_runs(["ddpo_is"], [0], OVR, str(tmp_path / "c"))
+    _fake_finished_run(run, -0.5, -0.6)
+    assert run_status(run.cfg) == "done"
+    (tmp_path / "c" / "ddpo_is" / "seed0" / "summary.json").write_text('{"final": {"epo')
+    assert run_status(run.cfg) == "new"  # no checkpoint in this fake run: started again
+    os.makedirs(os.path.join(run.out, "checkpoints"))
+    atomic_torch_save({"config": run.cfg.to_dict(), "epoch": 3}, os.path.join(run.out, "checkpoints", "checkpoint.pt"))
+    assert run_status(run.cfg) == "resume"
+    (tmp_path / "c" / "ddpo_is" / "seed0" / "config.json").write_text('{"preset": "ti')
+    assert run_status(run.cfg) == "resume"  # the checkpoint says which config the run has
+    with pytest.raises(ConfigError, match="learning_rate"):
+        run_status(parse_cli([*OVR, "--output-dir", run.out, "--learning-rate", "1e-3"]))
+    os.remove(os.path.join(run.out, "checkpoints", "checkpoint.pt"))
+    with pytest.raises(ConfigError, match=r"output_dir: .*config.json cannot be read"):
+        run_status(run.cfg)
