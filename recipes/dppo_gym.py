@@ -403,6 +403,9 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
         (out / "metrics.jsonl").write_text("")
 
     # 3. RL fine-tuning
+    if cfg.critic_warmup_epochs >= cfg.epochs:  # the default warm-up, on a short run (a smoke test)
+        print(f"note: critic_warmup_epochs {cfg.critic_warmup_epochs}: the {cfg.epochs} epoch(s) of this run train only "
+              "the critic; the policy is not fine-tuned", file=sys.stderr, flush=True)
     records = read_records(out / "metrics.jsonl")
     metrics_file = (out / "metrics.jsonl").open("a")
     # resumed: the records kept are those of epochs up to start - 1 (they count from epoch 0)
@@ -520,6 +523,9 @@ def parse_args(argv=None) -> DPPOGymConfig:
         cfg = DPPOGymConfig(**{**stored, **given, "output_dir": run_dir, "resume": run_dir})
         resume_changes(stored, dataclasses.asdict(cfg), CHANGEABLE_ON_RESUME, defaults=dataclasses.asdict(DPPOGymConfig()))
     cfg.validate()
+    if "critic_warmup_epochs" in given and cfg.critic_warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"critic_warmup_epochs: {cfg.critic_warmup_epochs} of {cfg.epochs} epochs train only the "
+                          "critic, so the policy would never be fine-tuned; give fewer, or more --epochs")
     return cfg
 
 

@@ -228,13 +228,15 @@ def test_resume_reads_the_config_from_the_checkpoint_when_config_json_is_damaged
         parse_args(["--resume", str(out)])
 
 
-def test_resume_refuses_bad_input_with_one_line(tmp_path):
+def test_bad_input_and_bad_resumes_are_refused_with_one_line(tmp_path, capsys):
     from ddpo_rl.config import ConfigError
     from recipes.dppo_gym import main, parse_args
 
     out = tmp_path / "run"
-    main([*_cli(**{**QUICK, "epochs": 1}), "--output-dir", str(out)])
+    main([*_cli(**{**QUICK, "epochs": 1}), "--output-dir", str(out)])  # the default 2 warm-up epochs: noted
+    assert "note: critic_warmup_epochs 2: the 1 epoch(s) of this run train only the critic" in capsys.readouterr().err
     cases = [
+        (["--epochs", "2", "--critic-warmup-epochs", "2"], "critic_warmup_epochs: 2 of 2 epochs train only the critic"),
         (["--resume", str(tmp_path / "none")], "resume: "),
         (["--resume", str(out), "--actor-lr", "1e-3"], "actor_lr: cannot change on resume"),
         (["--resume", str(out), "--output-dir", str(tmp_path / "elsewhere")], "output_dir: --resume goes on in"),
