@@ -134,8 +134,12 @@ def best_evaluation(history: Sequence[dict], tolerance: float) -> dict | None:
 
 
 def alarm_message(alarm: dict) -> str:
+    """The alarm in one line. Its drop is infinite (null once read back from JSON) when the monitor had no
+    spread on the base samples: then it is said without a number."""
+    drop = alarm["drop_in_base_std"]
+    by = (f"{drop:.2f} base std " if drop is not None and math.isfinite(drop)
+          else "(its base std is 0, so by no finite number of them) ")
     return (
-        f"over-optimisation: monitor {alarm['monitor']} on the {alarm['prompts']} fell "
-        f"{alarm['drop_in_base_std']:.2f} base std below its base value at epoch {alarm['epoch']} "
-        f"({alarm['base_mean']:.4g} -> {alarm['mean']:.4g}; tolerance {alarm['tolerance']:g})"
+        f"over-optimisation: monitor {alarm['monitor']} on the {alarm['prompts']} fell {by}below its base value "
+        f"at epoch {alarm['epoch']} ({alarm['base_mean']:.4g} -> {alarm['mean']:.4g}; tolerance {alarm['tolerance']:g})"
     )

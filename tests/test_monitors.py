@@ -1,5 +1,6 @@
 """Monitors: loading errors, drops in base std, the alarm (first evaluation out of tolerance), the best evaluation."""
 
+import json
 import math
 
 import pytest
@@ -37,6 +38,19 @@ def test_alarm_is_the_first_evaluation_beyond_tolerance_on_either_prompt_set():
     assert "digit_alignment" in alarm_message(alarm) and "epoch 20" in alarm_message(alarm)
     assert first_alarm(history[:2], tolerance=0.5) is None
     assert first_alarm(history, tolerance=5.0) is None
+
+
+def test_an_alarm_on_a_monitor_without_base_spread_is_said_also_after_a_json_round_trip():
+    """A monitor constant on the base samples (base std 0) that falls: an infinite drop, which summary.json
+    and eval.jsonl write as null; the run's closing lines read it back and must still say the alarm."""
+    from ddpo_rl.jsonl import dumps
+
+    history = [_record(0, 1.0, 0.8, std=0.0), _record(10, 2.0, 0.7, std=0.0)]
+    alarm = first_alarm(history, tolerance=1.0)
+    assert alarm["epoch"] == 10 and alarm["drop_in_base_std"] == math.inf
+    for a in (alarm, json.loads(dumps(alarm))):
+        message = alarm_message(a)
+        assert "fell (its base std is 0, so by no finite number of them) below its base value at epoch 10" in message
 
 
 def test_best_is_the_highest_reward_within_tolerance():
