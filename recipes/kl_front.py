@@ -92,6 +92,8 @@ def _included_rows(paths, setup: dict) -> list[dict]:
                 earlier = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"include: cannot read {path} as a front's JSON ({e})") from None
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
+            raise ValueError(f"include: {path} is JSON but not a front's (no 'rows' list): give a kl_front_<preset>.json")
         if earlier.get("setup") != setup:
             raise ValueError(f"include: {path} is the front of another setup ({earlier.get('setup')}); this one is {setup}")
         for r in earlier["rows"]:

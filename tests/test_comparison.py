@@ -182,6 +182,9 @@ def test_kl_front_includes_the_rows_of_an_earlier_front_of_the_same_setup(tmp_pa
     assert not (tmp_path / "runs" / "digits" / "kl0" / "seed0").exists()
     res = kl_front("--include", str(tmp_path / "other.json"))
     assert res.returncode == 2 and res.stderr.startswith("error: include:") and len(res.stderr.splitlines()) == 1
+    (tmp_path / "list.json").write_text("[1, 2]")  # JSON, but not a front
+    res = kl_front("--include", str(tmp_path / "list.json"))
+    assert res.returncode == 2 and res.stderr.startswith("error: include:") and "not a front's" in res.stderr
 
 
 def test_kl_front_refuses_to_write_a_front_with_a_failed_run_and_labels_a_partial_one(tmp_path):
