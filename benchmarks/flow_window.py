@@ -15,7 +15,6 @@ machine compare the two only through figures from one invocation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ for p in (_ROOT, os.path.join(_ROOT, "recipes")):
 import ddpo_rl  # noqa: E402,F401  (first: torchvision shim on CPU-only torch)
 from ddpo_rl.atomic import write_text  # noqa: E402
 from ddpo_rl.errors import report_user_errors  # noqa: E402
+from ddpo_rl.jsonl import dumps, read_records  # noqa: E402
 from ddpo_rl.run_dir import prepare_output_file  # noqa: E402
 
 SCHEMA = "ddpo_rl.benchmarks.flow_window/1"
@@ -47,7 +47,7 @@ def run_variant(name: str, extra: list[str], args, out_root: str) -> dict:
     t0 = time.perf_counter()
     summary = run(cfg)
     wall = time.perf_counter() - t0
-    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    metrics = read_records(os.path.join(out, "metrics.jsonl"))
     train_epochs = [m for m in metrics if m["eval_reward_mean"] is None] or metrics  # epochs without an evaluation
     med = lambda key: statistics.median(m[key] for m in train_epochs)  # noqa: E731
     mon = summary["monitors"].get("digit_alignment", {})
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         "training_seconds_ratio_window_over_all": w["training_seconds_median"] / a["training_seconds_median"],
         "epoch_seconds_ratio_window_over_all": w["seconds_per_epoch_median"] / a["seconds_per_epoch_median"],
     }
-    text = json.dumps(record, indent=2)
+    text = dumps(record, indent=2)  # standard JSON: a ratio that is not finite is null
     print(text)
     if args.json:
         write_text(args.json, text + "\n")
