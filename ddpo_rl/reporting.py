@@ -8,6 +8,7 @@ each monitor's base and final values, the over-optimisation alarm, and the best 
 
 from __future__ import annotations
 
+import math
 import os
 
 from ddpo_rl.atomic import write_json
@@ -114,8 +115,9 @@ def write_summary(
 
 
 def format_or_na(value, spec: str = ".4g") -> str:
-    """``format(value, spec)``, or "n/a" for None (a mean with no finite value to average)."""
-    return "n/a" if value is None else format(value, spec)
+    """``format(value, spec)``, or "n/a" for no value: None (a mean with no finite value to average, as
+    JSON holds it), or a NaN not yet written."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def format_summary(summary: dict, run_dir: str) -> list[str]:

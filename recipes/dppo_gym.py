@@ -69,6 +69,7 @@ from ddpo_rl.control import (
     training_batch,
 )
 from ddpo_rl.plotting import save_curve_png
+from ddpo_rl.reporting import format_or_na
 from ddpo_rl.jsonl import dumps, read_records
 from ddpo_rl.stop import StopRequest
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, read_config, resume_changes
@@ -389,9 +390,16 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
         expert = scripted_expert(cfg.env, gain=cfg.demo_gain, noise_std=cfg.demo_noise)
         demos = collect_demonstrations(env, expert, cfg.demo_rollouts, cfg.rollout_steps)
         bc_cfg = BCConfig(steps=cfg.bc_steps, batch_size=cfg.bc_batch_size, lr=cfg.bc_lr)
-        bc_losses = fit_behaviour_cloning(
-            noise_model, scheduler, demos["observation"], actor.to_normalized_action(demos["action"]), bc_cfg, gen
+        bc_progress = Progress(
+            TextColumn(f"[bold]behaviour cloning {cfg.env}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+            TimeElapsedColumn(), disable=not cfg.progress or not cfg.bc_steps,
         )
+        with bc_progress:
+            bc_task = bc_progress.add_task("bc", total=cfg.bc_steps)
+            bc_losses = fit_behaviour_cloning(
+                noise_model, scheduler, demos["observation"], actor.to_normalized_action(demos["action"]), bc_cfg, gen,
+                on_step=lambda done: bc_progress.update(bc_task, completed=done),
+            )
         with atomic_file(out / "bc.pt") as tmp:
             torch.save(noise_model.state_dict(), tmp)
         stage = {  # what the summary says of the stages before RL (a resumed run does not redo them)
@@ -461,7 +469,7 @@ def _run_until(cfg: DPPOGymConfig, run_dir: RunDir, stop: StopRequest) -> dict:
             metrics_file.flush()
             if run_logger is not None:
                 run_logger.sync()
-            progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=f"{record['episode_return_mean']:.1f}")
+            progress.update(task, completed=min(epoch + 1, cfg.epochs), ret=format_or_na(record["episode_return_mean"], ".1f"))
             epochs_trained = min(epoch + 1, cfg.epochs)
             if epoch < cfg.epochs and epochs_trained % cfg.save_every == 0:
                 save_checkpoint(epochs_trained)

@@ -76,3 +76,10 @@ def test_a_monitor_with_nothing_to_measure_and_a_run_without_evaluations(tmp_pat
     assert "training n/a -> n/a (n/a x, n/a base std)" in lines[2]
     assert format_summary(write_summary(str(tmp_path / "x"), [], _cfg()), "d") == [
         "finished 3 of 3 epochs; run directory d (summary.json, reward_curve.png, before_after.png, samples/)"]
+
+
+def test_format_or_na_says_n_a_for_no_value_and_formats_the_rest():
+    from ddpo_rl.reporting import format_or_na
+
+    assert format_or_na(None) == "n/a" and format_or_na(float("nan"), ".1f") == "n/a"
+    assert format_or_na(-1.2345, ".1f") == "-1.2" and format_or_na(float("inf"), ".1f") == "inf" and format_or_na(3) == "3"

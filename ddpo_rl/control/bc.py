@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -52,6 +54,7 @@ def fit_behaviour_cloning(
     actions: torch.Tensor,
     config: BCConfig = BCConfig(),
     generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Train ``noise_model`` on demonstrations; returns the per-step losses [steps] (one host sync, at the end).
 
@@ -60,6 +63,8 @@ def fit_behaviour_cloning(
         scheduler: the diffusers scheduler whose ``alphas_cumprod`` defines the forward process.
         observations: [N, O].
         actions: normalised actions [N, A] in [-1, 1].
+        on_step: called with the number of steps done after each step (a progress bar; host-side, it
+            reads no tensor).
     """
     if observations.shape[0] != actions.shape[0]:
         raise ValueError(f"{observations.shape[0]} observations but {actions.shape[0]} actions")
@@ -79,4 +84,6 @@ def fit_behaviour_cloning(
         opt.step()
         sched.step()
         losses[i] = loss.detach()
+        if on_step is not None:
+            on_step(i + 1)
     return losses
