@@ -129,6 +129,11 @@ def main(argv=None) -> dict:
                      monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
                      guidance_scale=cfg.guidance_scale)
         included = _included_rows(args.include, setup)
+    for name, _ in option_groups(DDPOConfig, overrides):  # an option only some runs read (--kl-sigma-scale)
+        without = sorted({cfg.kl_coef for cfg, run_args, _ in runs if name not in dict(option_groups(DDPOConfig, run_args))})
+        if without:
+            print(f"note: --{name.replace('_', '-')} does not go to the kl_coef {', '.join(f'{k:g}' for k in without)} "
+                  "run(s), which do not read it", flush=True)
     done_before = {(r["kl_coef"], r["seed"]) for r in included}  # not run again
     pending = [] if args.no_run else [r for r in runs if r[2] != "done" and (r[0].kl_coef, r[0].seed) not in done_before]
     # one thread per run, --jobs at a time (ddpo_rl.run_pool: a Ctrl-C or SIGTERM makes the running

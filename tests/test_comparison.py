@@ -233,6 +233,16 @@ def test_kl_front_passes_a_kl_weighting_to_the_runs_with_a_kl_term_only(tmp_path
         assert parse_cli(args) == cfg
     with pytest.raises(ConfigError, match="kl_sigma_scale: set, but kl_coef is 0"):
         _plan("tiny", [0.0], [0], ["--kl-sigma-scale", "0.2"], str(tmp_path))
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    res = subprocess.run([sys.executable, f"{ROOT}/recipes/kl_front.py", "--preset", "tiny", "--kl-coefs", "0", "0.1",
+                          "--seeds", "0", "--no-run", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                          "--kl-sigma-scale", "0.2"], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
+                         timeout=300)
+    assert "note: --kl-sigma-scale does not go to the kl_coef 0 run(s)" in res.stdout, (res.stdout, res.stderr[-2000:])
 
 
 def test_status_of_a_run_whose_summary_or_config_is_damaged(tmp_path):
