@@ -319,6 +319,9 @@ def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer
     set_rng_state(state["rng"], gen)
     set_env_rng_state(env, state["env_rng"])
     start = int(state["epochs_trained"])
+    if cfg.epochs < start:  # before anything is written
+        raise ConfigError(f"epochs: {cfg.epochs} is below the epochs the run has trained ({start}); give --epochs "
+                          f"{start} or more")
     path = os.path.join(cfg.output_dir, "metrics.jsonl")
     write_text(path, "".join(lines_up_to_epoch(path, start - 1)) if os.path.exists(path) else "")
     stored, history = (state["config"], state["history"]) if "config" in state else read_config(cfg.output_dir)

@@ -245,6 +245,11 @@ def test_bad_input_and_bad_resumes_are_refused_with_one_line(tmp_path, capsys):
         with pytest.raises(ConfigError) as err:
             parse_args(argv)
         assert str(err.value).startswith(start) and "\n" not in str(err.value), str(err.value)
+    main(["--resume", str(out), "--epochs", "2"])  # trained on to 2 epochs
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"epochs: 1 is below the epochs the run has trained \(2\)"):
+        run(parse_args(["--resume", str(out), "--epochs", "1"]))
+    assert (out / "metrics.jsonl").read_text() == before  # refused before anything was written
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # written by a version without random states
     del ckpt["rng"]
     from ddpo_rl.checkpoint import atomic_torch_save
