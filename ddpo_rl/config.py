@@ -637,18 +637,16 @@ def unused_fields(cfg: DDPOConfig) -> dict[str, str]:
     if not cfg.monitor_rewards:
         unused["monitor_tolerance"] = ("monitor_rewards is empty: no monitor to hold within it; set "
                                        "--monitor-rewards, or drop --monitor-tolerance")
-    # the sampler's own settings, where the model's family says which sampler it is without loading it
-    # (the project's models; a Stable Diffusion / SD3 model is known once loaded)
-    from ddpo_rl.models.loading import model_family
+    # the sampler's own settings: the model's kind, as the loader will decide it (nothing is loaded)
+    from ddpo_rl.models.loading import FLOW_MATCHING_KINDS, model_kind
 
-    family = model_family(cfg.model)
-    if family in ("digits", "tiny"):  # DDIM
+    if model_kind(cfg.model) in FLOW_MATCHING_KINDS:
+        unused["eta"] = (f"model {cfg.model!r} is a flow-matching model, whose SDE noise is set by noise_level; "
+                         "eta is DDIM's; drop --eta")
+    else:
         for name in ("noise_level", "sde_window_size", "sde_window_start"):
             unused[name] = (f"model {cfg.model!r} samples with DDIM, whose noise is set by eta; it is a setting "
                             f"of the flow-matching SDE (e.g. --model flow-digits); drop {flag(name)}")
-    elif family == "flow-digits":
-        unused["eta"] = (f"model {cfg.model!r} is a flow-matching model, whose SDE noise is set by noise_level; "
-                         "eta is DDIM's; drop --eta")
     return unused
 
 

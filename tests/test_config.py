@@ -102,8 +102,13 @@ def test_settings_the_run_reads_and_preset_defaults_are_not_refused():
     assert parse_cli(["--monitor-tolerance", "2"]).monitor_tolerance == 2.0
     assert parse_cli(["--preset", "flow-digits", "--noise-level", "0.5"]).noise_level == 0.5
     assert parse_cli(["--eta", "0.5"]).eta == 0.5
-    # a model known only once loaded (a hub id): its sampler's settings are not judged here
-    assert parse_cli(["--preset", "sd15-aesthetic", "--noise-level", "0.5", "--eta", "0.5"]).noise_level == 0.5
+    # Stable Diffusion and SD3 by hub id, as the loader decides their kind (nothing is loaded)
+    assert parse_cli(["--preset", "sd15-aesthetic", "--eta", "0.5"]).eta == 0.5
+    assert parse_cli(["--preset", "sd35-aesthetic", "--noise-level", "0.5"]).noise_level == 0.5
+    with pytest.raises(ConfigError, match="noise_level: set, but model 'runwayml/stable-diffusion-v1-5' samples with DDIM"):
+        parse_cli(["--preset", "sd15-aesthetic", "--model", "runwayml/stable-diffusion-v1-5", "--noise-level", "0.5"])
+    with pytest.raises(ConfigError, match="eta: set, but model .* is a flow-matching model"):
+        parse_cli(["--preset", "sd35-aesthetic", "--eta", "0.5"])
     for preset in PRESETS:
         parse_cli(["--preset", preset])
     assert "clip_epsilon" not in unused_fields(parse_cli([])) and "rwr_temperature" in unused_fields(parse_cli([]))

@@ -78,6 +78,23 @@ def model_family(name: str) -> str | None:
     return {digits.INDEX_CLASS_NAME: "digits", flow_digits.INDEX_CLASS_NAME: "flow-digits"}.get(class_name)
 
 
+FLOW_MATCHING_KINDS = ("flow-digits", "sd3")
+"""The model kinds that sample with a flow-matching scheduler (the others with DDIM)."""
+
+
+def model_kind(name: str) -> str:
+    """The ``kind`` :func:`load_model` gives the model ``name`` ("digits", "flow-digits", "tiny", "sd3" or
+    "sd"), decided as it decides, without loading anything: the project's models by name or saved
+    directory, then SD3 by its model_index.json or hub id (:func:`ddpo_rl.models.sd3.is_sd3_pipeline`),
+    else Stable Diffusion."""
+    from ddpo_rl.models.sd3 import is_sd3_pipeline
+
+    family = model_family(name)
+    if family is not None:
+        return family
+    return "sd3" if is_sd3_pipeline(name) else "sd"
+
+
 def check_model_reference(name: str) -> None:
     """A cheap check of ``name`` before anything is loaded: a local path must be a diffusers pipeline
     directory or a complete saved (flow-)digits model (a one-line ``PretrainedWeightsNotFoundError``

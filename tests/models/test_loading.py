@@ -42,6 +42,22 @@ def test_model_family_of_names_and_directories(saved, tmp_path):
         assert model_family(name) is None, name
 
 
+def test_model_kind_is_decided_as_the_loader_decides_without_loading(saved, tmp_path):
+    """The kind that build_model gives each model (so the sampler: DDIM or flow matching) from its name or
+    directory alone; the config refuses sampler settings of the other kind with it."""
+    from ddpo_rl.models.loading import FLOW_MATCHING_KINDS, model_kind
+
+    assert [model_kind(n) for n in ("digits", "flow-digits", "tiny")] == ["digits", "flow-digits", "tiny"]
+    assert model_kind(str(saved["flow-digits"][0])) == "flow-digits"
+    assert model_kind("runwayml/stable-diffusion-v1-5") == "sd"
+    assert model_kind("stabilityai/stable-diffusion-3.5-medium") == "sd3"
+    sd3 = tmp_path / "my-sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    assert model_kind(str(sd3)) == "sd3" and "sd3" in FLOW_MATCHING_KINDS
+    assert build_model("tiny", "cpu").kind == model_kind("tiny")
+
+
 @pytest.mark.parametrize("family", ["digits", "flow-digits"])
 def test_build_model_loads_a_saved_directory(saved, family):
     path, network = saved[family]
