@@ -700,11 +700,13 @@ def resume_base(resume: str) -> dict | None:
     try:
         with open(path) as f:
             stored = json.load(f)
-    except (OSError, ValueError) as err:  # gone or damaged: the checkpoint records the config too
+        why = None if isinstance(stored, dict) else "damaged (not a JSON object)"
+    except (OSError, ValueError) as err:
+        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
+    if why is not None:  # gone or damaged: the checkpoint records the config too
         stored = checkpoint_config(run_dir)
         if stored is None:
             return None  # no checkpoint either: the checkpoint check will say so
-        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
         print(f"note: resume: {path} is {why}; the run's config is read from its checkpoint "
               "(config.json is written again)", file=sys.stderr, flush=True)
     if not isinstance(stored, dict) or not {"algorithm", "model", "reward"} <= set(stored):

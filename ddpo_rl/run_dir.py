@@ -368,7 +368,10 @@ def write_config(run_dir: str, config: dict, history: list[dict]) -> str:
 
 def read_config(run_dir: str) -> tuple[dict, list[dict]]:
     """(config fields, history) from ``run_dir``'s config.json."""
-    with open(os.path.join(run_dir, CONFIG_NAME)) as f:
+    path = os.path.join(run_dir, CONFIG_NAME)
+    with open(path) as f:
         d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a JSON object")
     history = d.pop("history", [])
     return d, history

@@ -202,19 +202,19 @@ def test_resume_after_a_crash_goes_on_exactly_as_the_uninterrupted_run(tmp_path,
     assert read_json(tmp_path / "further" / "config.json")["history"][1]["changed"] == {"epochs": {"from": 2, "to": 4}}
 
 
-@pytest.mark.parametrize("damage", ["torn", "missing"])
+@pytest.mark.parametrize("damage", ["torn", "missing", "not an object"])
 def test_resume_reads_the_config_from_the_checkpoint_when_config_json_is_damaged(tmp_path, capsys, damage):
     from recipes.dppo_gym import main
 
     out = tmp_path / "run"
     main([*_cli(**{**QUICK, "epochs": 1}), "--output-dir", str(out), "--actor-lr", "3e-4"])
-    if damage == "torn":
-        (out / "config.json").write_text('{"env": "Pendulum-v1", "epo')
-    else:
+    if damage == "missing":
         (out / "config.json").unlink()
+    else:
+        (out / "config.json").write_text('{"env": "Pendulum-v1", "epo' if damage == "torn" else "[1, 2]")
     capsys.readouterr()
     main(["--resume", str(out), "--epochs", "2"])
-    assert f"{out / 'config.json'} is {'damaged' if damage == 'torn' else 'missing'}" in capsys.readouterr().err
+    assert f"{out / 'config.json'} is {'missing' if damage == 'missing' else 'damaged'}" in capsys.readouterr().err
     config = read_json(out / "config.json")
     assert (config["actor_lr"], config["epochs"], config["num_envs"]) == (3e-4, 2, QUICK["num_envs"])
     assert [h["event"] for h in config["history"]] == ["start", "resume"]

@@ -480,7 +480,7 @@ def test_compare_algorithms_output_dir_under_a_file_is_one_line(tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("error: output_dir: "), err
 
 
-@pytest.mark.parametrize("damage", ["torn", "missing"])
+@pytest.mark.parametrize("damage", ["torn", "missing", "not an object"])
 def test_resume_reads_the_config_from_the_checkpoint_when_config_json_is_damaged(tmp_path, capsys, damage):
     """config.json torn or deleted (it is written atomically, so by something else): the checkpoint records
     the config, so --resume goes on with the run's own settings (not the default preset's, which would be
@@ -489,14 +489,14 @@ def test_resume_reads_the_config_from_the_checkpoint_when_config_json_is_damaged
 
     out = tmp_path / "run"
     main([*TINY, "--epochs", "1", "--output-dir", str(out), "--learning-rate", "1e-3"])
-    if damage == "torn":
-        (out / "config.json").write_text('{"preset": "tiny", "epo')
-    else:
+    if damage == "missing":
         (out / "config.json").unlink()
+    else:
+        (out / "config.json").write_text('{"preset": "tiny", "epo' if damage == "torn" else "[1, 2]")
     capsys.readouterr()
     main(["--resume", str(out), "--epochs", "2", "--progress", "false"])
     err = capsys.readouterr().err
-    assert f"{out / 'config.json'} is {'damaged' if damage == 'torn' else 'missing'}" in err
+    assert f"{out / 'config.json'} is {'missing' if damage == 'missing' else 'damaged'}" in err
     config = read_json(out / "config.json")
     assert (config["preset"], config["learning_rate"], config["epochs"]) == ("tiny", 1e-3, 2)
     assert [h["event"] for h in config["history"]] == ["start", "resume"]
