@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ddpo_rl.checkpoint import CHECKPOINT_NAME
 from ddpo_rl.cli import option_groups
-from ddpo_rl.config import ConfigError, DDPOConfig, checkpoint_config, options_used, parse_cli, unused_fields
+from ddpo_rl.config import ConfigError, DDPOConfig, options_used, parse_cli, stored_config, unused_fields
 from ddpo_rl.jsonl import read_records
 from ddpo_rl.objectives import LOSS_OPTIONS
 from ddpo_rl.run_dir import describe_run
@@ -76,14 +76,10 @@ def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
     cfg_path = os.path.join(out, "config.json")
     if not os.path.exists(cfg_path):
         return "new"
-    try:
-        with open(cfg_path) as f:
-            stored = json.load(f)
-    except (OSError, ValueError) as err:  # damaged: the checkpoint records the config too
-        stored = checkpoint_config(out)
-        if stored is None:
-            raise ConfigError(f"output_dir: {cfg_path} cannot be read ({' '.join(str(err).split())}) and no checkpoint "
-                              "records the run's config; delete that run directory") from None
+    stored, why = stored_config(out)  # a damaged config.json: the checkpoint's record of it
+    if stored is None:
+        raise ConfigError(f"output_dir: {cfg_path} cannot be read (it is {why}) and no checkpoint records the run's "
+                          "config; delete that run directory")
     # a field the run does not read (another loss's setting) does not make it another run
     diff = _differences(stored, json.loads(json.dumps(cfg.to_dict())), (*ignore, *unused_fields(cfg)))
     if diff:
@@ -98,6 +94,14 @@ def run_status(cfg: DDPOConfig, ignore: tuple[str, ...] = ()) -> str:
     if os.path.exists(os.path.join(out, "checkpoints", CHECKPOINT_NAME)):
         return "resume"
     return "new"
+
+
+def options_left_out(overrides: list[str], run_args: dict) -> dict[str, list]:
+    """For each ``--FIELD VALUE`` option of ``overrides`` shared by a multi-run recipe's runs, the runs (keys
+    of ``run_args``: each run's own arguments, after :func:`~ddpo_rl.config.options_used`) that do not
+    get it because they would not read it; an empty list where every run gets it."""
+    has = {run: {name for name, _ in option_groups(DDPOConfig, list(args))} for run, args in run_args.items()}
+    return {name: [run for run in run_args if name not in has[run]] for name, _ in option_groups(DDPOConfig, overrides)}
 
 
 def read_summary(run_dir: str) -> dict | None:
@@ -122,9 +126,8 @@ def plan_runs(algorithms: list[str], seeds: list[int], overrides: list[str], out
     # each algorithm's runs get the options it reads: a loss setting (--clip-epsilon) goes to its own
     # loss's runs; one that no compared algorithm reads is refused as a single run would refuse it
     own = {algo: options_used(overrides, algorithm=algo) for algo in algorithms}
-    kept = {name for args in own.values() for name, _ in option_groups(DDPOConfig, args)}
-    for name, _ in option_groups(DDPOConfig, overrides):
-        if name in kept:
+    for name, without in options_left_out(overrides, own).items():
+        if len(without) < len(algorithms):
             continue
         if any(name in options for options in LOSS_OPTIONS.values()):
             raise ConfigError(f"{name}: set, but none of the compared algorithms ({', '.join(algorithms)}) reads it; "

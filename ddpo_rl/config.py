@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import sys
@@ -696,20 +695,10 @@ def resume_base(resume: str) -> dict | None:
     from ddpo_rl.checkpoint import run_dir_of
 
     run_dir = run_dir_of(os.path.expanduser(resume))
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-        why = None if isinstance(stored, dict) else "damaged (not a JSON object)"
-    except (OSError, ValueError) as err:
-        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
-    if why is not None:  # gone or damaged: the checkpoint records the config too
-        stored = checkpoint_config(run_dir)
-        if stored is None:
-            return None  # no checkpoint either: the checkpoint check will say so
-        print(f"note: resume: {path} is {why}; the run's config is read from its checkpoint "
-              "(config.json is written again)", file=sys.stderr, flush=True)
-    if not isinstance(stored, dict) or not {"algorithm", "model", "reward"} <= set(stored):
+    stored, _ = stored_config(run_dir)
+    if stored is None:
+        return None  # no readable config, nor a checkpoint recording one: the checkpoint check will say so
+    if not {"algorithm", "model", "reward"} <= set(stored):
         return None  # not a DDPO run's config (e.g. dppo_gym's): the checkpoint check will say what it is
     names = {f.name for f in dataclasses.fields(DDPOConfig)} - {"resume", "overwrite"}
     base = {k: v for k, v in stored.items() if k in names}
@@ -717,14 +706,25 @@ def resume_base(resume: str) -> dict | None:
     return base
 
 
-def checkpoint_config(run_dir: str) -> dict | None:
-    """The config recorded in ``run_dir``'s checkpoint (the previous one if the newest is damaged), or None."""
+def stored_config(run_dir: str, kind: str = "ddpo") -> tuple[dict | None, str | None]:
+    """(the config a run in ``run_dir`` ran with, None), read from its config.json (without ``history``).
+    When that file is gone or damaged (it is written atomically, so by something else): (the config
+    that the run's checkpoint of ``kind`` records, or None if there is none; why: "missing" or
+    "damaged (...)"), with a note on stderr when the checkpoint supplies it."""
     from ddpo_rl.checkpoint import CheckpointError, read_checkpoint
+    from ddpo_rl.run_dir import CONFIG_NAME, read_config
 
     try:
-        return read_checkpoint(run_dir, required=("config",)).state["config"]
+        return read_config(run_dir)[0], None
+    except (OSError, ValueError) as err:
+        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
+    try:
+        stored = read_checkpoint(run_dir, kind=kind, required=("config",)).state["config"]
     except CheckpointError:
-        return None
+        return None, why
+    print(f"note: {os.path.join(run_dir, CONFIG_NAME)} is {why}; the run's config is read from its checkpoint "
+          "(a resume writes config.json again)", file=sys.stderr, flush=True)
+    return stored, why
 
 
 def cli_help() -> str:

@@ -20,9 +20,9 @@ import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
-from ddpo_rl.comparison import aggregate, plan_runs, run_status, to_markdown, training_curves
-from ddpo_rl.cli import HelpFormatter, option_groups
-from ddpo_rl.config import ALGORITHMS, DDPOConfig
+from ddpo_rl.comparison import aggregate, options_left_out, plan_runs, run_status, to_markdown, training_curves
+from ddpo_rl.cli import HelpFormatter
+from ddpo_rl.config import ALGORITHMS
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.run_dir import check_directory_path
 from ddpo_rl.plotting import save_curve_png
@@ -60,9 +60,10 @@ def main(argv=None) -> dict:
         check_directory_path(args.output_dir)
         runs = plan_runs(args.algorithms, args.seeds, overrides, args.output_dir)
     todo = [r for r in runs if r.status != "done"]
-    for name, _ in option_groups(DDPOConfig, overrides):  # a loss setting goes to its own loss's runs only
-        readers = sorted({r.algorithm for r in runs if name in dict(option_groups(DDPOConfig, list(r.overrides)))})
-        if len(readers) < len(args.algorithms):
+    # a loss setting goes to its own loss's runs only
+    for name, without in options_left_out(overrides, {r.algorithm: r.overrides for r in runs}).items():
+        if without:
+            readers = [a for a in args.algorithms if a not in without]
             print(f"note: --{name.replace('_', '-')} goes to the {', '.join(readers)} runs only (the other "
                   "algorithms do not read it)", flush=True)
     for r in runs:

@@ -49,8 +49,8 @@ from torchrl.modules import ValueOperator
 from torchrl.objectives.value import GAE
 
 from ddpo_rl.atomic import atomic_file, write_json, write_text
-from ddpo_rl.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint, rng_state, run_dir_of, set_rng_state
-from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths
+from ddpo_rl.checkpoint import atomic_torch_save, read_checkpoint, rng_state, run_dir_of, set_rng_state
+from ddpo_rl.config import ConfigError, check_finite_floats, expand_user_paths, stored_config
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.cli import parse
 from ddpo_rl.ddim import LOG_PROB_REDUCTIONS
@@ -334,23 +334,6 @@ def _restore(cfg: DPPOGymConfig, run_dir: RunDir, noise_model, critic, optimizer
     return state["stage"], start, history
 
 
-def _stored_config(run_dir: str) -> dict:
-    """The config a run in ``run_dir`` ran with: its config.json, or, when that is gone or damaged, the one
-    its checkpoint records (with a note). ConfigError when neither can be read."""
-    path = os.path.join(run_dir, "config.json")
-    try:
-        return read_config(run_dir)[0]
-    except (OSError, ValueError) as err:
-        why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
-    try:
-        state = read_checkpoint(os.path.join(run_dir, "checkpoint.pt"), kind="dppo_gym", required=("config",)).state
-    except CheckpointError as err:
-        raise ConfigError(f"resume: {path} is {why}, and no checkpoint records the run's config ({err})") from None
-    print(f"note: resume: {path} is {why}; the run's config is read from its checkpoint (config.json is written "
-          "again)", file=sys.stderr, flush=True)
-    return state["config"]
-
-
 def _run(cfg: DPPOGymConfig, run_dir: RunDir) -> dict:
     with StopRequest() as stop:  # the first SIGINT/SIGTERM: the epoch in progress finishes, then the run stops
         return _run_until(cfg, run_dir, stop)
@@ -526,7 +509,9 @@ def parse_args(argv=None) -> DPPOGymConfig:
         if out is not None and os.path.abspath(os.path.expanduser(out)) != run_dir:
             raise ConfigError(f"output_dir: --resume goes on in the run's own directory ({run_dir}), not in {out}; "
                               "drop --output-dir")
-        stored = _stored_config(run_dir)
+        stored, why = stored_config(run_dir, kind="dppo_gym")  # a damaged config.json: the checkpoint's record
+        if stored is None:
+            raise ConfigError(f"resume: {run_dir}/config.json is {why}, and no checkpoint records the run's config")
         fields = {f.name for f in dataclasses.fields(DPPOGymConfig)}
         unknown = sorted(set(stored) - fields)
         if unknown:

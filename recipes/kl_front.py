@@ -29,9 +29,11 @@ import sys
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
-from ddpo_rl.cli import HelpFormatter, option_groups
-from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, read_summary, run_status
-from ddpo_rl.config import DDPOConfig, options_used, parse_cli
+from ddpo_rl.cli import HelpFormatter
+from ddpo_rl.comparison import (
+    FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, front_markdown, front_row, front_table, options_left_out, read_summary, run_status,
+)
+from ddpo_rl.config import options_used, parse_cli
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.plotting import save_scatter_png
 from ddpo_rl.jsonl import read_records
@@ -42,20 +44,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _plan(preset: str, kl_coefs, seeds, overrides, runs_dir):
-    runs, read = [], set()
+    runs = []
     for kl in kl_coefs:
         for seed in seeds:
             out = os.path.join(runs_dir, preset, f"kl{kl:g}", f"seed{seed}")
             # the options this run reads: a KL weighting (--kl-sigma-scale) goes to the kl_coef > 0 runs
             given = ["--preset", preset, *overrides, "--kl-coef", f"{kl:g}"]
             args = [*options_used(given), "--seed", str(seed), "--output-dir", out, "--progress", "false"]
-            read.update(name for name, _ in option_groups(DDPOConfig, args))
             cfg = parse_cli(args)
             # the tolerance only changes the alarm and best epochs, recomputed below from eval.jsonl
             runs.append((cfg, args, run_status(cfg, ignore=("monitor_tolerance",))))
-    if any(name not in read for name, _ in option_groups(DDPOConfig, overrides)):  # read by no run
+    if any(len(without) == len(runs) for without in _left_out(overrides, runs).values()):  # read by no run
         parse_cli(["--preset", preset, *overrides, "--kl-coef", f"{kl_coefs[0]:g}"])  # raises, naming the field
     return runs
+
+
+def _left_out(overrides, runs) -> dict[str, list[float]]:
+    """For each shared option, the kl_coef of every run that does not get it (comparison.options_left_out)."""
+    left = options_left_out(overrides, {(cfg.kl_coef, cfg.seed): args for cfg, args, _ in runs})
+    return {name: [kl for kl, _ in without] for name, without in left.items()}
 
 
 def _pool_run(cfg, args, status) -> PoolRun:
@@ -129,8 +136,8 @@ def main(argv=None) -> dict:
                      monitors=cfg.monitor_rewards, epochs=cfg.epochs, eval_num_samples=cfg.eval_num_samples,
                      guidance_scale=cfg.guidance_scale)
         included = _included_rows(args.include, setup)
-    for name, _ in option_groups(DDPOConfig, overrides):  # an option only some runs read (--kl-sigma-scale)
-        without = sorted({cfg.kl_coef for cfg, run_args, _ in runs if name not in dict(option_groups(DDPOConfig, run_args))})
+    for name, without in _left_out(overrides, runs).items():  # an option only some runs read (--kl-sigma-scale)
+        without = sorted(set(without))
         if without:
             print(f"note: --{name.replace('_', '-')} does not go to the kl_coef {', '.join(f'{k:g}' for k in without)} "
                   "run(s), which do not read it", flush=True)
