@@ -13,8 +13,9 @@ the three losses (DDPO-IS = ClipPPOLoss, DDPO-SF, RWR) see the same TensorDict i
 with :class:`~ddpo_rl.policy.DiffusionPolicy`: ``loc``, ``scale``, ``action``, ``action_log_prob``
 from :class:`~ddpo_rl.distributions.DDIMGaussian` (the one log-prob reduction).
 
-The velocity model is diffusers' ``SD3Transformer2DModel`` or any module called as
-``model(hidden_states=x, timestep=t, encoder_hidden_states=c, pooled_projections=p)`` (without
+The velocity model is diffusers' ``SD3Transformer2DModel``, a ``UNet2DConditionModel`` trained for the
+velocity (the digits-flow model; ``pooled=False``), or any module called as
+``model(x, timestep=t, encoder_hidden_states=c, pooled_projections=p)`` (without
 ``pooled_projections`` when ``pooled=False``) returning the velocity (a tensor, a tuple whose
 first item is it, or an object with ``.sample``). LoRA: add a peft adapter to the transformer
 (:func:`ddpo_rl.lora.apply_lora` with SD3's attention projections) before building the policy.
@@ -111,9 +112,7 @@ class FlowSDEHead(nn.Module):
 
     def _call(self, latents, timestep, prompt_embeds, pooled=None) -> torch.Tensor:
         kwargs = {"pooled_projections": pooled} if self.pooled else {}
-        out = self.noise_model(
-            hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds, **kwargs
-        )
+        out = self.noise_model(latents, timestep=timestep, encoder_hidden_states=prompt_embeds, **kwargs)
         return _prediction(out)
 
     def predict(self, latents, step_index, prompt_embeds, pooled_prompt_embeds=None) -> torch.Tensor:

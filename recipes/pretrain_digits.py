@@ -5,9 +5,13 @@ A few CPU minutes on 2 cores. The result is what ``load_or_train_digits_model()`
     python recipes/pretrain_digits.py                        # -> ~/.cache/ddpo_rl/digits-v1
     DDPO_RL_CACHE=/data/cache python recipes/pretrain_digits.py
     python recipes/pretrain_digits.py --out ddpo_rl/assets/digits-v1 --half --grid samples.png
+    python recipes/pretrain_digits.py --objective flow       # -> ~/.cache/ddpo_rl/digits-flow-v1
+    python recipes/pretrain_digits.py --objective flow --out ddpo_rl/assets/digits-flow-v1 --half
 
-It also writes a PNG grid of samples (one row per digit; DDIM, classifier-free guidance) so the
-result can be checked by eye.
+``--objective flow`` trains the same network for the rectified-flow velocity (the digits-flow
+model, ``--model digits-flow``; 2000 steps by default). It also writes a PNG grid of samples (one
+row per digit; DDIM, or the flow model's Euler ODE; classifier-free guidance) so the result can be
+checked by eye.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.run_dir import prepare_output_dir, prepare_output_file
 from ddpo_rl.models.digits import (
+    OBJECTIVES,
+    DigitsConfig,
     build_digits_model,
     default_cache_dir,
     sample_digits,
@@ -59,11 +65,11 @@ def _log_line(step: int, loss: float) -> None:
     print(f"step {step:5d}  loss {loss:.4f}  {time.perf_counter() - _T0:6.1f} s", file=sys.stderr, flush=True)
 
 
-def pretrain_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
+def pretrain_arguments(doc: str, steps: int | None) -> argparse.ArgumentParser:
     """The command line both embedded models' pretraining recipes share (``steps``: the default)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache dir)")
-    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps" + ("" if steps else " (default: the model's)"))
     p.add_argument("--batch-size", type=int, default=96, help="training images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--prompt-dropout", type=float, default=0.1,
@@ -102,15 +108,21 @@ def save_and_report(save, model, out: Path, args: argparse.Namespace, result) ->
 
 
 def main(argv=None) -> None:
-    p = pretrain_arguments(__doc__, steps=1000)
+    p = pretrain_arguments(__doc__, steps=None)
     p.add_argument("--frozen-text-encoder", action="store_true", help="keep the text encoder at its random init")
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="epsilon",
+                   help="epsilon: noise prediction, DDIM (digits-v1); flow: rectified-flow velocity (digits-flow-v1)")
+    p.add_argument("--time-sampling", choices=("logit_normal", "uniform"), default="logit_normal",
+                   help="the flow objective's training times (SD3's logit-normal or uniform)")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 2000 if args.objective == "flow" else 1000
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or default_cache_dir()
+    out = args.out or default_cache_dir(OBJECTIVES[args.objective])
     check_outputs(out, args)
-    model = build_digits_model(seed=args.seed)
+    model = build_digits_model(DigitsConfig(objective=args.objective), seed=args.seed)
     model, result = train_digits_model(
         model,
         steps=args.steps,
@@ -119,6 +131,7 @@ def main(argv=None) -> None:
         prompt_dropout=args.prompt_dropout,
         ema_decay=args.ema_decay,
         train_text_encoder=not args.frozen_text_encoder,
+        time_sampling=args.time_sampling,
         seed=args.seed,
         progress=True,
         # rich only redraws on a terminal; print plain lines into logs

@@ -7,8 +7,23 @@ from ddpo_rl.config import PRESETS, ConfigError, DDPOConfig, cli_help, parse_cli
 
 def test_defaults_are_the_digits_preset_and_valid():
     cfg = parse_cli([])
-    assert cfg.preset == "digits" and cfg.model == "digits"
+    assert cfg.preset == "digits" and cfg.model == "digits-flow"
+    assert (cfg.group_size, cfg.kl_coef, cfg.guidance_scale, cfg.epochs) == (4, 0.03, 3.0, 48)
     assert cfg.samples_per_epoch == cfg.sample_batch_size * cfg.num_batches_per_epoch
+    assert PRESETS["digits"] == {} and preset_config("digits") == DDPOConfig()
+
+
+def test_other_presets_state_what_the_digits_preset_sets_for_its_own_model():
+    """The digits preset's model, groups, learning rate, KL, tolerance and cadence are chosen for the
+    digits-flow model: another preset that inherited them would run a setting measured for another model
+    (the SD 3.5 presets ran with the digits preset's KL 0.1, where Flow-GRPO's compressibility run has 0)."""
+    own = ("model", "group_size", "learning_rate", "kl_coef", "monitor_tolerance", "epochs", "eval_every", "save_every")
+    for name, values in PRESETS.items():
+        if name != "digits":
+            assert set(own) <= set(values), (name, sorted(set(own) - set(values)))
+    assert preset_config("sd35-compressibility").kl_coef == 0.0 and preset_config("sd15-compressibility").kl_coef == 0.0
+    ddim = preset_config("digits-ddim")  # the DDIM run the README's front measured
+    assert (ddim.model, ddim.group_size, ddim.learning_rate, ddim.kl_coef, ddim.epochs) == ("digits", None, 3e-4, 0.1, 30)
 
 
 def test_every_preset_validates():
@@ -79,7 +94,9 @@ def test_bad_input_names_the_field(argv, field):
         (["--per-prompt-stat-tracking", "false", "--stat-buffer-size", "8"], "stat_buffer_size", "per_prompt_stat_tracking is false"),
         (["--group-size", "4", "--stat-min-count", "4"], "stat_min_count", "group_size 4"),
         (["--monitor-rewards", "", "--monitor-tolerance", "2"], "monitor_tolerance", "monitor_rewards is empty"),
-        (["--noise-level", "0.5"], "noise_level", "model 'digits' samples with DDIM"),
+        (["--preset", "digits-ddim", "--noise-level", "0.5"], "noise_level", "model 'digits' samples with DDIM"),
+        (["--eta", "0.5"], "eta", "model 'digits-flow' is a flow-matching model"),
+        (["--model", "digits", "--noise-level", "0.5"], "noise_level", "model 'digits' samples with DDIM"),
         (["--preset", "tiny", "--sde-window-size", "2"], "sde_window_size", "model 'tiny' samples with DDIM"),
         (["--preset", "flow-digits", "--eta", "0.5"], "eta", "model 'flow-digits' is a flow-matching model"),
     ],
@@ -98,10 +115,12 @@ def test_settings_the_run_reads_and_preset_defaults_are_not_refused():
     DDPO-IS, the digits preset's stat buffer), pass."""
     assert parse_cli(["--rwr-temperature", "2", "--algorithm", "rwr"]).rwr_temperature == 2.0
     assert parse_cli(["--kl-coef", "0.1", "--kl-sigma-scale", "0.2"]).kl_sigma_scale == 0.2
-    assert parse_cli(["--stat-buffer-size", "64"]).stat_buffer_size == 64
+    assert parse_cli(["--preset", "digits-ddim", "--stat-buffer-size", "64"]).stat_buffer_size == 64
+    assert parse_cli(["--group-size", "0", "--stat-buffer-size", "64"]).stat_buffer_size == 64
     assert parse_cli(["--monitor-tolerance", "2"]).monitor_tolerance == 2.0
     assert parse_cli(["--preset", "flow-digits", "--noise-level", "0.5"]).noise_level == 0.5
-    assert parse_cli(["--eta", "0.5"]).eta == 0.5
+    assert parse_cli(["--noise-level", "0.5"]).noise_level == 0.5  # the digits-flow model's SDE
+    assert parse_cli(["--preset", "digits-ddim", "--eta", "0.5"]).eta == 0.5
     # Stable Diffusion and SD3 by hub id, as the loader decides their kind (nothing is loaded)
     assert parse_cli(["--preset", "sd15-aesthetic", "--eta", "0.5"]).eta == 0.5
     assert parse_cli(["--preset", "sd35-aesthetic", "--noise-level", "0.5"]).noise_level == 0.5
@@ -258,7 +277,7 @@ def test_flow_grpo_presets_registered_and_the_script_default_preset():
     cfg = parse_cli([], preset="flow-digits")  # recipes/flow_grpo.py's default
     assert cfg.preset == "flow-digits" and cfg.model == "flow-digits" and (cfg.group_size or 1) > 1
     assert cfg.reward == "jpeg_compressibility" and cfg.monitor_rewards == ["digit_alignment", "digit_realism"]
-    assert parse_cli(["--preset", "digits"], preset="flow-digits").model == "digits"  # --preset wins
+    assert parse_cli(["--preset", "digits"], preset="flow-digits").model == "digits-flow"  # --preset wins
     assert preset_config("sd35-compressibility").monitor_rewards == ["aesthetic"]
 
 

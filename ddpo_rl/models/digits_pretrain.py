@@ -41,17 +41,20 @@ def train_digits_model(
     prompt_dropout: float = 0.1,
     ema_decay: float | None = 0.995,
     train_text_encoder: bool = True,
+    time_sampling: str = "logit_normal",
     seed: int = 0,
     progress: bool = True,
     log_every: int = 25,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[DigitsModel, TrainResult]:
-    """Pretrain the digits model on sklearn's digits (epsilon prediction, MSE).
+    """Pretrain the digits model on sklearn's digits: epsilon prediction (MSE), or for a model with a
+    flow-matching scheduler (``objective="flow"``) the rectified-flow velocity
+    (:func:`~ddpo_rl.models.flow_digits.flow_matching_loss`).
 
     Each step encodes the 11 distinct prompts (10 digits and ``""``), draws ``batch_size``
     images with replacement, replaces a sample's prompt by ``""`` with probability
     ``prompt_dropout`` (for classifier-free guidance), and regresses the noise at a uniform
-    random timestep. AdamW with linear warm-up and cosine decay; with ``ema_decay`` the
+    random timestep (the velocity at a time drawn by ``time_sampling``). AdamW with linear warm-up and cosine decay; with ``ema_decay`` the
     returned weights are an exponential moving average. Afterwards both modules are in eval
     mode and the text encoder is frozen (``requires_grad=False``).
 
@@ -60,6 +63,8 @@ def train_digits_model(
         steps: optimisation steps (the recipe uses 1000 at batch 96).
         train_text_encoder: learn the text encoder jointly (default); False keeps it at its
             random initialisation and encodes the prompts once.
+        time_sampling: the flow objective's training times, ``"logit_normal"`` (SD3's) or
+            ``"uniform"``; not read by the epsilon objective.
         progress: show a rich progress bar with the running loss.
         log_every: steps between loss read-outs (the only host syncs of the loop).
         callback: called as ``callback(step, mean_loss)`` at each read-out.
@@ -79,8 +84,14 @@ def train_digits_model(
     images, labels, prompt_ids, uncond_index = pretraining_data(model, device)
 
     sched = model.scheduler
-    alphas_cumprod = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     num_t = sched.config.num_train_timesteps
+    flow = model.objective == "flow"
+    if flow:
+        from ddpo_rl.models.flow_digits import flow_matching_loss, sample_flow_times
+
+        sample_flow_times(1, time_sampling, torch.Generator())  # validate before training
+    else:
+        alphas_cumprod = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
 
     unet = model.unet
     text_encoder = model.text_encoder
@@ -100,6 +111,10 @@ def train_digits_model(
         # the 11 distinct prompts only, then gathered per sample
         table = text_encoder(prompt_ids).last_hidden_state if train_text_encoder else fixed_table
         cond = table[torch.where(drop, torch.full_like(y, uncond_index), y)]
+        if flow:
+            t = sample_flow_times(batch_size, time_sampling, gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            return flow_matching_loss(unet, x0, noise, t, cond, None, num_t)
         t = torch.randint(num_t, (batch_size,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -110,7 +125,7 @@ def train_digits_model(
     result = pretrain_loop(
         params, loss_fn, steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         ema_decay=ema_decay, progress=progress, log_every=log_every, callback=callback,
-        description="pretraining digits model",
+        description=f"pretraining digits model ({model.objective})",
     )
     unet.eval()
     text_encoder.eval().requires_grad_(False)
@@ -245,11 +260,15 @@ def sample_digits(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Plain DDIM sampling with classifier-free guidance (a reference sampler for checks).
+    """Plain DDIM sampling with classifier-free guidance (a reference sampler for checks); a model with
+    a flow-matching scheduler is integrated with its Euler steps instead (``eta`` must be 0 then).
 
     Returns samples in [-1, 1] (unclamped), [B, channels, sample_size, sample_size]; pass them
     to :meth:`DigitsModel.decode` for RGB images in [0, 1]. The DDPO policy has its own sampler.
     """
+    flow = model.objective == "flow"
+    if flow and eta:
+        raise ValueError(f"eta: the flow-matching digits model is sampled with its ODE (eta 0), got {eta}")
     device = model.device
     sched = copy.deepcopy(model.scheduler)
     sched.set_timesteps(num_inference_steps, device=device)
@@ -264,6 +283,9 @@ def sample_digits(
     x = torch.randn(shape, generator=generator, device="cpu").to(device)
     for t in sched.timesteps:
         eps = classifier_free_guidance(unet, x, t.expand(b), [cond], [uncond], guidance_scale)
+        if flow:  # eps is the velocity here
+            x = sched.step(eps, t, x).prev_sample
+            continue
         noise = torch.randn(shape, generator=generator, device="cpu").to(device) if eta > 0 else None
         x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
     return x

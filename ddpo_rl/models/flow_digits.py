@@ -215,10 +215,12 @@ def flow_matching_loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    pooled_projections: torch.Tensor,
+    pooled_projections: torch.Tensor | None,
     num_train_timesteps: int = 1000,
 ) -> torch.Tensor:
     """The rectified-flow regression loss, mean over the batch (notation: module docstring).
+    ``transformer`` is any velocity network called as SD3's transformer is (a diffusers
+    ``UNet2DConditionModel`` too: the digits-flow model); ``pooled_projections`` None passes none.
 
     1. x_t = (1 - t) x_0 + t epsilon
     2. v = epsilon - x_0 (the target)
@@ -227,12 +229,8 @@ def flow_matching_loss(
     tb = t.view(-1, *([1] * (x0.dim() - 1)))
     xt = (1 - tb) * x0 + tb * noise
     target = noise - x0
-    pred = transformer(
-        xt,
-        encoder_hidden_states=encoder_hidden_states,
-        pooled_projections=pooled_projections,
-        timestep=t * num_train_timesteps,
-    ).sample
+    pooled = {} if pooled_projections is None else {"pooled_projections": pooled_projections}
+    pred = transformer(xt, encoder_hidden_states=encoder_hidden_states, timestep=t * num_train_timesteps, **pooled).sample
     return F.mse_loss(pred, target)
 
 

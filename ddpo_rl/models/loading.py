@@ -2,6 +2,8 @@
 
 - ``"digits"``: the embedded digits model (ddpo_rl.models.digits; trained on first use), or a
   directory written by ``save_digits_model`` (e.g. ``recipes/pretrain_digits.py --out DIR``);
+- ``"digits-flow"``: the same UNet and text encoder pretrained with the flow-matching objective
+  (ddpo_rl.models.digits, ``objective="flow"``), or such a directory (its scheduler says which);
 - ``"tiny"``: a randomly initialised tiny Stable Diffusion (tests, smoke runs);
 - ``"flow-digits"``: the embedded flow-matching digits model (ddpo_rl.models.flow_digits; an
   SD3-style transformer, trained on first use if the committed checkpoint is missing), or a
@@ -11,11 +13,12 @@
 - anything else: a Stable Diffusion pipeline, by hub id or local directory
   (ddpo_rl.models.stable_diffusion).
 
-Flow-matching models (``kind`` "flow-digits" or "sd3") have a ``FlowMatchEulerDiscreteScheduler``,
-a velocity network in ``unet`` called as SD3's transformer is
-(``unet(x, encoder_hidden_states=..., pooled_projections=..., timestep=1000 t).sample``), and an
-``encode_prompts`` that returns ``{KEYS.prompt_embeds: [N, L, D], KEYS.pooled_prompt_embeds: [N, P]}``
-(the env carries both keys; the flow policy passes the pooled one as ``pooled_projections``).
+Flow-matching models (``kind`` "digits-flow", "flow-digits" or "sd3") have a
+``FlowMatchEulerDiscreteScheduler`` and a velocity network in ``unet`` called as
+``unet(x, encoder_hidden_states=..., [pooled_projections=...,] timestep=1000 t).sample``. SD3-style
+ones ("flow-digits", "sd3") have an ``encode_prompts`` that returns ``{KEYS.prompt_embeds: [N, L, D],
+KEYS.pooled_prompt_embeds: [N, P]}`` (the env carries both keys; the flow policy passes the pooled one
+as ``pooled_projections``); the digits-flow UNet takes the token embeddings alone.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class DiffusionModel:
     latent_shape: tuple[int, int, int]
     """(C, H, W) of one latent."""
     kind: str
-    """"digits", "tiny", "sd", or (flow matching) "flow-digits", "sd3"."""
+    """"digits", "tiny", "sd", or (flow matching) "digits-flow", "flow-digits", "sd3"."""
     frozen: tuple[nn.Module, ...] = ()
     """Modules that are never trained (text encoder, VAE), for device/dtype moves."""
 
@@ -56,15 +59,18 @@ class DiffusionModel:
         return self.encode_prompts([""])
 
 
-EMBEDDED_MODELS = ("digits", "flow-digits", "tiny")
+EMBEDDED_MODELS = ("digits", "digits-flow", "flow-digits", "tiny")
 """Model names that need no weights from outside the package."""
+DIGIT_FAMILIES = ("digits", "digits-flow", "flow-digits")
+"""The families of the project's 8x8 digit models (the digit rewards and monitors apply to them)."""
 
 
 def model_family(name: str) -> str | None:
-    """The project's own model family that ``name`` is: ``"digits"``, ``"flow-digits"`` or ``"tiny"``
-    for the embedded models' names and for a local directory saved by ``save_digits_model`` /
-    ``save_flow_digits_model`` (recognised by its model_index.json's ``_class_name``); None for a
-    Stable Diffusion / SD3 hub id or pipeline directory. Reads one small JSON file; loads nothing."""
+    """The project's own model family that ``name`` is: ``"digits"``, ``"digits-flow"``, ``"flow-digits"``
+    or ``"tiny"`` for the embedded models' names and for a local directory saved by ``save_digits_model`` /
+    ``save_flow_digits_model`` (recognised by its model_index.json's ``_class_name``, and a digits model's
+    objective by the scheduler class the index names); None for a Stable Diffusion / SD3 hub id or
+    pipeline directory. Reads one small JSON file; loads nothing."""
     from ddpo_rl.models import digits, flow_digits
 
     if name in EMBEDDED_MODELS:
@@ -72,18 +78,23 @@ def model_family(name: str) -> str | None:
     index = os.path.join(os.path.expanduser(str(name)), digits.MODEL_INDEX)
     try:
         with open(index) as f:
-            class_name = json.load(f).get("_class_name")
+            entries = json.load(f)
+        class_name = entries.get("_class_name")
     except (OSError, ValueError, AttributeError):
         return None
-    return {digits.INDEX_CLASS_NAME: "digits", flow_digits.INDEX_CLASS_NAME: "flow-digits"}.get(class_name)
+    if class_name == digits.INDEX_CLASS_NAME:  # the index names the scheduler: [library, class]
+        scheduler = entries.get("scheduler")
+        flow = isinstance(scheduler, list) and digits.objective_of_scheduler(scheduler[-1]) == "flow"
+        return "digits-flow" if flow else "digits"
+    return {flow_digits.INDEX_CLASS_NAME: "flow-digits"}.get(class_name)
 
 
-FLOW_MATCHING_KINDS = ("flow-digits", "sd3")
+FLOW_MATCHING_KINDS = ("digits-flow", "flow-digits", "sd3")
 """The model kinds that sample with a flow-matching scheduler (the others with DDIM)."""
 
 
 def model_kind(name: str) -> str:
-    """The ``kind`` :func:`load_model` gives the model ``name`` ("digits", "flow-digits", "tiny", "sd3" or
+    """The ``kind`` :func:`load_model` gives the model ``name`` ("digits", "digits-flow", "flow-digits", "tiny", "sd3" or
     "sd"), decided as it decides, without loading anything: the project's models by name or saved
     directory, then SD3 by its model_index.json or hub id (:func:`ddpo_rl.models.sd3.is_sd3_pipeline`),
     else Stable Diffusion."""
@@ -109,7 +120,8 @@ def check_model_reference(name: str) -> None:
     if family is not None:  # a saved (flow-)digits model: all its components must be there
         from ddpo_rl.models import digits, flow_digits
 
-        required = {"digits": digits.REQUIRED_ENTRIES, "flow-digits": flow_digits.REQUIRED_ENTRIES}[family]
+        required = {"digits": digits.REQUIRED_ENTRIES, "digits-flow": digits.REQUIRED_ENTRIES,
+                    "flow-digits": flow_digits.REQUIRED_ENTRIES}[family]
         missing = [entry for entry in required if not os.path.exists(os.path.join(path, entry))]
         if missing:
             raise PretrainedWeightsNotFoundError(f"model: {path} is a saved {family} model without {', '.join(missing)}")
@@ -134,17 +146,21 @@ def build_model(name: str, device: torch.device, revision: str | None = None, fr
     ``frozen_dtype`` casts the frozen parts (text encoder, VAE) to a low precision on GPU.
     """
     family = model_family(name)
-    if family == "digits":
+    if family in ("digits", "digits-flow"):
         from ddpo_rl.models.digits import load_digits_model, load_or_train_digits_model
 
-        m = (load_or_train_digits_model() if name == "digits" else load_digits_model(os.path.expanduser(name))).to(device)
+        objective = "flow" if family == "digits-flow" else "epsilon"
+        m = (
+            load_or_train_digits_model(objective=objective) if name in EMBEDDED_MODELS
+            else load_digits_model(os.path.expanduser(name))
+        ).to(device)
         return DiffusionModel(
             unet=m.unet,
             scheduler=m.scheduler,
             encode_prompts=m.encode_prompts,
             decode=m.decode,
             latent_shape=(m.channels, m.sample_size, m.sample_size),
-            kind="digits",
+            kind=family,
             frozen=(m.text_encoder,),
         )
     if family == "flow-digits":

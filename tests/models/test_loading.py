@@ -10,25 +10,30 @@ import torch
 
 from ddpo_rl.config import preset_config
 from ddpo_rl.hub import PretrainedWeightsNotFoundError
-from ddpo_rl.models.digits import build_digits_model, save_digits_model
+from ddpo_rl.models.digits import DigitsConfig, build_digits_model, save_digits_model
 from ddpo_rl.models.flow_digits import build_flow_digits_model, save_flow_digits_model
 from ddpo_rl.models.loading import build_model, check_model_reference, model_family
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A digits and a flow-digits model, freshly built (seed 1: not the packaged weights) and saved."""
+    """A digits, a digits-flow and a flow-digits model, freshly built (seed 1: not the packaged weights)
+    and saved."""
     root = tmp_path_factory.mktemp("models")
     digits, flow = build_digits_model(seed=1), build_flow_digits_model(seed=1)
+    digits_flow = build_digits_model(DigitsConfig(objective="flow"), seed=1)
     save_digits_model(digits, root / "my-digits")
+    save_digits_model(digits_flow, root / "my-digits-flow")
     save_flow_digits_model(flow, root / "my-flow-digits")
-    return {"digits": (root / "my-digits", digits.unet), "flow-digits": (root / "my-flow-digits", flow.transformer)}
+    return {"digits": (root / "my-digits", digits.unet), "digits-flow": (root / "my-digits-flow", digits_flow.unet),
+            "flow-digits": (root / "my-flow-digits", flow.transformer)}
 
 
 def test_model_family_of_names_and_directories(saved, tmp_path):
-    assert [model_family(n) for n in ("digits", "flow-digits", "tiny")] == ["digits", "flow-digits", "tiny"]
-    assert model_family(str(saved["digits"][0])) == "digits"
-    assert model_family(str(saved["flow-digits"][0])) == "flow-digits"
+    names = ("digits", "digits-flow", "flow-digits", "tiny")
+    assert [model_family(n) for n in names] == list(names)
+    for family in ("digits", "digits-flow", "flow-digits"):
+        assert model_family(str(saved[family][0])) == family
     sd = tmp_path / "sd"
     sd.mkdir()
     (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
@@ -49,6 +54,8 @@ def test_model_kind_is_decided_as_the_loader_decides_without_loading(saved, tmp_
 
     assert [model_kind(n) for n in ("digits", "flow-digits", "tiny")] == ["digits", "flow-digits", "tiny"]
     assert model_kind(str(saved["flow-digits"][0])) == "flow-digits"
+    assert model_kind(str(saved["digits-flow"][0])) == "digits-flow" and "digits-flow" in FLOW_MATCHING_KINDS
+    assert "digits" not in FLOW_MATCHING_KINDS
     assert model_kind("runwayml/stable-diffusion-v1-5") == "sd"
     assert model_kind("stabilityai/stable-diffusion-3.5-medium") == "sd3"
     sd3 = tmp_path / "my-sd3"
@@ -58,7 +65,7 @@ def test_model_kind_is_decided_as_the_loader_decides_without_loading(saved, tmp_
     assert build_model("tiny", "cpu").kind == model_kind("tiny")
 
 
-@pytest.mark.parametrize("family", ["digits", "flow-digits"])
+@pytest.mark.parametrize("family", ["digits", "digits-flow", "flow-digits"])
 def test_build_model_loads_a_saved_directory(saved, family):
     path, network = saved[family]
     model = build_model(str(path), torch.device("cpu"))
@@ -67,11 +74,17 @@ def test_build_model_loads_a_saved_directory(saved, family):
     assert loaded.keys() == original.keys()
     for k in original:
         torch.testing.assert_close(loaded[k], original[k], rtol=0, atol=0)
+    from ddpo_rl.flow_sde import is_flow_matching_scheduler
+    from ddpo_rl.models.loading import FLOW_MATCHING_KINDS
+
+    assert is_flow_matching_scheduler(model.scheduler) == (family in FLOW_MATCHING_KINDS)
+    if family == "digits-flow":  # no pooled embedding: the flow policy calls its UNet without one
+        assert isinstance(model.encode_prompts(["a handwritten digit 1"]), torch.Tensor)
     packaged = build_model(family, torch.device("cpu")).unet.state_dict()
     assert any(not torch.equal(packaged[k].float(), original[k].float()) for k in original)  # not the packaged model
 
 
-@pytest.mark.parametrize("family, component", [("digits", "unet"), ("flow-digits", "transformer")])
+@pytest.mark.parametrize("family, component", [("digits", "unet"), ("digits-flow", "scheduler"), ("flow-digits", "transformer")])
 def test_a_saved_directory_with_a_component_missing_is_refused_by_name(saved, family, component, tmp_path):
     path = tmp_path / "incomplete"
     shutil.copytree(saved[family][0], path)
@@ -81,7 +94,7 @@ def test_a_saved_directory_with_a_component_missing_is_refused_by_name(saved, fa
         check_model_reference(str(path))
 
 
-@pytest.mark.parametrize("family", ["digits", "flow-digits"])
+@pytest.mark.parametrize("family", ["digits", "digits-flow", "flow-digits"])
 def test_a_saved_directory_gets_its_familys_defaults(saved, family):
     path = str(saved[family][0])
     cfg = preset_config("digits", model=path)
