@@ -1,9 +1,9 @@
-"""CPU threads on a shared machine: the default digits run under thread counts and OpenMP wait
+"""CPU threads on a shared machine: the DDIM digits run under thread counts and OpenMP wait
 policies, alone and beside busy processes this script starts itself.
 
     python benchmarks/cpu_threads.py --json threads.json [--epochs 4] [--busy 1] [--repeats 1]
 
-Each condition runs ``recipes/ddpo_is.py --preset digits --epochs N`` in a fresh process (the
+Each condition runs ``recipes/ddpo_is.py --preset digits-ddim --epochs N`` in a fresh process (the
 wait policy is read when torch loads, so it needs one), with ``--threads T`` (0 = the default:
 follow the load, ddpo_rl/threads.py) and ``OMP_WAIT_POLICY`` set explicitly (DEFAULT: not set);
 "beside busy" starts ``--busy`` single-threaded spinning processes (``python -c "while True: pass"``)
@@ -57,7 +57,7 @@ def run_once(threads: int, policy: str, busy: int, epochs: int, extra: list[str]
         with tempfile.TemporaryDirectory() as out:
             load0 = os.getloadavg()[0]
             t = time.perf_counter()
-            cmd = [sys.executable, os.path.join(ROOT, "recipes", "ddpo_is.py"), "--preset", "digits",
+            cmd = [sys.executable, os.path.join(ROOT, "recipes", "ddpo_is.py"), "--preset", "digits-ddim",
                    "--epochs", str(epochs), "--output-dir", out, "--progress", "false", "--threads", str(threads), *extra]
             res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - t

@@ -2,7 +2,8 @@
 
     python recipes/compare_algorithms.py --seeds 0 1 2 --jobs 2 --output-dir outputs/compare [--FIELD VALUE ...]
 
-(the paper's comparison has no KL term: add ``--kl-coef 0`` with the digits preset, whose default is 0.1)
+(the paper's comparison has no KL term and samples with DDIM: the README's is
+``--preset digits-ddim --kl-coef 0``; the default digits preset runs the digits-flow model with kl 0.03)
 
 Every run uses the same preset and overrides, so the same number of reward queries
 (epochs x samples per epoch); only the algorithm and the seed change. Each run is its own

@@ -1,9 +1,9 @@
-"""What the project's embedded models (digits-v1, flow-digits-v1) share besides their networks.
+"""What the project's embedded models (digits-v1, digits-flow-v1, flow-digits-v1) share besides their networks.
 
-Both are small text-to-image models the project trains itself on scikit-learn's digits and keeps
+All are small text-to-image models the project trains itself on scikit-learn's digits and keeps
 in the diffusers directory layout, so the default runs have a real model with no model hub. They
-differ in the denoiser (a UNet predicting epsilon, an SD3 transformer predicting the velocity) and
-in the text encoder's class; everything else is here, once:
+differ in the denoiser (a UNet predicting epsilon or, digits-flow, the velocity; an SD3 transformer
+predicting the velocity) and in the text encoder's class; everything else is here, once:
 
 * :func:`build_text_encoder`: the small CLIP text encoder, frozen, built from its config;
 * :func:`save_model_dir` / :func:`write_model_dir`: the directory layout, written atomically;
