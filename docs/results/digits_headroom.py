@@ -22,7 +22,7 @@ Reproduces three measurements of ``docs/results/digits_search.md`` (second and f
 
     python docs/results/digits_headroom.py --json docs/results/digits_headroom.json [--reference-loss] [--prompt-margin]
 
-The samples are those of the default run's epoch-0 evaluation (digits preset, CFG 3, T 10, eta 1,
+The samples are those of the DDIM run's epoch-0 evaluation (digits-ddim preset, CFG 3, T 10, eta 1,
 the evaluation seed), drawn by the recipe itself. Analysis only: nothing here is trained.
 """
 
@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
         prepare_output_file(str(args.json), "json")
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = parse_cli(["--output-dir", out, "--epochs", "1", "--progress", "false"], algorithm="ddpo_is")
+        cfg = parse_cli(["--preset", "digits-ddim", "--output-dir", out, "--epochs", "1", "--progress", "false"],
+                        algorithm="ddpo_is")
         recipe = DDPORecipe(cfg).setup()
         try:
             jpeg = make_reward("jpeg_compressibility", **cfg.reward_kwargs)

@@ -20,7 +20,7 @@ Two reward scales: ``raw`` (R in kB; the objective with the raw reward) and ``pe
 same front with differently spaced betas.
 
     python docs/results/digits_kl_optimum.py --samples 8192 --json docs/results/digits_kl_optimum.json \
-        --png docs/results/digits_kl_optimum.png --front docs/results/kl_front_digits.json \
+        --png docs/results/digits_kl_optimum.png --front docs/results/kl_front_digits-ddim.json \
         --compare "flow-digits, CFG 3=docs/results/digits_kl_optimum_flow_cfg3.json" \
         --compare "DDIM, 3000 steps=docs/results/digits_kl_optimum_3k.json"
 
@@ -36,7 +36,8 @@ estimates are ddpo_rl.headroom's) for r in RATIOS and K in DENSITY_BOUNDS.
 
 (``--from-json F`` prints and plots a saved result without sampling again; ``--preset flow-digits``
 and any further recipe flags after ``--``, e.g. ``-- --guidance-scale 3``, measure another model;
-for a preset other than ``digits`` the unit is that run's own pooled training-prompt std.) The picture puts the
+for a preset other than ``digits-ddim`` (the DDIM digits model, named ``digits`` when the saved results
+were made) the unit is that run's own pooled training-prompt std.) The picture puts the
 optimum's points (filled where every prompt's effective sample size is >= 30, rings where fewer
 samples carry the estimate) beside every evaluation of the measured KL front's runs.
 
@@ -90,7 +91,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--front", type=Path, default=None, help="a kl_front JSON whose runs the picture shows too")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=JSON",
                         help="another saved result whose trusted points (ESS >= 30) the picture shows too")
-    parser.add_argument("--preset", default="digits", help="the recipe preset whose model is measured (default digits)")
+    parser.add_argument("--preset", default="digits-ddim",
+                        help="the recipe preset whose model is measured (default digits-ddim, the DDIM digits model)")
     parser.add_argument("recipe_args", nargs="*", help="further recipe flags, after --")
     args = parser.parse_args(argv)
     for field in ("json", "png"):  # before the sampling: a bad path loses nothing
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
     return results
 
 
-def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -> dict:
+def measure(samples: int, preset: str = "digits-ddim", recipe_args: list[str] = ()) -> dict:
     """Draw ``samples`` base samples per prompt set, score them, and tilt them at every beta."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -121,7 +123,7 @@ def measure(samples: int, preset: str = "digits", recipe_args: list[str] = ()) -
             recipe.cleanup()
 
     train_reward = data["train"][0].double()
-    unit = TRAIN_BASE_STD_KB if preset == "digits" and not recipe_args else train_reward.std().item()
+    unit = TRAIN_BASE_STD_KB if preset == "digits-ddim" and not recipe_args else train_reward.std().item()
     results = {"samples_per_set": samples, "preset": preset, "recipe_args": list(recipe_args),
                "unit_kb": unit, "seconds": None, "sets": {}}
     for name, (reward, prob, ids) in data.items():

@@ -1,21 +1,19 @@
-"""DDPO learns, and the monitors tell whether the model is still good (embedded digits model).
+"""DDPO learns, and the monitors tell whether the model is still good (embedded digits-flow model).
 
 Fixed seed; rewards and monitors are measured by the recipe's own fixed-seed evaluation (the same
 prompts and the same initial noise before and after), so every comparison is paired and does not
 depend on the noise of one training batch.
 
-1. The default preset (KL to the reference model, kl_coef 0.1) for 20 epochs raises JPEG
-   compressibility while the digit classifier's monitor stays within tolerance: no alarm.
-   Measured (seed 0; the same numbers as the 20th-epoch evaluation of the README's 30-epoch run,
-   evaluations do not touch the training's random streams): +0.36 base std on the training
-   prompts, P(prompted digit) 0.915 / 0.921 against 0.937 / 0.943 for the base model; closeness to
-   real digits (digit_realism) 1.125 / 1.121 against 1.162 / 1.125.
-2. The same preset with kl_coef=0 for 10 epochs: the digits break (measured, seed 0: 0.765 on the
-   training prompts, 0.655 on the held-out ones, 2.2 and 6.4 base std below the base model; realism
-   0.833 / 0.792, 1.6 and 2.9 base std down) and the alarm fires, naming the classifier (the largest
-   drop), so the alarm of test 1 is not vacuous.
-"""
-
+1. The default preset (the digits-flow model, groups of 4, KL to the reference model, kl_coef 0.03)
+   for 24 epochs raises JPEG compressibility by more than 1 base std while both monitors stay within
+   tolerance: no alarm. Measured (seed 0, one thread, the 24th-epoch evaluation of the KL front's
+   48-epoch run, docs/results/kl_front_digits.md; evaluations do not touch the training's random
+   streams): +2.10 base std on the training prompts (+1.60 held-out), P(prompted digit) 0.94 / 0.91 x
+   the base model's, closeness to real digits (digit_realism) 0.90 / 0.93 x; the monitors' drops
+   0.5-0.9 base std against the tolerance of 1.5.
+2. The same preset with kl_coef=0 for 36 epochs: the digits give way (measured, seed 0: P(digit) 0.78 /
+   0.83 x, 1.9 and 1.2 base std below the base model; realism 0.73 / 0.84 x) and the alarm fires at
+   that evaluation, so the alarm of test 1 is not vacuous.
 import json
 
 import pytest
@@ -28,28 +26,32 @@ SHORT = ["--progress", "false", "--seed", "0"]
 
 @pytest.mark.slow
 def test_ddpo_is_raises_compressibility_and_keeps_the_digits(tmp_path):
-    cfg = parse_cli(["--output-dir", str(tmp_path / "run"), *SHORT, "--epochs", "20", "--eval-every", "20",
-                     "--save-every", "20"])
-    assert cfg.kl_coef > 0 and cfg.monitor_rewards == ["digit_alignment", "digit_realism"]  # the default preset
+    cfg = parse_cli(["--output-dir", str(tmp_path / "run"), *SHORT, "--epochs", "24", "--eval-every", "24",
+                     "--save-every", "24"])
+    # the default preset
+    assert cfg.model == "digits-flow" and cfg.kl_coef > 0 and cfg.monitor_rewards == ["digit_alignment", "digit_realism"]
     summary = run(cfg)
     base, final = summary["base"], summary["final"]
     gain = final["train_prompts_reward_mean"] - base["train_prompts_reward_mean"]
     # the reward rose, by a margin well outside the evaluation's noise (paired seeds)
-    assert gain > 0.2 * base["train_prompts_reward_std"], summary
+    assert gain > 1.0 * base["train_prompts_reward_std"], summary
     # and the digits are still the prompted digits
     assert summary["monitor_alarm"] is None, summary["monitors"]
     for monitor in ("digit_alignment", "digit_realism"):
         for prompts in ("training prompts", "held-out prompts"):
-            assert summary["monitors"][monitor][prompts]["final_over_base"] > 0.9, summary["monitors"]
+            assert summary["monitors"][monitor][prompts]["final_over_base"] > 0.85, summary["monitors"]
     metrics = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert len(metrics) == 20 and all(m["kl_to_reference"] is not None for m in metrics)
+    assert len(metrics) == 24 and all(m["kl_to_reference"] is not None for m in metrics)
 
 
 @pytest.mark.slow
 def test_without_kl_the_digits_break_and_the_alarm_fires(tmp_path):
-    cfg = parse_cli(["--output-dir", str(tmp_path / "run"), *SHORT, "--epochs", "10", "--eval-every", "10",
-                     "--save-every", "10", "--kl-coef", "0"])
+    cfg = parse_cli(["--output-dir", str(tmp_path / "run"), *SHORT, "--epochs", "36", "--eval-every", "36",
+                     "--save-every", "36", "--kl-coef", "0"])
     summary = run(cfg)
     alarm = summary["monitor_alarm"]
-    assert alarm is not None and alarm["monitor"] == "digit_alignment" and alarm["epoch"] == 10, summary["monitors"]
+    # both monitors fall past the tolerance here (measured 1.9 and 1.7 base std on the training prompts)
+    assert alarm is not None and alarm["monitor"] in ("digit_alignment", "digit_realism") and alarm["epoch"] == 36, \
+        summary["monitors"]
+    assert summary["monitors"]["digit_alignment"]["training prompts"]["final_over_base"] < 0.85, summary["monitors"]
     assert summary["best_epoch"] == 0  # the only evaluation within tolerance: the base model

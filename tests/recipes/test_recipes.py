@@ -666,17 +666,19 @@ def test_recipe_runs_a_flow_matching_model(algorithm, tmp_path, monkeypatch):
     assert (out / "summary.json").exists() and (out / "final" / "transformer" / "config.json").exists()
 
 
-def test_recipe_fine_tunes_a_saved_digits_directory_like_the_embedded_model(tmp_path):
-    """`--model DIR` with a directory written by save_digits_model (here a copy of the packaged one)
-    gets the digits defaults (JPEG at 32 px, the digit monitor) and trains exactly as `--model digits`."""
+@pytest.mark.parametrize("embedded, objective", [("digits", "epsilon"), ("digits-flow", "flow")])
+def test_recipe_fine_tunes_a_saved_digits_directory_like_the_embedded_model(tmp_path, embedded, objective):
+    """`--model DIR` with a directory written by save_digits_model (here a copy of the packaged one, of
+    either objective) gets the digits defaults (JPEG at 32 px, the digit monitor) and trains exactly as
+    `--model digits` / `--model digits-flow` (the same sampler: DDIM, or the flow SDE)."""
     from ddpo_rl.models.digits import packaged_model_dir
     from recipes.ddpo_recipe import main
 
     model_dir = tmp_path / "my-digits"
-    shutil.copytree(packaged_model_dir(), model_dir)
+    shutil.copytree(packaged_model_dir(objective), model_dir)
     small = ["--epochs", "1", "--sample-batch-size", "8", "--num-batches-per-epoch", "1", "--minibatch-size", "8",
              "--eval-num-samples", "8", "--grid-samples-per-prompt", "1", "--progress", "false"]
-    for name, model in (("embedded", "digits"), ("dir", str(model_dir))):
+    for name, model in (("embedded", embedded), ("dir", str(model_dir))):
         main(["--model", model, "--output-dir", str(tmp_path / name), *small])
     configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("embedded", "dir")}
     assert configs["dir"]["model"] == str(model_dir)
