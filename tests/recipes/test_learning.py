@@ -14,6 +14,8 @@ depend on the noise of one training batch.
 2. The same preset with kl_coef=0 for 36 epochs: the digits give way (measured, seed 0: P(digit) 0.78 /
    0.83 x, 1.9 and 1.2 base std below the base model; realism 0.73 / 0.84 x) and the alarm fires at
    that evaluation, so the alarm of test 1 is not vacuous.
+"""
+
 import json
 
 import pytest
