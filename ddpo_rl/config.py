@@ -69,9 +69,11 @@ class DDPOConfig:
 
     # --- model -----------------------------------------------------------------------------
     model: str = "digits-flow"
-    """"digits" (the embedded model, trained on first use), "digits-flow" (its UNet pretrained with the
-    flow-matching objective, sampled with Flow-GRPO's SDE), "tiny" (random tiny SD, tests), "flow-digits"
-    (the embedded SD3-style flow-matching model), a directory of a digits / flow-digits model saved by the
+    """"digits-flow" (the default: the embedded digits UNet pretrained with the flow-matching objective,
+    sampled with Flow-GRPO's SDE), "digits" (the same UNet pretrained for epsilon, sampled with DDIM;
+    the digits-ddim preset), "tiny" (random tiny SD, tests), "flow-digits" (the embedded SD3-style
+    flow-matching model); each embedded model is trained on first use if its committed checkpoint is
+    missing. Or a directory of a digits / digits-flow / flow-digits model saved by the
     project (e.g. `recipes/pretrain_digits.py --out DIR`; its defaults are the embedded model's), or
     a Stable Diffusion / SD3 hub id or local pipeline directory (e.g. runwayml/stable-diffusion-v1-5,
     stabilityai/stable-diffusion-3.5-medium)."""

@@ -158,9 +158,12 @@ def test_kl_front_includes_the_rows_of_an_earlier_front_of_the_same_setup(tmp_pa
     from ddpo_rl.comparison import front_table
     from tests.helpers import ROOT, subprocess_env
 
-    setup = dict(preset="digits", overrides=[], algorithm="ddpo_is", reward="jpeg_compressibility",
-                 monitor_tolerance=1.0, monitors=["digit_alignment", "digit_realism"], epochs=30,
-                 eval_num_samples=128, guidance_scale=3.0)
+    from ddpo_rl.config import preset_config
+
+    cfg = preset_config("digits")  # the setup the front's runs would have
+    setup = dict(preset="digits", overrides=[], algorithm=cfg.algorithm, reward=cfg.reward,
+                 monitor_tolerance=cfg.monitor_tolerance, monitors=cfg.monitor_rewards, epochs=cfg.epochs,
+                 eval_num_samples=cfg.eval_num_samples, guidance_scale=cfg.guidance_scale)
     earlier = front_table([_front_run(0.1, 0, -0.7, 0.85), _front_run(0.0, 0, -0.5, 0.2)])
     earlier["setup"] = setup
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
