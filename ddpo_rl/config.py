@@ -520,7 +520,6 @@ PRESETS.update(FLOW_PRESETS)
 _JPEG_REWARDS = ("jpeg_compressibility", "compressibility", "jpeg_incompressibility", "incompressibility")
 _DIGIT_ALIGNMENT = ("digit_alignment", "alignment")
 _AESTHETIC = ("aesthetic", "laion_aesthetic")
-_SMALL_MODELS = ("digits", "digits-flow", "flow-digits", "tiny")  # families of 8x8 images: JPEG needs them upscaled
 DEPENDENT_FIELDS: dict[str, tuple[str, ...]] = {
     "reward_kwargs": ("reward", "model"),
     "monitor_rewards": ("reward", "model"),
@@ -536,10 +535,10 @@ def _reward_key(name: str) -> str:
 def default_reward_kwargs(reward: str, model: str) -> dict:
     """The reward_kwargs that suit ``reward`` on ``model``: JPEG rewards are measured on 32x32 images
     for the 8x8 models (one JPEG block would hold a whole 8x8 image) and at 512 for Stable Diffusion."""
-    from ddpo_rl.models.loading import model_family  # a saved digits directory counts as "digits"
+    from ddpo_rl.models.loading import DIGIT_FAMILIES, model_family  # a saved digits directory counts as "digits"
 
-    if _reward_key(reward) in _JPEG_REWARDS:
-        return {"resize": 32 if model_family(model) in _SMALL_MODELS else 512}
+    if _reward_key(reward) in _JPEG_REWARDS:  # the digit models and tiny make 8x8 images
+        return {"resize": 32 if model_family(model) in (*DIGIT_FAMILIES, "tiny") else 512}
     return {}
 
 

@@ -27,6 +27,7 @@ import torch
 from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.run_dir import prepare_output_dir, prepare_output_file
+from ddpo_rl.models.digits_pretrain import PRETRAIN_STEPS
 from ddpo_rl.models.digits import (
     OBJECTIVES,
     DigitsConfig,
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
                    help="the flow objective's training times (SD3's logit-normal or uniform)")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 2000 if args.objective == "flow" else 1000
+        args.steps = PRETRAIN_STEPS[args.objective]
 
     if args.threads:
         torch.set_num_threads(args.threads)

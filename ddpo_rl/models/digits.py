@@ -78,7 +78,6 @@ REQUIRED_ENTRIES = (MODEL_INDEX, "unet", "text_encoder", "scheduler")
 """What a saved digits model directory must hold (the tokenizer is optional)."""
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
-_PACKAGED_DIR = _ASSETS / MODEL_NAME
 
 
 @dataclass

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from ddpo_rl.models.digits import DigitsModel
 
 
+PRETRAIN_STEPS = {"epsilon": 1000, "flow": 2000}
+"""Pretraining steps of each objective at batch 96 (the flow objective's loss keeps falling past 1000)."""
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_digits_model` returns besides the model."""
@@ -33,7 +37,7 @@ class TrainResult:
 def train_digits_model(
     model: DigitsModel | None = None,
     *,
-    steps: int = 1000,
+    steps: int | None = None,
     batch_size: int = 96,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
@@ -60,7 +64,8 @@ def train_digits_model(
 
     Args:
         model: the model to train; a fresh :func:`build_digits_model` (seeded) when None.
-        steps: optimisation steps (the recipe uses 1000 at batch 96).
+        steps: optimisation steps; None: the objective's (:data:`PRETRAIN_STEPS`: 1000 for epsilon,
+            2000 for flow, at batch 96; what the committed checkpoints were trained with).
         train_text_encoder: learn the text encoder jointly (default); False keeps it at its
             random initialisation and encodes the prompts once.
         time_sampling: the flow objective's training times, ``"logit_normal"`` (SD3's) or
@@ -72,12 +77,14 @@ def train_digits_model(
     Returns:
         ``(model, TrainResult)``; the model's UNet is left in eval mode.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     if model is None:
         from ddpo_rl.models.digits import build_digits_model  # the model's module imports this one
 
         model = build_digits_model(seed=seed)
+    if steps is None:
+        steps = PRETRAIN_STEPS[model.objective]
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     device = model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
 

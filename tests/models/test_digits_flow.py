@@ -178,3 +178,20 @@ def test_packaged_flow_model_draws_the_prompted_digits():
     x = sample_digits(m, prompts, num_inference_steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     pred = DigitClassifier(C=1.0)(m.decode(x)).argmax(-1)
     assert (pred == torch.arange(10).repeat_interleave(8)).float().mean() >= 0.9
+
+
+def test_each_objective_pretrains_for_its_own_number_of_steps_by_default(monkeypatch):
+    """train_digits_model(steps=None), what a first-use lookup runs, trains as the committed checkpoints
+    were trained: 2000 steps for the flow objective, 1000 for epsilon (PRETRAIN_STEPS)."""
+    from ddpo_rl.models import digits_pretrain
+
+    seen = []
+
+    def recording_loop(params, loss_fn, *, steps, **kwargs):
+        seen.append(steps)
+        return digits_pretrain.TrainResult(losses=torch.zeros(1), seconds=0.0)
+
+    monkeypatch.setattr(digits_pretrain, "pretrain_loop", recording_loop)
+    for objective in ("flow", "epsilon"):
+        train_digits_model(build_digits_model(DigitsConfig(objective=objective)), progress=False)
+    assert seen == [2000, 1000] == [digits_pretrain.PRETRAIN_STEPS[o] for o in ("flow", "epsilon")]
