@@ -266,7 +266,7 @@ def front_row(summary: dict, metrics: list[dict], evals: list[dict] | None = Non
         }
     ratios = [v["ratio"] for sets in row["monitors"].values() for v in sets.values()]
     row["min_monitor_ratio"] = min(ratios) if ratios and None not in ratios else None
-    row["path"] = [_path_point(evals[0], e) for e in evals[1:]] if evals else []
+    row["path"] = [evaluation_point(evals[0], e) for e in evals[1:]] if evals else []
     row["passes"] = (
         row["train_gain"] is not None and row["train_gain"] >= FRONT_REWARD_GAIN
         and row["min_monitor_ratio"] is not None and row["min_monitor_ratio"] >= FRONT_MONITOR_RATIO
@@ -274,9 +274,10 @@ def front_row(summary: dict, metrics: list[dict], evals: list[dict] | None = Non
     return row
 
 
-def _path_point(base: dict, record: dict) -> dict:
-    """An intermediate evaluation of a run: training-prompt gain (base std), each monitor's smaller
-    final/base over the two prompt sets (``monitor_ratios``) and the smallest of them."""
+def evaluation_point(base: dict, record: dict) -> dict:
+    """An evaluation record against the base model's (eval.jsonl records): training-prompt gain (base
+    std), each monitor's smaller final/base over the two prompt sets (``monitor_ratios``), the smallest
+    of them, and whether it meets the front's two criteria (``passes``)."""
     gain = (record["train_prompts_reward_mean"] - base["train_prompts_reward_mean"]) / base["train_prompts_reward_std"]
     per_monitor = {}
     for n, b in base.get("monitors", {}).items():
@@ -284,8 +285,9 @@ def _path_point(base: dict, record: dict) -> dict:
                   if b.get(f"{s}_mean") and record["monitors"].get(n, {}).get(f"{s}_mean") is not None]
         if ratios:
             per_monitor[n] = min(ratios)
-    return {"epoch": record["epoch"], "train_gain": gain, "monitor_ratios": per_monitor,
-            "min_monitor_ratio": min(per_monitor.values()) if per_monitor else None}
+    smallest = min(per_monitor.values()) if per_monitor else None
+    return {"epoch": record["epoch"], "train_gain": gain, "monitor_ratios": per_monitor, "min_monitor_ratio": smallest,
+            "passes": gain >= FRONT_REWARD_GAIN and smallest is not None and smallest >= FRONT_MONITOR_RATIO}
 
 
 def front_table(rows: list[dict]) -> dict:

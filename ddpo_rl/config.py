@@ -209,6 +209,15 @@ class DDPOConfig:
     the early steps (those that decide what the image shows) too. kl_to_reference logs the exact KL.
     Measured on digits (docs/results/digits_search.md): s 0.2-0.3 moves along the same reward/digit
     trade-off as the exact KL, so the presets keep 0."""
+    reference_interpolation: float = 0.85
+    """lambda of the weights every evaluation, sample grid, final/ and best/ use: theta_ref + lambda
+    (theta - theta_ref), the trained weights interpolated back towards the model before fine-tuning
+    (WiSE-FT; LITI in WARP). 1 = the trained weights (off; every preset but digits). Training and
+    checkpoints are unchanged, so a run's final numbers at another lambda can be measured afterwards
+    (recipes/interpolate.py). Without LoRA it keeps a copy of the trainable weights
+    (ddpo_rl/interpolation.py); with LoRA it scales the adapters' update. digits: 0.85, measured with
+    kl_coef 0.03 (docs/results/digits_interpolation.md): it gives up about 0.1 of the reward gain for
+    a classifier ratio higher by about 0.04, a better trade than stopping earlier."""
     monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment", "digit_realism"])
     """Rewards computed on every evaluation's samples and never trained on (reward names, as for
     `reward`), to see what fine-tuning costs. Default: follows `reward` and `model` (digits: the digit
@@ -333,6 +342,8 @@ class DDPOConfig:
         need(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
         need(self.kl_coef >= 0, "kl_coef", f"must be >= 0 (0 disables the KL penalty), got {self.kl_coef}")
         need(self.kl_sigma_scale >= 0, "kl_sigma_scale", f"must be >= 0 (0 = the exact KL), got {self.kl_sigma_scale}")
+        need(0 < self.reference_interpolation <= 1, "reference_interpolation",
+             f"must be in (0, 1] (1 = the trained weights, smaller = closer to the base model), got {self.reference_interpolation}")
         need(self.monitor_tolerance > 0, "monitor_tolerance", f"must be positive (in base std), got {self.monitor_tolerance}")
         need(isinstance(self.monitor_rewards, list) and all(isinstance(m, str) and m.strip() for m in self.monitor_rewards),
              "monitor_rewards", f"must be a list of reward names, got {self.monitor_rewards!r}")
@@ -430,14 +441,16 @@ def _choice_fields(cls: type) -> dict[str, tuple]:
 # MDP exactly): DDPO-IS with per-prompt statistics, KL 0.1; every field the digits preset sets otherwise
 # (docs/results/kl_front_digits_ddim.md measures it).
 _DIGITS_DDIM = dict(
-    model="digits", group_size=None, learning_rate=3e-4, kl_coef=0.1, monitor_tolerance=1.0, epochs=30,
-    eval_every=10, save_every=10,
+    model="digits", group_size=None, learning_rate=3e-4, kl_coef=0.1, reference_interpolation=1.0, monitor_tolerance=1.0,
+    epochs=30, eval_every=10, save_every=10,
 )
 
 # Partial overrides of DDPOConfig's defaults. "digits" is the defaults themselves: DDPO-IS on the
-# digits-flow model (Flow-GRPO's SDE, groups of 4, KL 0.03), chosen by measurement (README, "What the
-# default run shows"; docs/results/kl_front_digits.md). A preset states every field it relies on that
-# the digits preset sets for its own model (model, groups, learning rate, KL, tolerance, cadence).
+# digits-flow model (Flow-GRPO's SDE, groups of 4, KL 0.03, the weights it evaluates and saves
+# interpolated 0.85 of the way from the base model to the trained ones), chosen by measurement (README,
+# "What the default run shows"; docs/results/kl_front_digits.md, digits_interpolation.md). A preset
+# states every field it relies on that the digits preset sets for its own model (model, groups,
+# learning rate, KL, interpolation, tolerance, cadence).
 PRESETS: dict[str, dict] = {
     "digits": {},
     "digits-ddim": dict(_DIGITS_DDIM, output_dir="outputs/digits-ddim"),
@@ -453,14 +466,15 @@ PRESETS: dict[str, dict] = {
     # digit classifier (~0.12, i.e. ~0.87 x its base value) is a little stricter than the 0.85 x bar.
     "flow-digits": dict(
         model="flow-digits", group_size=4, noise_level=0.7, guidance_scale=5.0, learning_rate=5e-4, epochs=60,
-        eval_every=12, save_every=12, kl_coef=0.015, monitor_tolerance=1.5, output_dir="outputs/flow-digits",
+        eval_every=12, save_every=12, kl_coef=0.015, reference_interpolation=1.0, monitor_tolerance=1.5,
+        output_dir="outputs/flow-digits",
     ),
     # tiny random model: for smoke tests of the plumbing, not for learning
     "tiny": dict(
         model="tiny", group_size=None, learning_rate=3e-4, monitor_tolerance=1.0, prompts="digits:0-4", eval_prompts="digits:5-9", epochs=2, num_inference_steps=3,
         sample_batch_size=4, num_batches_per_epoch=1, minibatch_size=4, eval_every=1, save_every=1,
         eval_num_samples=4, grid_samples_per_prompt=2, reward="jpeg_compressibility", monitor_rewards=[],
-        kl_coef=0.0, output_dir="outputs/tiny",
+        kl_coef=0.0, reference_interpolation=1.0, output_dir="outputs/tiny",
     ),
 }
 
@@ -472,7 +486,7 @@ _SD15 = dict(
     learning_rate=3e-4, clip_epsilon=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, per_prompt_stat_tracking=True,
     stat_buffer_size=16, stat_min_count=16, epochs=100, eval_every=10, save_every=10, eval_num_samples=64,
     prompts="simple_animals", eval_prompts="imagenet_animals", adam_weight_decay=1e-4, monitor_rewards=["aesthetic"],
-    kl_coef=0.0, group_size=None, monitor_tolerance=1.0,
+    kl_coef=0.0, reference_interpolation=1.0, group_size=None, monitor_tolerance=1.0,
 )
 PRESETS.update(
     {
@@ -503,7 +517,7 @@ _SD35 = dict(
     num_inner_epochs=1, timestep_fraction=0.99, learning_rate=3e-4, clip_epsilon=1e-4, adv_clip_max=5.0,
     max_grad_norm=1.0, adam_weight_decay=1e-4, per_prompt_stat_tracking=True, epochs=100, eval_every=10,
     save_every=10, eval_num_samples=64, prompts="simple_animals", eval_prompts="imagenet_animals",
-    kl_coef=0.0, monitor_tolerance=1.0,
+    kl_coef=0.0, reference_interpolation=1.0, monitor_tolerance=1.0,
 )
 FLOW_PRESETS: dict[str, dict] = {
     "sd35-compressibility": dict(_SD35, reward="jpeg_compressibility", reward_kwargs={"resize": 512},

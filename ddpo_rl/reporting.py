@@ -66,7 +66,9 @@ def write_summary(
     final_info = read_weights_info(os.path.join(run_dir, "final"))
     best_info = read_weights_info(os.path.join(run_dir, "best"))
     summary = {"algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model, "seed": cfg.seed,
-               "kl_coef": getattr(cfg, "kl_coef", 0.0), "epochs": cfg.epochs, "epochs_trained": epochs_trained,
+               "kl_coef": getattr(cfg, "kl_coef", 0.0),
+               "reference_interpolation": getattr(cfg, "reference_interpolation", 1.0),  # what final/, best/ hold
+               "epochs": cfg.epochs, "epochs_trained": epochs_trained,
                "interrupted": bool(interrupted),
                "final_weights_epoch": final_info.get("epoch") if final_info else None,
                "best_weights_epoch": best_info.get("epoch") if best_info else None}
@@ -124,7 +126,8 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
     """The lines a run prints when it ends, all read from its ``summary`` (:func:`write_summary`):
     how far it got and where its files are, the reward's change on both prompt sets, each monitor's
     final/base and change in base std (marked where it fell beyond the tolerance), the
-    over-optimisation alarm, and which epochs final/ and best/ hold."""
+    over-optimisation alarm, and which epochs final/ and best/ hold (and their interpolation towards
+    the base model, when ``reference_interpolation`` < 1)."""
     trained = summary.get("epochs_trained")
     done = f"{summary['epochs'] if trained is None else trained} of {summary['epochs']} epochs"
     if summary.get("interrupted"):
@@ -183,5 +186,7 @@ def format_summary(summary: dict, run_dir: str) -> list[str]:
         weights.append(f"best/ {'epoch ' + str(held) if held is not None else 'none'}, not the best evaluation "
                        f"(epoch {best}), whose weights no longer exist")
     if weights:
-        lines.append("weights: " + "; ".join(weights))
+        lam = summary.get("reference_interpolation", 1.0)
+        how = f" (base + {lam:g} x (trained - base), as evaluated: reference_interpolation)" if lam != 1.0 else ""
+        lines.append(f"weights{how}: " + "; ".join(weights))
     return lines

@@ -69,6 +69,7 @@ from ddpo_rl.checkpoint import (
 from ddpo_rl.collector import terminal_rewards, with_advantages
 from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
 from ddpo_rl.errors import failed_to_load, report_user_errors
+from ddpo_rl.interpolation import ReferenceInterpolation
 from ddpo_rl.jsonl import append_record
 from ddpo_rl.run_dir import RunDir, history_entry, lines_up_to_epoch, resume_changes
 from ddpo_rl import distributed, precision
@@ -341,6 +342,9 @@ class DDPORecipe:
                 self.loss, self.policy.head, cfg.kl_coef, reduction=cfg.log_prob_reduction,
                 sigma_scale=cfg.kl_sigma_scale,
             ).to(self.device)
+        # what evaluations and saved weights use (lambda 1: the trained weights); built before a resume
+        # loads weights, like the KL's reference: the reference is the pretrained model
+        self.interpolation = ReferenceInterpolation(self.policy.noise_model, cfg.reference_interpolation)
 
     def _setup_trainer(self) -> None:
         """The optimizer over the trainable parameters, the trainer, the samplers and the per-prompt
@@ -631,7 +635,13 @@ class DDPORecipe:
         return self._record_evaluation(*self._evaluation_samples(epoch))
 
     def _evaluation_samples(self, epoch: int) -> tuple[EvalResult, object]:
-        """The evaluation's rollouts and scores, nothing written: its result and the grid's rollout."""
+        """The evaluation's rollouts and scores, nothing written: its result and the grid's rollout,
+        of the weights final/ and best/ hold (interpolated towards the reference when
+        ``reference_interpolation`` < 1; the trained weights are back when it returns)."""
+        with self.interpolation.applied():
+            return self._evaluation_rollouts(epoch)
+
+    def _evaluation_rollouts(self, epoch: int) -> tuple[EvalResult, object]:
         from ddpo_rl.monitors import summarize
 
         cfg = self.cfg
@@ -700,7 +710,8 @@ class DDPORecipe:
             ncol=ncol,
             row_labels=prompts,
             cell_labels=[f"{r:.3g}" for r in rewards],
-            title=f"{self.cfg.algorithm} | {self.cfg.reward} | after {epoch} epochs",
+            title=f"{self.cfg.algorithm} | {self.cfg.reward} | after {epoch} epochs"
+            + (f" | base + {self.cfg.reference_interpolation:g} x (trained - base)" if epoch and self.interpolation.active else ""),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -982,14 +993,17 @@ class DDPORecipe:
 
     def save_final_weights(self, name: str = "final", epoch: int | None = None) -> str:
         """The trained weights in diffusers format under ``output_dir/name`` (final/, or best/), with
-        ``ddpo_rl.json`` saying which epoch of which run they are."""
+        ``ddpo_rl.json`` saying which epoch of which run they are; interpolated towards the reference
+        when ``reference_interpolation`` < 1, as every evaluation is."""
         from ddpo_rl.checkpoint import save_trained_weights
 
         cfg = self.cfg
         epoch = self.last_epoch if epoch is None else epoch
         info = {"epoch": epoch, "algorithm": cfg.algorithm, "reward": cfg.reward, "model": cfg.model,
-                "seed": cfg.seed, "run_dir": os.path.abspath(self.out)}
-        return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), cfg.use_lora, info=info)
+                "seed": cfg.seed, "reference_interpolation": cfg.reference_interpolation,
+                "run_dir": os.path.abspath(self.out)}
+        with self.interpolation.applied():  # the weights the evaluations measured
+            return save_trained_weights(self.policy.noise_model, os.path.join(self.out, name), cfg.use_lora, info=info)
 
     def cleanup(self) -> None:
         self.stop_request.restore()

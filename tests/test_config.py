@@ -17,7 +17,8 @@ def test_other_presets_state_what_the_digits_preset_sets_for_its_own_model():
     """The digits preset's model, groups, learning rate, KL, tolerance and cadence are chosen for the
     digits-flow model: another preset that inherited them would run a setting measured for another model
     (the SD 3.5 presets ran with the digits preset's KL 0.1, where Flow-GRPO's compressibility run has 0)."""
-    own = ("model", "group_size", "learning_rate", "kl_coef", "monitor_tolerance", "epochs", "eval_every", "save_every")
+    own = ("model", "group_size", "learning_rate", "kl_coef", "reference_interpolation", "monitor_tolerance", "epochs",
+           "eval_every", "save_every")
     for name, values in PRESETS.items():
         if name != "digits":
             assert set(own) <= set(values), (name, sorted(set(own) - set(values)))
@@ -201,6 +202,8 @@ def test_monitor_fields_from_the_command_line():
     [
         (["--kl-coef", "-1"], "kl_coef"),
         (["--kl-sigma-scale", "-0.1"], "kl_sigma_scale"),
+        (["--reference-interpolation", "0"], "reference_interpolation"),
+        (["--reference-interpolation", "1.2"], "reference_interpolation"),
         (["--threads", "-1"], "threads"),
         (["--monitor-tolerance", "0"], "monitor_tolerance"),
         (["--monitor-rewards", "", "--stop-on-monitor-drop", "true"], "stop_on_monitor_drop"),

@@ -103,3 +103,34 @@ def test_without_monitors_best_is_the_highest_reward(tmp_path):
     assert summary["best_epoch"] == max(rewards, key=rewards.get)
     assert json.loads((out / "config.json").read_text())["kl_coef"] == 0.0
     assert all(m["kl_to_reference"] is None for m in read_jsonl(out / "metrics.jsonl"))
+
+
+def test_reference_interpolation_is_what_evaluations_and_final_see_and_training_is_unchanged(tmp_path, capsys):
+    from ddpo_rl.models.loading import build_model
+
+    args = ("--epochs", "2", "--kl-coef", "0.1")
+    out_1, s_1 = _run(tmp_path, "lambda1", *args)
+    out_h, s_h = _run(tmp_path, "lambda_half", *args, "--reference-interpolation", "0.5")
+    said = capsys.readouterr().out
+    # training is that of the trained weights: the same losses, KL and rewards every epoch
+    keys = ("reward_mean", "reward_std", "loss", "loss_objective", "loss_kl", "kl_to_reference", "grad_norm")
+    m_1, m_h = read_jsonl(out_1 / "metrics.jsonl"), read_jsonl(out_h / "metrics.jsonl")
+    assert len(m_1) == 2 and m_1[-1]["kl_to_reference"] > 0
+    assert [[m[k] for k in keys] for m in m_1] == [[m[k] for k in keys] for m in m_h]
+    # final/ holds base + 0.5 (trained - base)
+    base = build_model("tiny", torch.device("cpu")).unet.state_dict()
+    trained, half = _unet(out_1 / "final"), _unet(out_h / "final")
+    moved = [k for k in base if not torch.equal(trained[k], base[k])]
+    assert moved
+    for k in base:
+        torch.testing.assert_close(half[k], base[k] + 0.5 * (trained[k] - base[k]), rtol=1e-5, atol=1e-6)
+    # the base evaluation is the same; later ones measure the interpolated weights
+    e_1, e_h = read_jsonl(out_1 / "eval.jsonl"), read_jsonl(out_h / "eval.jsonl")
+    assert e_1[0] == e_h[0] and e_1[-1]["train_prompts_reward_mean"] != e_h[-1]["train_prompts_reward_mean"]
+    assert (s_1["reference_interpolation"], s_h["reference_interpolation"]) == (1.0, 0.5)
+    assert json.loads((out_h / "final" / "ddpo_rl.json").read_text())["reference_interpolation"] == 0.5
+    assert said.count("weights (base + 0.5 x (trained - base), as evaluated: reference_interpolation): final/ epoch 2") == 1
+    # the checkpoint (what a resume continues) holds the trained weights, not the interpolated ones
+    c_1, c_h = (torch.load(o / "checkpoints" / "checkpoint.pt", weights_only=False) for o in (out_1, out_h))
+    assert c_h["epoch"] == 2 and c_1["trainable"].keys() == c_h["trainable"].keys()
+    assert all(torch.equal(c_1["trainable"][k], c_h["trainable"][k]) for k in c_1["trainable"])
