@@ -960,7 +960,9 @@ class DDPORecipe:
         if not self.trainer.params_finite():  # the trainer undoes such steps: this is a bug, not an input
             raise RuntimeError("the trained weights are not finite; the final weights are not written")
         write_reward_curve(
-            self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})",
+            self.out, title=f"{self.cfg.algorithm} on {self.cfg.reward} ({self.cfg.model})" + (
+                f"; evaluations of base + {self.cfg.reference_interpolation:g} x (trained - base)"
+                if self.interpolation.active else ""),
             tolerance=self.cfg.monitor_tolerance,
         )
         self._save_before_after()

@@ -181,7 +181,9 @@ def main(argv=None) -> dict:
     write_json(stem + ".json", front)
     header = (f"KL front of the {args.preset} preset{extra}: {cfg.algorithm} on {cfg.reward}, {cfg.epochs} epochs, "
               f"monitors {', '.join(cfg.monitor_rewards)} at CFG {cfg.guidance_scale:g}, {cfg.eval_num_samples} "
-              "fixed-seed samples per prompt set.")
+              "fixed-seed samples per prompt set"
+              + (f", evaluations of base + {cfg.reference_interpolation:g} x (trained - base)."
+                 if cfg.reference_interpolation != 1 else ", evaluations of the trained weights."))
     if missing:
         header += (f" PARTIAL: {len(missing)} of the {len(runs)} planned runs are not finished and not in these "
                    f"tables ({', '.join(f'kl {c.kl_coef:g} seed {c.seed}' for c in missing)}).")

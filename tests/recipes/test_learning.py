@@ -4,16 +4,18 @@ Fixed seed; rewards and monitors are measured by the recipe's own fixed-seed eva
 prompts and the same initial noise before and after), so every comparison is paired and does not
 depend on the noise of one training batch.
 
-1. The default preset (the digits-flow model, groups of 4, KL to the reference model, kl_coef 0.03)
-   for 24 epochs raises JPEG compressibility by more than 1 base std while both monitors stay within
-   tolerance: no alarm. Measured (seed 0, one thread, the 24th-epoch evaluation of the KL front's
-   48-epoch run, docs/results/kl_front_digits.md; evaluations do not touch the training's random
-   streams): +2.10 base std on the training prompts (+1.60 held-out), P(prompted digit) 0.94 / 0.91 x
-   the base model's, closeness to real digits (digit_realism) 0.90 / 0.93 x; the monitors' drops
-   0.5-0.9 base std against the tolerance of 1.5.
-2. The same preset with kl_coef=0 for 36 epochs: the digits give way (measured, seed 0: P(digit) 0.78 /
-   0.83 x, 1.9 and 1.2 base std below the base model; realism 0.73 / 0.84 x) and the alarm fires at
-   that evaluation, so the alarm of test 1 is not vacuous.
+1. The default preset (the digits-flow model, groups of 4, KL to the reference model, kl_coef 0.03,
+   evaluations of the weights interpolated 0.85 of the way from the base model) for 24 epochs raises
+   JPEG compressibility by more than 1 base std while both monitors stay within tolerance: no alarm.
+   Measured (seed 0, two threads, the 24th-epoch evaluation of the default run's 48, whose epochs
+   are the same as this test's; evaluations do not touch the training's random streams): +1.80 base
+   std on the training prompts, P(prompted digit) 0.96 / 0.94 x the base model's, closeness to real
+   digits (digit_realism) 0.93 / 0.96 x; the monitors' drops 0.4-0.6 base std against the tolerance
+   of 1.5.
+2. The same preset with kl_coef=0 and the trained weights evaluated (reference_interpolation 1) for
+   36 epochs: the digits give way (measured, seed 0: P(digit) 0.78 / 0.83 x, 1.9 and 1.2 base std
+   below the base model; realism 0.73 / 0.84 x) and the alarm fires at that evaluation, so the alarm
+   of test 1 is not vacuous.
 """
 
 import json
@@ -32,6 +34,7 @@ def test_ddpo_is_raises_compressibility_and_keeps_the_digits(tmp_path):
                      "--save-every", "24"])
     # the default preset
     assert cfg.model == "digits-flow" and cfg.kl_coef > 0 and cfg.monitor_rewards == ["digit_alignment", "digit_realism"]
+    assert cfg.reference_interpolation < 1
     summary = run(cfg)
     base, final = summary["base"], summary["final"]
     gain = final["train_prompts_reward_mean"] - base["train_prompts_reward_mean"]
