@@ -738,16 +738,34 @@ def resume_base(resume: str) -> dict | None:
     return base
 
 
+# Fields added after runs were made whose default is not what those runs did: a stored DDPO config
+# (config.json, a checkpoint's) without the field ran with this value. Resuming, comparing or measuring
+# such a run reads this value, never the new default (which would change what an old run evaluates).
+ADDED_FIELDS: dict[str, object] = {"reference_interpolation": 1.0}
+
+
+def with_added_fields(stored: dict) -> dict:
+    """A stored DDPO config with the :data:`ADDED_FIELDS` it predates filled in as its run had them."""
+    return {**ADDED_FIELDS, **stored}
+
+
+def stored_defaults() -> dict:
+    """What a field missing from a stored DDPO config had: its :data:`ADDED_FIELDS` value, else the default."""
+    return {**DDPOConfig().to_dict(), **ADDED_FIELDS}
+
+
 def stored_config(run_dir: str, kind: str = "ddpo") -> tuple[dict | None, str | None]:
     """(the config a run in ``run_dir`` ran with, None), read from its config.json (without ``history``).
     When that file is gone or damaged (it is written atomically, so by something else): (the config
     that the run's checkpoint of ``kind`` records, or None if there is none; why: "missing" or
-    "damaged (...)"), with a note on stderr when the checkpoint supplies it."""
+    "damaged (...)"), with a note on stderr when the checkpoint supplies it. A DDPO config gets the
+    :data:`ADDED_FIELDS` it predates."""
     from ddpo_rl.checkpoint import CheckpointError, read_checkpoint
     from ddpo_rl.run_dir import CONFIG_NAME, read_config
 
+    fill = with_added_fields if kind == "ddpo" else dict
     try:
-        return read_config(run_dir)[0], None
+        return fill(read_config(run_dir)[0]), None
     except (OSError, ValueError) as err:
         why = "missing" if isinstance(err, FileNotFoundError) else f"damaged ({' '.join(str(err).split())})"
     try:
@@ -756,7 +774,7 @@ def stored_config(run_dir: str, kind: str = "ddpo") -> tuple[dict | None, str | 
         return None, why
     print(f"note: {os.path.join(run_dir, CONFIG_NAME)} is {why}; the run's config is read from its checkpoint "
           "(a resume writes config.json again)", file=sys.stderr, flush=True)
-    return stored, why
+    return fill(stored), why
 
 
 def cli_help() -> str:

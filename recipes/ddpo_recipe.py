@@ -67,7 +67,7 @@ from ddpo_rl.checkpoint import (
     set_rng_state,
 )
 from ddpo_rl.collector import terminal_rewards, with_advantages
-from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig
+from ddpo_rl.config import CHANGEABLE_ON_RESUME, ConfigError, DDPOConfig, stored_defaults
 from ddpo_rl.errors import failed_to_load, report_user_errors
 from ddpo_rl.interpolation import ReferenceInterpolation
 from ddpo_rl.jsonl import append_record
@@ -414,7 +414,7 @@ class DDPORecipe:
             cfg.resume, kind=CHECKPOINT_KIND, required=("epoch", "config", "trainable", "optimizer", "rng")
         )
         state = loaded.state
-        changes = resume_changes(state["config"], cfg.to_dict(), CHANGEABLE_ON_RESUME, DDPOConfig().to_dict())
+        changes = resume_changes(state["config"], cfg.to_dict(), CHANGEABLE_ON_RESUME, stored_defaults())
         if cfg.epochs < state["epoch"]:
             raise ConfigError(f"epochs: {cfg.epochs} is below the epoch the run has reached ({state['epoch']}); "
                               f"give --epochs {state['epoch']} or more")
@@ -642,6 +642,7 @@ class DDPORecipe:
             return self._evaluation_rollouts(epoch)
 
     def _evaluation_rollouts(self, epoch: int) -> tuple[EvalResult, object]:
+        """:meth:`_evaluation_samples` of the weights in place now (recipes/interpolate.py sets them)."""
         from ddpo_rl.monitors import summarize
 
         cfg = self.cfg

@@ -30,7 +30,7 @@ from ddpo_rl.atomic import write_json, write_text
 from ddpo_rl.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, evaluation_point
-from ddpo_rl.config import ConfigError, DDPOConfig
+from ddpo_rl.config import ConfigError, DDPOConfig, with_added_fields
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.interpolation import ReferenceInterpolation
 from ddpo_rl.plotting import save_scatter_png
@@ -47,7 +47,7 @@ def _run_config(run_dir: str, out: str) -> tuple[DDPOConfig, dict]:
         raise ConfigError(f"run_dirs: {run_dir} holds no checkpoint (checkpoints/checkpoint.pt); only a run that "
                           "saved one can be measured") from None
     state = load_checkpoint(path)
-    fields = dict(state["config"], output_dir=out, resume=None, overwrite=True, progress=False)
+    fields = dict(with_added_fields(state["config"]), output_dir=out, resume=None, overwrite=True, progress=False)
     return DDPOConfig.from_dict(fields), state
 
 

@@ -292,3 +292,18 @@ def test_flow_grpo_presets_registered_and_the_script_default_preset():
 def test_sde_window_bad_values_are_named(argv, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
         parse_cli(argv, preset="flow-digits")
+
+
+def test_a_stored_config_without_a_field_added_since_reads_as_its_run_had_it():
+    """reference_interpolation did not exist before: a run without it evaluated the trained weights (1),
+    whatever DDPOConfig's default is now; a checkpoint's config lacking it is no change on resume."""
+    from ddpo_rl.config import ADDED_FIELDS, stored_defaults, with_added_fields
+    from ddpo_rl.run_dir import resume_changes
+
+    assert ADDED_FIELDS["reference_interpolation"] == 1.0 != DDPOConfig().reference_interpolation
+    assert with_added_fields({"seed": 3})["reference_interpolation"] == 1.0
+    assert with_added_fields({"reference_interpolation": 0.5})["reference_interpolation"] == 0.5
+    old = {k: v for k, v in DDPOConfig(reference_interpolation=1.0).to_dict().items() if k != "reference_interpolation"}
+    assert resume_changes(old, DDPOConfig(reference_interpolation=1.0).to_dict(), (), stored_defaults()) == {}
+    with pytest.raises(ConfigError, match="^reference_interpolation: cannot change on resume"):
+        resume_changes(old, DDPOConfig().to_dict(), (), stored_defaults())

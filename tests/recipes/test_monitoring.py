@@ -134,3 +134,18 @@ def test_reference_interpolation_is_what_evaluations_and_final_see_and_training_
     c_1, c_h = (torch.load(o / "checkpoints" / "checkpoint.pt", weights_only=False) for o in (out_1, out_h))
     assert c_h["epoch"] == 2 and c_1["trainable"].keys() == c_h["trainable"].keys()
     assert all(torch.equal(c_1["trainable"][k], c_h["trainable"][k]) for k in c_1["trainable"])
+
+
+def test_a_run_from_before_reference_interpolation_resumes_evaluating_the_trained_weights(tmp_path):
+    """A config.json written before the field existed has no reference_interpolation: that run evaluated
+    the trained weights, and resuming it must go on doing so, not take the new default."""
+    from ddpo_rl.config import DDPOConfig
+
+    out, _ = _run(tmp_path, "old", "--epochs", "1")
+    config = json.loads((out / "config.json").read_text())
+    del config["reference_interpolation"]
+    (out / "config.json").write_text(json.dumps(config))
+    cfg = parse_cli(["--resume", str(out), "--epochs", "2", "--progress", "false"])
+    assert cfg.reference_interpolation == 1.0 != DDPOConfig().reference_interpolation
+    summary = run(cfg)
+    assert (summary["reference_interpolation"], summary["epochs_trained"]) == (1.0, 2)
