@@ -27,7 +27,7 @@ import torch
 
 import ddpo_rl  # noqa: F401  (first: CPU torchvision patch)
 from ddpo_rl.atomic import write_json, write_text
-from ddpo_rl.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from ddpo_rl.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
 from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.comparison import FRONT_MONITOR_RATIO, FRONT_REWARD_GAIN, evaluation_point
 from ddpo_rl.config import ConfigError, DDPOConfig, with_added_fields
@@ -42,11 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/: sibl
 def _run_config(run_dir: str, out: str) -> tuple[DDPOConfig, dict]:
     """The run's config (from its checkpoint) redirected to ``out``, and the checkpoint's state."""
     try:
-        path = find_checkpoint(run_dir)
+        find_checkpoint(run_dir)
     except CheckpointError:
         raise ConfigError(f"run_dirs: {run_dir} holds no checkpoint (checkpoints/checkpoint.pt); only a run that "
                           "saved one can be measured") from None
-    state = load_checkpoint(path)
+    # a DDPO run's (another recipe's, or a damaged one, is refused naming the file)
+    state = read_checkpoint(run_dir, kind="ddpo", required=("epoch", "config", "trainable"), field_name="run_dirs").state
     fields = dict(with_added_fields(state["config"]), output_dir=out, resume=None, overwrite=True, progress=False)
     return DDPOConfig.from_dict(fields), state
 

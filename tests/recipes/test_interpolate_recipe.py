@@ -81,3 +81,15 @@ def test_a_directory_without_a_checkpoint_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert capsys.readouterr().err.startswith(f"error: run_dirs: {tmp_path} holds no checkpoint")
+
+
+def test_another_recipes_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
+    from ddpo_rl.checkpoint import atomic_torch_save
+
+    (tmp_path / "checkpoints").mkdir()
+    path = tmp_path / "checkpoints" / "checkpoint.pt"
+    atomic_torch_save({"noise_model": {}}, str(path), kind="dppo_gym")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: run_dirs: {path}"), err
