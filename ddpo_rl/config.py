@@ -216,8 +216,8 @@ class DDPOConfig:
     checkpoints are unchanged, so a run's final numbers at another lambda can be measured afterwards
     (recipes/interpolate.py). Without LoRA it keeps a copy of the trainable weights
     (ddpo_rl/interpolation.py); with LoRA it scales the adapters' update. digits: 0.85, measured with
-    kl_coef 0.03 (docs/results/digits_interpolation.md): it gives up about 0.1 of the reward gain for
-    a classifier ratio higher by about 0.04, a better trade than stopping earlier."""
+    kl_coef 0.03 (docs/results/digits_interpolation.md): it gives up about a tenth of the reward gain
+    for a classifier ratio higher by about 0.04, a better trade than stopping earlier."""
     monitor_rewards: list[str] = field(default_factory=lambda: ["digit_alignment", "digit_realism"])
     """Rewards computed on every evaluation's samples and never trained on (reward names, as for
     `reward`), to see what fine-tuning costs. Default: follows `reward` and `model` (digits: the digit
@@ -439,7 +439,7 @@ def _choice_fields(cls: type) -> dict[str, tuple]:
 
 # DDPO on the DDIM digits model (the default run until the digits-flow model, and still the paper's
 # MDP exactly): DDPO-IS with per-prompt statistics, KL 0.1; every field the digits preset sets otherwise
-# (docs/results/kl_front_digits_ddim.md measures it).
+# (docs/results/kl_front_digits-ddim.md measures it).
 _DIGITS_DDIM = dict(
     model="digits", group_size=None, learning_rate=3e-4, kl_coef=0.1, reference_interpolation=1.0, monitor_tolerance=1.0,
     epochs=30, eval_every=10, save_every=10,

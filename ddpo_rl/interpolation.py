@@ -39,12 +39,19 @@ from torch import nn
 
 def is_lora_b(name: str) -> bool:
     """A peft LoRA ``B`` matrix (``...lora_B.<adapter>.weight``): the factor the update is scaled through."""
-    return ".lora_B." in f".{name}" or name.startswith("lora_B.")
+    return ".lora_B." in f".{name}"
 
 
 def is_lora_a(name: str) -> bool:
     """A peft LoRA ``A`` matrix: left as it is (scaling ``B`` scales the update once)."""
-    return ".lora_A." in f".{name}" or name.startswith("lora_A.")
+    return ".lora_A." in f".{name}"
+
+
+def check_coef(coef: float) -> float:
+    """``coef`` as a float; ValueError naming ``reference_interpolation`` unless it is in (0, 1]."""
+    if not 0.0 < coef <= 1.0:
+        raise ValueError(f"reference_interpolation: must be in (0, 1], got {coef}")
+    return float(coef)
 
 
 class ReferenceInterpolation:
@@ -60,9 +67,7 @@ class ReferenceInterpolation:
     """
 
     def __init__(self, network: nn.Module, coef: float):
-        if not 0.0 < coef <= 1.0:
-            raise ValueError(f"reference_interpolation: must be in (0, 1], got {coef}")
-        self.coef = float(coef)
+        self.coef = check_coef(coef)
         # (parameter, its reference value, or None for a LoRA B matrix whose reference is 0)
         self._entries: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         if self.coef == 1.0:
@@ -87,14 +92,12 @@ class ReferenceInterpolation:
         """The interpolated weights inside the block; the trained ones, exactly, after it. ``coef``:
         another lambda than the one built with (recipes/interpolate.py measures several on one run;
         the references exist only when the interpolation was built with a lambda < 1)."""
-        coef = self.coef if coef is None else float(coef)
-        if not 0.0 < coef <= 1.0:
-            raise ValueError(f"reference_interpolation: must be in (0, 1], got {coef}")
-        if coef == 1.0 or (not self._entries and self.coef < 1.0):  # nothing trainable: nothing to do
+        coef = self.coef if coef is None else check_coef(coef)
+        if coef < 1.0 and self.coef == 1.0:
+            raise ValueError("reference_interpolation: built with lambda 1, no reference values were kept")
+        if coef == 1.0 or not self._entries:  # the trained weights, or nothing trainable
             yield self
             return
-        if not self._entries:
-            raise ValueError("reference_interpolation: built with lambda 1, no reference values were kept")
         with torch.no_grad():
             trained = [p.detach().clone() for p, _ in self._entries]
             for p, ref in self._entries:

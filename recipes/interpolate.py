@@ -39,8 +39,9 @@ from ddpo_rl.run_dir import prepare_output_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/: siblings by their own names
 
 
-def _run_config(run_dir: str, out: str) -> tuple[DDPOConfig, dict]:
-    """The run's config (from its checkpoint) redirected to ``out``, and the checkpoint's state."""
+def read_run(run_dir: str) -> dict:
+    """What measuring ``run_dir`` needs from its last checkpoint, read once: {"config" (its fields),
+    "epoch", "trainable" (the trained weights)}; the optimizer state and the rest are dropped."""
     try:
         find_checkpoint(run_dir)
     except CheckpointError:
@@ -48,18 +49,19 @@ def _run_config(run_dir: str, out: str) -> tuple[DDPOConfig, dict]:
                           "saved one can be measured") from None
     # a DDPO run's (another recipe's, or a damaged one, is refused naming the file)
     state = read_checkpoint(run_dir, kind="ddpo", required=("epoch", "config", "trainable"), field_name="run_dirs").state
-    fields = dict(with_added_fields(state["config"]), output_dir=out, resume=None, overwrite=True, progress=False)
-    return DDPOConfig.from_dict(fields), state
+    fields = with_added_fields(state["config"])
+    DDPOConfig.from_dict(fields)  # a config this version can run, before any evaluation
+    return {"config": fields, "epoch": state["epoch"], "trainable": state["trainable"]}
 
 
-def measure_run(run_dir: str, lambdas: list[float], progress=None) -> dict:
-    """The base evaluation and one per lambda of ``run_dir``'s last checkpoint: {"run_dir", "epoch",
-    "kl_coef", "seed", "trained_with" (the run's own lambda), "points": [{lambda, train_gain,
+def measure_run(run_dir: str, run: dict, lambdas: list[float], progress=None) -> dict:
+    """The base evaluation and one per lambda of ``run`` (:func:`read_run` of ``run_dir``): {"run_dir",
+    "epoch", "kl_coef", "seed", "trained_with" (the run's own lambda), "points": [{lambda, train_gain,
     monitor_ratios, min_monitor_ratio, passes, record}]}. ``progress()`` is called after each evaluation."""
     from ddpo_recipe import DDPORecipe
 
     with tempfile.TemporaryDirectory() as out:
-        cfg, state = _run_config(run_dir, out)
+        cfg = DDPOConfig.from_dict(dict(run["config"], output_dir=out, resume=None, overwrite=True, progress=False))
         recipe = DDPORecipe(cfg).setup()
         try:
             net = recipe.policy.noise_model
@@ -67,7 +69,7 @@ def measure_run(run_dir: str, lambdas: list[float], progress=None) -> dict:
             base = recipe._evaluation_rollouts(0)[0].as_dict()  # the weights as built: the base model
             if progress:
                 progress()
-            trainable = state["trainable"]
+            trainable = run["trainable"]
             with torch.no_grad():
                 params = dict(recipe.policy.named_parameters())
                 missing = sorted(set(trainable) - set(params))
@@ -78,13 +80,13 @@ def measure_run(run_dir: str, lambdas: list[float], progress=None) -> dict:
             points = []
             for lam in lambdas:
                 with interp.applied(lam):
-                    record = recipe._evaluation_rollouts(state["epoch"])[0].as_dict()
+                    record = recipe._evaluation_rollouts(run["epoch"])[0].as_dict()
                 points.append({"lambda": lam, **evaluation_point(base, record), "record": record})
                 if progress:
                     progress()
         finally:
             recipe.cleanup()
-    return {"run_dir": os.path.abspath(run_dir), "epoch": state["epoch"], "kl_coef": cfg.kl_coef, "seed": cfg.seed,
+    return {"run_dir": os.path.abspath(run_dir), "epoch": run["epoch"], "kl_coef": cfg.kl_coef, "seed": cfg.seed,
             "trained_with": cfg.reference_interpolation, "base": base, "points": points}
 
 
@@ -147,16 +149,15 @@ def _main(argv) -> list[dict]:
     for field in ("json", "md", "png"):  # checked before the evaluations, which take minutes
         if getattr(args, field):
             prepare_output_file(getattr(args, field), field)
-    for d in args.run_dirs:
-        _run_config(d, "unused")  # every run readable before the first evaluation
+    runs = [(d, read_run(d)) for d in args.run_dirs]  # every run readable before the first evaluation
     from rich.console import Console
     from rich.progress import Progress
 
     results = []
     with Progress(console=Console(stderr=True)) as bar:  # stdout keeps the tables only
         task = bar.add_task("evaluations", total=len(args.run_dirs) * (1 + len(args.lambdas)))
-        for d in args.run_dirs:
-            results.append(measure_run(d, args.lambdas, progress=lambda: bar.advance(task)))
+        for d, run in runs:
+            results.append(measure_run(d, run, args.lambdas, progress=lambda: bar.advance(task)))
     table = markdown(results)
     print(table + "\n".join(summary_lines(results, args.lambdas)))
     if args.json:

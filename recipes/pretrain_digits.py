@@ -28,6 +28,7 @@ from ddpo_rl.cli import HelpFormatter
 from ddpo_rl.errors import report_user_errors
 from ddpo_rl.run_dir import prepare_output_dir, prepare_output_file
 from ddpo_rl.models.digits_pretrain import PRETRAIN_STEPS
+from ddpo_rl.models.flow_digits import TIME_SAMPLINGS
 from ddpo_rl.models.digits import (
     OBJECTIVES,
     DigitsConfig,
@@ -72,6 +73,8 @@ def pretrain_arguments(doc: str, steps: int | None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache dir)")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps" + ("" if steps else " (default: the model's)"))
     p.add_argument("--batch-size", type=int, default=96, help="training images per step")
+    p.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="logit_normal",
+                   help="a flow-matching model's training times t (SD3's logit-normal or uniform)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--prompt-dropout", type=float, default=0.1,
                    help="fraction of training images given the empty prompt (what classifier-free guidance needs)")
@@ -113,8 +116,6 @@ def main(argv=None) -> None:
     p.add_argument("--frozen-text-encoder", action="store_true", help="keep the text encoder at its random init")
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="epsilon",
                    help="epsilon: noise prediction, DDIM (digits-v1); flow: rectified-flow velocity (digits-flow-v1)")
-    p.add_argument("--time-sampling", choices=("logit_normal", "uniform"), default="logit_normal",
-                   help="the flow objective's training times (SD3's logit-normal or uniform)")
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = PRETRAIN_STEPS[args.objective]

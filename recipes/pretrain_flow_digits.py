@@ -54,8 +54,6 @@ def prompted_digit_scores(model, per_digit: int, guidance_scale: float, steps: i
 
 def main(argv=None) -> None:
     p = pretrain_arguments(__doc__, steps=2000)
-    p.add_argument("--time-sampling", choices=("logit_normal", "uniform"), default="logit_normal",
-                   help="distribution of the training times t (SD3's logit-normal or uniform)")
     args = p.parse_args(argv)
 
     if args.threads:

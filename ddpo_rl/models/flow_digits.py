@@ -199,6 +199,10 @@ def build_flow_digits_model(config: FlowDigitsConfig | None = None, seed: int = 
 # ----------------------------------------------------------------------------- training
 
 
+TIME_SAMPLINGS = ("logit_normal", "uniform")
+"""How the flow objective's training times are drawn (:func:`sample_flow_times`)."""
+
+
 def sample_flow_times(batch_size: int, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Training times t in (0, 1), float [batch_size]: ``"logit_normal"`` (sigmoid of a standard
     normal, SD3's default) or ``"uniform"``."""
@@ -206,7 +210,7 @@ def sample_flow_times(batch_size: int, mode: str, generator: torch.Generator) ->
         return torch.sigmoid(torch.randn(batch_size, generator=generator))
     if mode == "uniform":
         return torch.rand(batch_size, generator=generator)
-    raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {mode!r}")
+    raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {mode!r}")
 
 
 def flow_matching_loss(
